@@ -1,0 +1,82 @@
+"""Decode state: per attention layer a window ring buffer, the compressed entries, and the compressors' partial blocks.
+
+``model.new_cache(batch_size)`` builds one; ``model(ids, cache=cache)`` reads and advances it. The state is exactly
+what the next call needs and nothing more:
+  - the window ring holds the last ``sliding_window`` K=V vectors with their absolute positions;
+  - each compressor (CSA / HCA main, CSA indexer) keeps the projected tokens of its incomplete block, for CSA the
+    overlap series of the last complete block (the b-series slots of the next entry), and the entries emitted so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass
+class CompressorState:
+    """State of one compressor across calls."""
+
+    kv: torch.Tensor | None = None  # [B, <rate, width] projected values of the incomplete block
+    gate: torch.Tensor | None = None  # [B, <rate, width] projected gate logits of the incomplete block
+    prev_kv: torch.Tensor | None = None  # [B, rate, dim] overlap series of the last complete block (CSA)
+    prev_gate: torch.Tensor | None = None  # [B, rate, dim] its gate logits, position bias included
+    entries: torch.Tensor | None = None  # [B, T, dim] compressed entries emitted so far
+    count: int = 0  # entries emitted so far; entry i covers source tokens [i*rate, (i+1)*rate)
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        self.entries = new if self.entries is None else torch.cat([self.entries, new], dim=1)
+        self.count += new.shape[1]
+        return self.entries
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.kv, self.gate, self.prev_kv, self.prev_gate, self.entries))
+
+
+@dataclass
+class LayerCache:
+    """Decode state of one attention layer."""
+
+    window: int
+    kv: torch.Tensor | None = None  # [B, window, head_dim] ring buffer, slot = position % window
+    pos: torch.Tensor | None = None  # [window] absolute position held in each slot, -1 when empty
+    compressor: CompressorState | None = None
+    indexer: CompressorState | None = None
+
+    def window_keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.kv, self.pos
+
+    def write_window(self, kv: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the newest ``window`` of the given K=V vectors [B, S, c] at their positions [S]."""
+        kv, positions = kv[:, -self.window:], positions[-self.window:]
+        if self.kv is None:
+            self.kv = kv.new_zeros(kv.shape[0], self.window, kv.shape[-1])
+            self.pos = torch.full((self.window,), -1, dtype=torch.long, device=kv.device)
+        slots = positions % self.window
+        self.kv[:, slots] = kv.detach().to(self.kv.dtype)
+        self.pos[slots] = positions
+
+    def nbytes(self) -> int:
+        # the K=V ring plus the compressed entries and partial blocks; positions are bookkeeping, not KV
+        n = _nbytes(self.kv)
+        for s in (self.compressor, self.indexer):
+            if s is not None:
+                n += s.nbytes()
+        return n
+
+
+@dataclass
+class ModelCache:
+    """Decode state of a whole model: one ``LayerCache`` per attention layer (MTP block last, if any)."""
+
+    batch_size: int
+    layers: list[LayerCache] = field(default_factory=list)
+    seen: int = 0  # tokens consumed so far; the next token's position
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,331 @@
+"""Checkpoints in the formats people have (spec 9). Only safetensors is ever read; never pickle.
+
+Three namings of the same tensors are read:
+  - DeepSeek's official layout: ``layers.N.attn.wq_a.weight``, ``hc_head_fn``, ``layers.N.ffn.experts.E.w1.weight``,
+    with FP8 E4M3 weights + ``.scale`` (128x128 blocks) and FP4 E2M1 experts packed two per byte + ``.scale`` (1x32);
+  - what HF transformers 5.x writes: the official names under ``model.`` (``head.weight`` excepted), with
+    ``model.embed_tokens.weight``, ``model.hc_head.hc_fn`` and the attention kv norm as ``attn.norm``;
+  - HF transformers' in-memory names (``model.layers.N.self_attn.q_a_proj.weight``, ``mlp.experts.gate_up_proj``...).
+``save_pretrained`` writes the second, which ``transformers.DeepseekV4ForCausalLM.from_pretrained`` loads; MTP weights
+go under ``mtp.`` with the official names (transformers ignores them).
+
+dsv4's own module names are the official ones, with the mHC units as modules (``hc_attn.fn``) and the routed experts
+stacked per layer (``ffn.experts.w1`` [E, I, d]).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dsv4.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_STACKED_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(w[123])$")
+_ONE_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+_HC = re.compile(r"^(.*?)(?:^|(?<=\.))hc_(head|attn|ffn)_(fn|base|scale)$")
+
+# HF in-memory names -> official names, applied in order to the part after "model." (spec 9 table).
+_HF_MEMORY_RULES = [
+    (r"^embed_tokens\.weight$", "embed.weight"),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.attn\.sinks$", ".attn.attn_sink"),
+    (r"\.q_a_proj\.", ".wq_a."),
+    (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.compressor\.kv_norm\.", ".compressor.norm."),
+    (r"\.kv_proj\.", ".wkv."),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.gate_proj\.", ".wgate."),
+    (r"\.position_bias$", ".ape"),
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+]
+
+
+# ------------------------------------------------------------------------------------------------------- naming
+def internal_to_official(name: str) -> str:
+    """dsv4 module name -> official name (stacked experts are split separately)."""
+    return re.sub(r"(^|\.)hc_(head|attn|ffn)\.(fn|base|scale)$", r"\1hc_\2_\3", name)
+
+
+def official_to_internal(name: str) -> str:
+    return re.sub(r"(^|\.)hc_(head|attn|ffn)_(fn|base|scale)$", r"\1hc_\2.\3", name)
+
+
+def official_to_hf_saved(name: str) -> str:
+    """Official name -> the name HF transformers 5.x writes in ``save_pretrained``."""
+    if name.startswith("mtp.") or name == "head.weight":
+        return name
+    if name == "embed.weight":
+        return "model.embed_tokens.weight"
+    m = re.match(r"^hc_head_(fn|base|scale)$", name)
+    if m:
+        return f"model.hc_head.hc_{m.group(1)}"
+    return "model." + re.sub(r"\.attn\.kv_norm\.", ".attn.norm.", name)
+
+
+def to_official(key: str) -> str:
+    """Any of the three namings -> official naming (experts of HF's merged tensors handled by the caller)."""
+    if key == "lm_head.weight":
+        return "head.weight"
+    if not key.startswith("model."):
+        return key  # official, or mtp.*, or head.weight
+    rest = key[len("model."):]
+    if rest.startswith("hc_head.") or rest.startswith("embed_tokens") or ".self_attn." in rest \
+            or ".mlp." in rest or "_layernorm." in rest or ".attn_hc." in rest or ".ffn_hc." in rest:
+        for pattern, repl in _HF_MEMORY_RULES:
+            rest = re.sub(pattern, repl, rest)
+        return rest
+    # what transformers writes: official names, kv norm as attn.norm
+    return re.sub(r"\.attn\.norm\.", ".attn.kv_norm.", rest)
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+def _safetensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {pickles}: pickle checkpoints are never read; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"no *.safetensors files in {path}{hint}")
+    return files
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by its stored name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _safetensor_files(Path(path)):
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
+        dup = set(part) & set(tensors)
+        if dup:
+            raise ValueError(f"tensor(s) {sorted(dup)[:5]} appear in more than one shard ({f.name})")
+        tensors.update(part)
+    return tensors
+
+
+def _dequantize(name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    from dsv4 import quant
+
+    if scale is None:
+        if weight.dtype in (torch.int8, torch.uint8) or str(weight.dtype).startswith("torch.float8"):
+            raise ValueError(f"{name} is stored as {weight.dtype} but has no scale tensor")
+        return weight
+    if weight.dtype in (torch.int8, torch.uint8):  # FP4 E2M1, two per byte, 1x32 scales
+        return quant.mxfp4_dequant(weight, scale)
+    if str(weight.dtype).startswith("torch.float8"):
+        return quant.fp8_block_dequant(weight, scale)
+    raise ValueError(f"{name} has a scale but is stored as {weight.dtype}, neither FP8 nor packed FP4")
+
+
+def official_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored tensors (any naming, any precision) -> official names, dequantized."""
+    scales = {}
+    plain = {}
+    for key, t in tensors.items():
+        # a quantization scale sits beside its weight: `X.scale` (official) or `X.weight_scale_inv` (HF)
+        base = key.rsplit(".", 1)[0] + ".weight"
+        if (key.endswith(".weight_scale_inv") or key.endswith(".scale")) and base in tensors:
+            scales[base] = t
+        else:
+            plain[key] = t
+    out: dict[str, torch.Tensor] = {}
+    for key, t in plain.items():
+        t = _dequantize(key, t, scales.pop(key, None))
+        m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)$", key)
+        if m:  # HF in-memory merged experts
+            prefix = to_official(m.group(1))
+            if m.group(2) == "gate_up_proj":
+                w1, w3 = t.chunk(2, dim=1)
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.{e}.w1.weight"] = w1[e]
+                    out[f"{prefix}.{e}.w3.weight"] = w3[e]
+            else:
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.{e}.w2.weight"] = t[e]
+            continue
+        name = to_official(key)
+        if name in out:
+            raise ValueError(f"checkpoint holds {name} twice (as {key} and another name)")
+        out[name] = t
+    if scales:
+        raise ValueError(f"scale tensor(s) without a weight: {sorted(scales)[:5]}")
+    return out
+
+
+def official_to_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official names -> dsv4 state dict names, experts stacked."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
+    for name, t in state.items():
+        m = _ONE_EXPERT.match(name)
+        if m:
+            experts[(m.group(1), m.group(3))][int(m.group(2))] = t
+        else:
+            out[official_to_internal(name)] = t
+    for (prefix, w), per in experts.items():
+        n = max(per) + 1
+        missing = [e for e in range(n) if e not in per]
+        if missing:
+            raise ValueError(f"{prefix}: expert(s) {missing[:8]} of {w} are missing")
+        out[f"{prefix}.{w}"] = torch.stack([per[e] for e in range(n)])
+    return out
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy ``state`` (dsv4 names) into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s): {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if unexpected and strict:
+        problems.append(f"unexpected tensor(s): {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if shapes:
+        problems.append("mis-shaped tensor(s): " + "; ".join(shapes[:10]))
+    if problems:
+        raise ValueError("checkpoint does not match the model: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k].to(t.dtype))
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None):
+    """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring)."""
+    from dsv4.model import Transformer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    config = ModelConfig.from_json(path / "config.json")
+    state = official_to_model_state(official_state(read_tensors(path)))
+    if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
+        log.warning("%s has no MTP weights (transformers does not save them): loading without the MTP block", path)
+        config = config.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device or "cpu")
+    model.init_nonpersistent_buffers()
+    load_state(model, state)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def official_state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under official names, experts one tensor each."""
+    out = {}
+    for name, t in model.state_dict().items():
+        m = _STACKED_EXPERT.match(name)
+        if m:
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e]
+        else:
+            out[internal_to_official(name)] = t
+    return out
+
+
+def _atomic_dir_write(path: Path, write) -> None:
+    """Write a directory's files into a temporary sibling, then swap it in: a failure leaves ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "dir")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``config.json`` and safetensors in the layout transformers writes (sharded above ``max_shard_bytes``)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, t in official_state_of(model).items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not _keeps_fp32(name):
+            t = t.to(dtype)
+        tensors[official_to_hf_saved(name)] = t.contiguous().cpu()
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += nbytes
+
+    def write(tmp: Path) -> None:
+        model.config.to_json(tmp / "config.json")
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    _atomic_dir_write(Path(path), write)
+
+
+def _keeps_fp32(name: str) -> bool:
+    """Tensors the released checkpoints keep in float32 whatever the weight dtype (spec 1.3)."""
+    return bool(re.search(r"(hc_\w+_(fn|base|scale)|attn_sink|\.ape|gate\.bias|tid2eid)$", name))

@@ -1,0 +1,40 @@
+"""The ``dsv4`` command. Each subcommand lives in the module that owns its idea and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS = {
+    "demo": ("dsv4.demo", "build the tiny preset, save, reload and generate through the cache"),
+    "cost": ("dsv4.cost", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Sampling through the decode cache: prefill the prompt in chunks, then one token per call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus of mass >= top_p."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is already full
+        sorted_p = sorted_p.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None
+           ) -> Iterator[torch.Tensor]:
+    """Yield the sampled ids [B] one step at a time. ``prompt`` is [B, S] (or [S])."""
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    generator = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(prompt.shape[0])
+    logits = None
+    for i in range(0, prompt.shape[1], prefill_chunk):
+        logits = model(prompt[:, i:i + prefill_chunk], cache=cache)[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)
+        yield nxt
+        if stop is not None and prompt.shape[0] == 1 and stop(int(nxt[0])):
+            return
+        if cache.seen >= model.config.max_position_embeddings:
+            return
+        logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
+
+
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """The prompt followed by up to ``max_new_tokens`` sampled ids, [B, S + n]."""
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    new = list(stream(model, prompt, max_new_tokens, **kwargs))
+    return torch.cat([prompt] + [t.unsqueeze(1) for t in new], dim=1)

@@ -1,0 +1,111 @@
+"""The attention block of the three layer types (spec 2): sliding window, CSA, HCA.
+
+q: low-rank (wq_a -> weighted q_norm -> wq_b), then a weightless RMSNorm per head and RoPE on the trailing dims.
+K = V: one shared head, wkv -> weighted kv_norm -> RoPE. Keys of a query: the window (the last ``sliding_window``
+positions, itself included), plus for HCA every visible compressed entry, plus for CSA the indexer's top-k visible
+entries. One softmax with a per-head sink; the output's rope dims are de-rotated at the query position; then the
+grouped low-rank output projection (wo_a block-diagonal over ``o_groups`` groups of heads, then wo_b).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.cache import CompressorState, LayerCache
+from dsv4.config import CSA, HCA, SLIDING, ModelConfig
+from dsv4.model import kernels
+from dsv4.model.compressor import Compressor
+from dsv4.model.indexer import Indexer, topk_mask, visible_entries
+from dsv4.model.norm import RMSNorm, rms_normalize
+from dsv4.model.rope import RotaryEmbedding, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        if layer_type not in (SLIDING, CSA, HCA):
+            raise ValueError(f"unknown layer type {layer_type!r}")
+        self.layer_type = layer_type
+        self.rope_kind = config.rope_kind(layer_type)
+        self.n_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window
+        self.groups = config.o_groups
+        self.rate = config.compress_rate(layer_type)
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        d, h, c = config.hidden_size, self.n_heads, self.head_dim
+        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False)
+        self.wkv = nn.Linear(d, c, bias=False)
+        self.kv_norm = RMSNorm(c, config.rms_norm_eps)
+        # block-diagonal: row block j of wo_a maps the heads of group j (h c / g inputs) to o_lora_rank outputs
+        self.wo_a = nn.Linear(h * c // self.groups, self.groups * config.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(self.groups * config.o_lora_rank, d, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(h))
+        self.compressor = None
+        self.indexer = None
+        if layer_type != SLIDING:
+            self.compressor = Compressor(d, c, self.rate, overlap=layer_type == CSA, eps=config.rms_norm_eps)
+        if layer_type == CSA:
+            self.indexer = Indexer(config)
+        self.rotary = RotaryEmbedding(config)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache(window=self.window,
+                          compressor=CompressorState() if self.compressor is not None else None,
+                          indexer=CompressorState() if self.indexer is not None else None)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, S, d] (the normed block input); positions [S] absolute; returns [B, S, d]."""
+        b, s, _ = x.shape
+        cos, sin = self.rotary.cos_sin(positions, self.rope_kind)
+        cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
+        q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos_h, sin_h)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+
+        # window keys: what the cache holds from earlier calls, then these tokens
+        keys, key_pos = kv, positions
+        if cache is not None:
+            old_kv, old_pos = cache.window_keys()
+            if old_kv is not None:
+                keys = torch.cat([old_kv.to(kv.dtype), kv], dim=1)
+                key_pos = torch.cat([old_pos, positions])
+            cache.write_window(kv, positions)
+        t, p = positions.unsqueeze(1), key_pos.unsqueeze(0)
+        mask = (p <= t) & (p > t - self.window) & (p >= 0)
+
+        if self.compressor is not None:
+            entries = self.compressed_entries(x, cache.compressor if cache is not None else None)
+            visible = visible_entries(positions, entries.shape[1], self.rate)
+            if self.indexer is not None:
+                index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None)
+                scores = self.indexer.scores(x, q_latent, positions, index_keys, self.rotary)
+                comp_mask = topk_mask(scores, visible, self.indexer.topk)
+            else:
+                comp_mask = visible.unsqueeze(0)
+            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
+            mask = torch.cat([mask.unsqueeze(0).expand(comp_mask.shape[0], -1, -1), comp_mask], dim=-1)
+        else:
+            mask = mask.unsqueeze(0)
+
+        out = kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
+        out = apply_rope(out, cos_h, sin_h, inverse=True)
+        return self.project_out(out)
+
+    def compressed_entries(self, x: torch.Tensor, state: CompressorState | None) -> torch.Tensor:
+        new, _ = self.compressor(x, self.rotary, state)
+        return new if state is None else state.append(new)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, c] -> grouped low-rank projection -> [B, S, d]."""
+        b, s = out.shape[:2]
+        grouped = out.reshape(b, s, self.groups, -1)
+        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora_rank, h c / g]
+        low = torch.einsum("bsgi,goi->bsgo", grouped, w).reshape(b, s, -1)
+        return self.wo_b(low)

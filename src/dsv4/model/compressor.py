@@ -1,0 +1,71 @@
+"""Gated pooling of K=V along the sequence (spec 2.4): one entry per ``rate`` tokens.
+
+HCA (no overlap): entry i = sum over the ``rate`` tokens of block i of softmax_j(Z_j + B_j) * C_j, per channel.
+CSA (overlap): ``wkv`` / ``wgate`` project to two series of width ``dim``; channels [dim:2dim] pool the tokens of
+block i ("current" series a) and channels [0:dim] pool the tokens of block i-1 ("overlap" series b), all 2*rate slots
+in one per-channel softmax. Entry 0 has no previous block: its b-slots get gate -inf.
+Then a weighted RMSNorm, and RoPE on the trailing dims at the block start ``i * rate``.
+
+The math runs in float32. A trailing incomplete block is not emitted; with a ``CompressorState`` it is kept (with,
+for CSA, the overlap series of the last complete block) so that any split of a sequence into calls emits the same
+entries as one call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.cache import CompressorState
+from dsv4.model.norm import RMSNorm
+from dsv4.model.rope import RotaryEmbedding, apply_rope
+
+
+class Compressor(nn.Module):
+    def __init__(self, hidden_size: int, dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.dim = dim
+        self.rate = rate
+        self.overlap = overlap
+        width = 2 * dim if overlap else dim
+        self.wkv = nn.Linear(hidden_size, width, bias=False)
+        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.ape = nn.Parameter(torch.zeros(rate, width))  # learnable position bias B, one row per slot
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding,
+                state: CompressorState | None = None) -> tuple[torch.Tensor, int]:
+        """x [B, S, d] -> (entries completed by these tokens [B, n, dim], index of the first of them)."""
+        b = x.shape[0]
+        kv = self.wkv(x).float()
+        gate = self.wgate(x).float()
+        first = 0
+        if state is not None:
+            first = state.count
+            if state.kv is not None:
+                kv = torch.cat([state.kv, kv], dim=1)
+                gate = torch.cat([state.gate, gate], dim=1)
+        n = kv.shape[1] // self.rate
+        usable = n * self.rate
+        if state is not None:
+            state.kv, state.gate = kv[:, usable:], gate[:, usable:]
+        if n == 0:
+            return kv.new_zeros(b, 0, self.dim), first
+        kv = kv[:, :usable].unflatten(1, (n, self.rate))
+        gate = gate[:, :usable].unflatten(1, (n, self.rate)) + self.ape.float()
+        if self.overlap:
+            d = self.dim
+            prev_kv = kv.new_zeros(b, 1, self.rate, d)
+            prev_gate = gate.new_full((b, 1, self.rate, d), float("-inf"))
+            if state is not None:
+                if state.prev_kv is not None:
+                    prev_kv, prev_gate = state.prev_kv.unsqueeze(1), state.prev_gate.unsqueeze(1)
+                state.prev_kv, state.prev_gate = kv[:, -1, :, :d], gate[:, -1, :, :d]
+            # slots [0, rate): series b of the previous block; slots [rate, 2 rate): series a of this block
+            kv = torch.cat([torch.cat([prev_kv, kv[:, :-1, :, :d]], dim=1), kv[..., d:]], dim=2)
+            gate = torch.cat([torch.cat([prev_gate, gate[:, :-1, :, :d]], dim=1), gate[..., d:]], dim=2)
+        pooled = (kv * torch.softmax(gate, dim=2)).sum(dim=2)
+        entries = self.norm(pooled)
+        positions = (torch.arange(n, device=x.device) + first) * self.rate
+        cos, sin = rotary.cos_sin(positions, "compress")
+        return apply_rope(entries, cos, sin), first

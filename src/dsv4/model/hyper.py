@@ -1,0 +1,80 @@
+"""mHC: manifold-constrained hyper-connections (spec 3).
+
+The residual is ``hc_mult`` streams [B, S, n, d], kept in float32. Each block has two units, one around attention and
+one around the MoE. A unit reads all streams (flattened, weightless RMSNorm), projects them to 2n + n^2 mixing
+logits split [pre | post | comb], and
+  - collapses the streams into the sublayer input with ``pre = sigmoid(.) + eps``,
+  - writes the sublayer output back with ``post = 2 sigmoid(.)`` and mixes the residual with ``comb^T``, where comb is
+    made doubly stochastic by Sinkhorn-Knopp: softmax over each row, then column / (row, column) normalizations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.norm import rms_normalize
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix."""
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+class HyperConnection(nn.Module):
+    """One mHC unit: ``fn`` [(2+n)n, n d], ``base`` [(2+n)n], ``scale`` [3] (pre, post, comb gating factors)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        n = config.hc_mult
+        self.n = n
+        self.iters = config.hc_sinkhorn_iters
+        self.hc_eps = config.hc_eps
+        self.norm_eps = config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [B, S, n, d] -> (collapsed [B, S, d] float32, post [B, S, n], comb [B, S, n, n])."""
+        n = self.n
+        mix = F.linear(rms_normalize(streams.flatten(-2), self.norm_eps), self.fn.float())
+        pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
+        s = self.scale.float()
+        pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * s[1] + post_b)
+        comb = sinkhorn((comb_w * s[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
+        collapsed = (pre.unsqueeze(-1) * streams.float()).sum(dim=-2)
+        return collapsed, post, comb
+
+    @staticmethod
+    def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """X'_k = post_k F + sum_j comb[j, k] X_j  (the residual mixed by comb transposed), float32."""
+        mixed = torch.matmul(comb.transpose(-1, -2), streams.float())
+        return post.unsqueeze(-1) * out.float().unsqueeze(-2) + mixed
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the streams before the last RMSNorm: pre weights only, no Sinkhorn, no post."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        n = config.hc_mult
+        self.hc_eps = config.hc_eps
+        self.norm_eps = config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.zeros(n))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        mix = F.linear(rms_normalize(streams.flatten(-2), self.norm_eps), self.fn.float())
+        pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
+        return (pre.unsqueeze(-1) * streams.float()).sum(dim=-2)

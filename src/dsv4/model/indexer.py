@@ -1,0 +1,63 @@
+"""The lightning indexer of CSA layers (spec 2.7): its own compressed keys, ReLU scores weighted per head, causal top-k.
+
+I_{t,s} = sum_h w_{t,h} ReLU(q_{t,h} . K_s) with w = weights_proj(x) / sqrt(n_heads) and the dot product scaled by
+1 / sqrt(head_dim). Entry s is a candidate for query t iff s < (t + 1) // rate (spec 2.5); top-k ties break toward the
+lower index, and picks that are not candidates (fewer than k visible) are dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.cache import CompressorState
+from dsv4.config import CSA, ModelConfig
+from dsv4.model.compressor import Compressor
+from dsv4.model.rope import RotaryEmbedding, apply_rope
+
+
+def visible_entries(positions: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
+    """[S, T] bool: compressed entry w is visible to the query at position t iff w < (t + 1) // rate."""
+    limit = torch.div(positions + 1, rate, rounding_mode="floor")
+    return torch.arange(n_entries, device=positions.device).unsqueeze(0) < limit.unsqueeze(1)
+
+
+def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, S, T] bool: the top-``k`` visible entries of each query (ties toward the lower index); reference path."""
+    masked = scores.masked_fill(~visible, float("-inf"))
+    k = min(k, scores.shape[-1])
+    # a stable descending sort keeps equal scores in index order, so ties go to the lower index
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen = torch.zeros_like(visible.expand_as(scores))
+    chosen.scatter_(-1, order, True)
+    return chosen & visible
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.topk = config.index_topk
+        self.rate = config.compress_rate(CSA)
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(config.hidden_size, self.head_dim, self.rate, overlap=True,
+                                     eps=config.rms_norm_eps)
+
+    def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None) -> torch.Tensor:
+        """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
+        new, _ = self.compressor(x, rotary, state)
+        return new if state is None else state.append(new)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+               rotary: RotaryEmbedding) -> torch.Tensor:
+        """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking)."""
+        b, s, _ = x.shape
+        q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
+        cos, sin = rotary.cos_sin(positions, "compress")
+        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        dots = torch.einsum("bshc,btc->bsht", q.float(), keys.float())
+        w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return torch.einsum("bsht,bsh->bst", F.relu(dots), w)

@@ -1,0 +1,150 @@
+"""DeepSeekMoE of V4 (spec 4): sqrt-softplus affinities, a selection-only bias, hash routing in the first layers,
+clamped SwiGLU experts and one shared expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import HASH_MOE, ModelConfig
+
+
+def balanced_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A deterministic hash-routing table [vocab, k]: distinct experts per token, every expert equally loaded.
+
+    Token t (after a seeded shuffle of the vocabulary) takes experts pi[(t k + j) mod E], j < k, of a seeded
+    permutation pi: k consecutive slots of a cycle are distinct whenever k <= E, and the cycle visits every expert
+    equally often (exactly so when vocab * k is a multiple of E).
+    """
+    if k > n_experts:
+        raise ValueError(f"hash routing needs k <= n_experts, got k={k}, n_experts={n_experts}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_experts, generator=g)
+    order = torch.randperm(vocab_size, generator=g)
+    slots = order.unsqueeze(1) * k + torch.arange(k).unsqueeze(0)
+    return perm[slots % n_experts]
+
+
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # [N, k] gate values (normalized, times the routed scaling factor), float32
+    indices: torch.Tensor  # [N, k] selected experts
+    scores: torch.Tensor  # [N, E] sqrt-softplus affinities, float32 (for balance losses and statistics)
+
+
+class Router(nn.Module):
+    """Learned routing (top-k of score + bias) or hash routing (``tid2eid[token]``); gate values from unbiased scores."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int | None, hashed: bool):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.scaling = config.routed_scaling_factor
+        self.normalize = config.norm_topk_prob
+        self.hashed = hashed
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if hashed:
+            table = balanced_tid2eid(config.vocab_size, self.n_experts, self.top_k, seed=layer_idx or 0)
+            self.register_buffer("tid2eid", table)
+        else:
+            # aux-loss-free balancing bias: used for selection only, updated outside the gradient (spec 4)
+            self.register_buffer("bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> RouterOutput:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = torch.sqrt(F.softplus(logits))
+        if self.hashed:
+            if input_ids is None:
+                raise ValueError("hash-routed MoE layers need the token ids (input_ids)")
+            indices = self.tid2eid[input_ids.reshape(-1)].long()
+        else:
+            indices = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return RouterOutput(weights * self.scaling, indices, scores)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """SiLU(min(gate, limit)) * clamp(up, -limit, limit) (spec 4; limit 0 or None disables the clamp)."""
+    if limit:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: w1 / w3 [E, I, d] (gate / up), w2 [E, d, I] (down)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.limit = config.swiglu_limit
+        self.w1 = nn.Parameter(torch.empty(e, i, d))
+        self.w2 = nn.Parameter(torch.empty(e, d, i))
+        self.w3 = nn.Parameter(torch.empty(e, i, d))
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights the forward uses (a hook point for fake quantization)."""
+        return self.w1, self.w2, self.w3
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, d]; weights / indices [N, k] -> [N, d]. Tokens are grouped by expert, one matmul per expert."""
+        w1, w2, w3 = self.expert_weights()
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+        xs = x[token]
+        gate_w = weights.reshape(-1)[order]
+        outs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            xe = xs[start:start + c]
+            h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), self.limit)
+            h = h * gate_w[start:start + c, None].to(h.dtype)  # routing weight multiplied in before w2 (spec 4)
+            outs.append(F.linear(h, w2[e]))
+            start += c
+        out = torch.zeros_like(x)
+        if outs:
+            out.index_add_(0, token, torch.cat(outs).to(x.dtype))
+        return out
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, i = config.hidden_size, config.moe_intermediate_size
+        self.limit = config.swiglu_limit
+        self.w1 = nn.Linear(d, i, bias=False)
+        self.w2 = nn.Linear(i, d, bias=False)
+        self.w3 = nn.Linear(d, i, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int | None, hashed: bool | None = None):
+        super().__init__()
+        if hashed is None:
+            hashed = config.mlp_layer_types[layer_idx] == HASH_MOE
+        self.gate = Router(config, layer_idx, hashed)
+        self.experts = Experts(config)
+        self.shared_experts = SharedExpert(config) if config.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        route = self.gate(flat, input_ids)
+        out = self.experts(flat, route.weights, route.indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape), route

@@ -1,0 +1,205 @@
+"""The whole model: embedding -> hc_mult streams -> blocks -> hc head -> RMSNorm -> lm head (DESIGN: data flow).
+
+``model(input_ids)`` returns float32 logits [B, S, vocab]. With ``cache=model.new_cache(B)`` it returns the logits of
+just the given positions and advances the cache; any split of a sequence into calls gives the logits of one call.
+``model.forward_train(input_ids)`` returns what training needs beyond logits (MTP logits, router statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsv4.cache import LayerCache, ModelCache
+from dsv4.config import SLIDING, ModelConfig
+from dsv4.model.attention import Attention
+from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.moe import MoE, RouterOutput
+from dsv4.model.norm import RMSNorm
+
+
+class Block(nn.Module):
+    """One layer: (mHC pre -> attn_norm -> attention -> mHC post) then (mHC pre -> ffn_norm -> MoE -> mHC post)."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, layer_idx: int | None, hashed: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_type)
+        self.ffn = MoE(config, layer_idx, hashed=hashed)
+        self.hc_attn = HyperConnection(config)
+        self.hc_ffn = HyperConnection(config)
+
+    def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        dtype = self.attn.wq_a.weight.dtype
+        y, post, comb = self.hc_attn(streams)
+        out = self.attn(self.attn_norm(y.to(dtype)), positions, cache)
+        streams = HyperConnection.expand(streams, out, post, comb)
+        y, post, comb = self.hc_ffn(streams)
+        out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids)
+        return HyperConnection.expand(streams, out, post, comb), route
+
+
+class MTPBlock(Block):
+    """Multi-token prediction (spec 5): from the final streams at t and the token at t+1, predict the token at t+2.
+
+    Each stream is normed (hnorm) and projected (h_proj), the next token's embedding normed (enorm) and projected
+    (e_proj) and added; then a sliding-window block with learned routing, its own hc head and norm; the embedding
+    and lm head are the main model's.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, SLIDING, None, hashed=False)
+        d = config.hidden_size
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.hc_head = HyperHead(config)
+
+    def predict(self, streams: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, RouterOutput]:
+        """-> (normed hidden [B, S, d] for the lm head, the block's output streams, router output)."""
+        dtype = self.e_proj.weight.dtype
+        h = self.h_proj(self.hnorm(streams.to(dtype)))
+        e = self.e_proj(self.enorm(next_embed.to(dtype)))
+        x = (h + e.unsqueeze(-2)).float()
+        x, route = self.forward(x, positions, None, cache)
+        return self.norm(self.hc_head(x).to(dtype)), x, route
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, vocab] float32
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, S - k, vocab], predicts t + 1 + k
+    routes: list[RouterOutput] = field(default_factory=list)  # one per main layer, then one per MTP block
+    streams: torch.Tensor | None = None  # final residual streams before the hc head
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, lt, i, hashed=config.mlp_layer_types[i] == "hash_moe")
+            for i, lt in enumerate(config.layer_types))
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_nextn_predict_layers))
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """From-scratch initialization. Normal(0, initializer_range) matrices; norms 1; sinks and position biases 0.
+
+        mHC (spec 3 leaves it open; our choice, experimental): fn ~ N(0, std), gating factors 0.01 so the mixing
+        starts near its static part, comb bias +4 on the diagonal (B ~ I), pre / post biases 0 (pre 0.5, post 1).
+        """
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("attn_sink", "ape"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1 and leaf == "weight":  # RMSNorm
+                nn.init.ones_(p)
+            elif leaf == "base":
+                nn.init.zeros_(p)
+                n = self.config.hc_mult
+                if p.numel() == (2 + n) * n:
+                    p[2 * n:].view(n, n).diagonal().fill_(4.0)
+            elif leaf == "scale":
+                nn.init.constant_(p, 0.01)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def init_nonpersistent_buffers(self) -> None:
+        """Recompute buffers that are not in the state dict (RoPE tables) after ``to_empty``."""
+        from dsv4.model.rope import RotaryEmbedding
+
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_buffers()
+
+    # ---------------------------------------------------------------------------------------------------- cache
+    def new_cache(self, batch_size: int) -> ModelCache:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return ModelCache(batch_size, [layer.attn.new_cache() for layer in self.layers])
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def _positions(self, input_ids: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        start = 0
+        if cache is not None:
+            if input_ids.shape[0] != cache.batch_size:
+                raise ValueError(f"input_ids batch {input_ids.shape[0]} != cache batch {cache.batch_size}")
+            start = cache.seen
+        end = start + input_ids.shape[1]
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence reaches position {end - 1}, beyond max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        return torch.arange(start, end, device=input_ids.device)
+
+    def hidden_streams(self, input_ids: torch.Tensor, cache: ModelCache | None = None
+                       ) -> tuple[torch.Tensor, list[RouterOutput]]:
+        """Final residual streams [B, S, n, d] (float32) and the router outputs of the main layers."""
+        positions = self._positions(input_ids, cache)
+        x = self.embed(input_ids)
+        streams = x.float().unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1)
+        routes = []
+        for i, layer in enumerate(self.layers):
+            streams, route = layer(streams, positions, input_ids, cache.layers[i] if cache is not None else None)
+            routes.append(route)
+        if cache is not None:
+            cache.seen += input_ids.shape[1]
+        return streams, routes
+
+    def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        dtype = self.head.weight.dtype
+        return self.head(self.norm(self.hc_head(streams).to(dtype))).float()
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        streams, _ = self.hidden_streams(input_ids, cache)
+        return self.logits_from_streams(streams)
+
+    def forward_train(self, input_ids: torch.Tensor) -> ModelOutput:
+        """Logits, MTP logits (depth k predicts token t+1+k from position t) and router outputs of one full call."""
+        streams, routes = self.hidden_streams(input_ids)
+        out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = streams
+        for k, block in enumerate(self.mtp, start=1):
+            if input_ids.shape[1] <= k:
+                break
+            h = h[:, :-1]
+            hidden, h, route = block.predict(h, self.embed(input_ids[:, k:]), positions[:-k])
+            out.mtp_logits.append(self.head(hidden).float())
+            out.routes.append(route)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ utilities
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from dsv4.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
