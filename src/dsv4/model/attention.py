@@ -19,6 +19,7 @@ from dsv4.model import kernels
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, topk_mask, visible_entries
 from dsv4.model.norm import RMSNorm, rms_normalize
+from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -59,17 +60,50 @@ class Attention(nn.Module):
                           compressor=CompressorState() if self.compressor is not None else None,
                           indexer=CompressorState() if self.indexer is not None else None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [B, S, d] (the normed block input); positions [S] absolute; returns [B, S, d]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x [B, S, d] (the normed block input); positions [S] absolute (ignored with a ``packing``, whose
+        per-document positions are used); returns [B, S, d]."""
         b, s, _ = x.shape
+        if packing is not None:
+            if cache is not None:
+                raise ValueError("packed documents are for full forwards, not for cached decoding")
+            positions = packing.pos
         cos, sin = self.rotary.cos_sin(positions, self.rope_kind)
         cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        keys, mask = self.window_keys(kv, positions, cache, packing)
 
-        # window keys: what the cache holds from earlier calls, then these tokens
+        if self.compressor is not None:
+            entries, local, doc = self.compressor.entries(
+                x, self.rotary, cache.compressor if cache is not None else None, packing)
+            q_doc = packing.doc if packing is not None else None
+            comp_mask = visible_entries(positions, local, self.rate, q_doc, doc)
+            if self.indexer is not None:
+                index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None,
+                                               packing)
+                scores = self.indexer.scores(x, q_latent, positions, index_keys, self.rotary)
+                comp_mask = topk_mask(scores, comp_mask, self.indexer.topk)
+            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
+            rows = max(mask.shape[0], comp_mask.shape[0])
+            mask = torch.cat([mask.expand(rows, -1, -1), comp_mask.expand(rows, -1, -1)], dim=-1)
+
+        out = kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
+        out = apply_rope(out, cos_h, sin_h, inverse=True)
+        return self.project_out(out)
+
+    def window_keys(self, kv: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None,
+                    packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window keys [B, K, c] (the cache's ring, then these tokens) and their mask [B or 1, S, K]: key at p is
+        visible to the query at t iff t - window < p <= t, in the same document."""
+        if packing is not None:
+            idx = torch.arange(kv.shape[1], device=kv.device)
+            t, p = idx.unsqueeze(1), idx.unsqueeze(0)
+            same_doc = packing.doc.unsqueeze(2) == packing.doc.unsqueeze(1)
+            return kv, ((p <= t) & (p > t - self.window)).unsqueeze(0) & same_doc
         keys, key_pos = kv, positions
         if cache is not None:
             old_kv, old_pos = cache.window_keys()
@@ -78,29 +112,7 @@ class Attention(nn.Module):
                 key_pos = torch.cat([old_pos, positions])
             cache.write_window(kv, positions)
         t, p = positions.unsqueeze(1), key_pos.unsqueeze(0)
-        mask = (p <= t) & (p > t - self.window) & (p >= 0)
-
-        if self.compressor is not None:
-            entries = self.compressed_entries(x, cache.compressor if cache is not None else None)
-            visible = visible_entries(positions, entries.shape[1], self.rate)
-            if self.indexer is not None:
-                index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None)
-                scores = self.indexer.scores(x, q_latent, positions, index_keys, self.rotary)
-                comp_mask = topk_mask(scores, visible, self.indexer.topk)
-            else:
-                comp_mask = visible.unsqueeze(0)
-            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
-            mask = torch.cat([mask.unsqueeze(0).expand(comp_mask.shape[0], -1, -1), comp_mask], dim=-1)
-        else:
-            mask = mask.unsqueeze(0)
-
-        out = kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
-        out = apply_rope(out, cos_h, sin_h, inverse=True)
-        return self.project_out(out)
-
-    def compressed_entries(self, x: torch.Tensor, state: CompressorState | None) -> torch.Tensor:
-        new, _ = self.compressor(x, self.rotary, state)
-        return new if state is None else state.append(new)
+        return keys, ((p <= t) & (p > t - self.window) & (p >= 0)).unsqueeze(0)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, S, H, c] -> grouped low-rank projection -> [B, S, d]."""

@@ -69,3 +69,35 @@ class Compressor(nn.Module):
         positions = (torch.arange(n, device=x.device) + first) * self.rate
         cos, sin = rotary.cos_sin(positions, "compress")
         return apply_rope(entries, cos, sin), first
+
+    def entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None,
+                packing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every entry visible after these tokens: (entries [B, T, dim], index within its document [B or 1, T]
+        (-1 for padding), document index [B, T] or None).
+
+        With a ``state`` the entries of earlier calls come first and the state advances; with a ``packing`` each
+        document of each row is compressed on its own and the rows are padded to the longest.
+        """
+        if packing is None:
+            new, _ = self(x, rotary, state)
+            out = new if state is None else state.append(new)
+            return out, torch.arange(out.shape[1], device=x.device).unsqueeze(0), None
+        if state is not None:
+            raise ValueError("packed documents are for full forwards, not for cached decoding")
+        rows = []
+        for b, runs in enumerate(packing.runs):
+            parts = [(self(x[b:b + 1, s:e], rotary)[0][0], d) for d, (s, e) in enumerate(runs)]
+            rows.append(parts)
+        t = max(sum(p.shape[0] for p, _ in parts) for parts in rows)
+        out = x.new_zeros(len(rows), t, self.dim, dtype=torch.float32)
+        local = torch.full((len(rows), t), -1, dtype=torch.long, device=x.device)
+        doc = torch.full((len(rows), t), -1, dtype=torch.long, device=x.device)
+        for b, parts in enumerate(rows):
+            i = 0
+            for ent, d in parts:
+                n = ent.shape[0]
+                out[b, i:i + n] = ent
+                local[b, i:i + n] = torch.arange(n, device=x.device)
+                doc[b, i:i + n] = d
+                i += n
+        return out, local, doc

@@ -17,10 +17,19 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
-def visible_entries(positions: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
-    """[S, T] bool: compressed entry w is visible to the query at position t iff w < (t + 1) // rate."""
-    limit = torch.div(positions + 1, rate, rounding_mode="floor")
-    return torch.arange(n_entries, device=positions.device).unsqueeze(0) < limit.unsqueeze(1)
+def visible_entries(q_pos: torch.Tensor, entry_local: torch.Tensor, rate: int,
+                    q_doc: torch.Tensor | None = None, entry_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., S, T] bool: entry w of a document is visible to the query at position t of the same document iff
+    w < (t + 1) // rate, i.e. the entry's last source token is at or before t (spec 2.5).
+
+    q_pos [..., S] positions within the document; entry_local [..., T] entry index within its document (-1: padding).
+    """
+    limit = torch.div(q_pos + 1, rate, rounding_mode="floor").unsqueeze(-1)
+    e = entry_local.unsqueeze(-2)
+    visible = (e >= 0) & (e < limit)
+    if q_doc is not None:
+        visible = visible & (entry_doc.unsqueeze(-2) == q_doc.unsqueeze(-1))
+    return visible
 
 
 def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,10 +55,10 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config.hidden_size, self.head_dim, self.rate, overlap=True,
                                      eps=config.rms_norm_eps)
 
-    def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None) -> torch.Tensor:
+    def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
+             packing=None) -> torch.Tensor:
         """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
-        new, _ = self.compressor(x, rotary, state)
-        return new if state is None else state.append(new)
+        return self.compressor.entries(x, rotary, state, packing)[0]
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                rotary: RotaryEmbedding) -> torch.Tensor:
@@ -57,7 +66,7 @@ class Indexer(nn.Module):
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         cos, sin = rotary.cos_sin(positions, "compress")
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # positions [S] or [B, S]
         dots = torch.einsum("bshc,btc->bsht", q.float(), keys.float())
         w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w)

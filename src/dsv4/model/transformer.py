@@ -19,6 +19,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
+from dsv4.model.packing import Packing
 
 
 class Block(nn.Module):
@@ -34,10 +35,11 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(config)
 
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, RouterOutput]:
+                cache: LayerCache | None = None, packing: Packing | None = None
+                ) -> tuple[torch.Tensor, RouterOutput]:
         dtype = self.attn.wq_a.weight.dtype
         y, post, comb = self.hc_attn(streams)
-        out = self.attn(self.attn_norm(y.to(dtype)), positions, cache)
+        out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing)
         streams = HyperConnection.expand(streams, out, post, comb)
         y, post, comb = self.hc_ffn(streams)
         out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids)
@@ -63,13 +65,14 @@ class MTPBlock(Block):
         self.hc_head = HyperHead(config)
 
     def predict(self, streams: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor,
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, RouterOutput]:
+                cache: LayerCache | None = None, packing: Packing | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, RouterOutput]:
         """-> (normed hidden [B, S, d] for the lm head, the block's output streams, router output)."""
         dtype = self.e_proj.weight.dtype
         h = self.h_proj(self.hnorm(streams.to(dtype)))
         e = self.e_proj(self.enorm(next_embed.to(dtype)))
         x = (h + e.unsqueeze(-2)).float()
-        x, route = self.forward(x, positions, None, cache)
+        x, route = self.forward(x, positions, None, cache, packing)
         return self.norm(self.hc_head(x).to(dtype)), x, route
 
 
@@ -154,15 +157,31 @@ class Transformer(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         return torch.arange(start, end, device=input_ids.device)
 
-    def hidden_streams(self, input_ids: torch.Tensor, cache: ModelCache | None = None
-                       ) -> tuple[torch.Tensor, list[RouterOutput]]:
-        """Final residual streams [B, S, n, d] (float32) and the router outputs of the main layers."""
+    @staticmethod
+    def _packing(input_ids: torch.Tensor, doc_ids: torch.Tensor | None, cache: ModelCache | None = None
+                 ) -> Packing | None:
+        if doc_ids is None:
+            return None
+        if cache is not None:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a decode cache")
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        return Packing.from_doc_ids(doc_ids)
+
+    def hidden_streams(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                       doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RouterOutput]]:
+        """Final residual streams [B, S, n, d] (float32) and the router outputs of the main layers.
+
+        ``doc_ids`` [B, S] marks packed documents (see ``dsv4.model.packing``); not with a cache.
+        """
         positions = self._positions(input_ids, cache)
+        packing = self._packing(input_ids, doc_ids, cache)
         x = self.embed(input_ids)
         streams = x.float().unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1)
         routes = []
         for i, layer in enumerate(self.layers):
-            streams, route = layer(streams, positions, input_ids, cache.layers[i] if cache is not None else None)
+            streams, route = layer(streams, positions, input_ids,
+                                   cache.layers[i] if cache is not None else None, packing)
             routes.append(route)
         if cache is not None:
             cache.seen += input_ids.shape[1]
@@ -172,13 +191,14 @@ class Transformer(nn.Module):
         dtype = self.head.weight.dtype
         return self.head(self.norm(self.hc_head(streams).to(dtype))).float()
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        streams, _ = self.hidden_streams(input_ids, cache)
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        streams, _ = self.hidden_streams(input_ids, cache, doc_ids)
         return self.logits_from_streams(streams)
 
-    def forward_train(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward_train(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> ModelOutput:
         """Logits, MTP logits (depth k predicts token t+1+k from position t) and router outputs of one full call."""
-        streams, routes = self.hidden_streams(input_ids)
+        streams, routes = self.hidden_streams(input_ids, None, doc_ids)
         out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = streams
@@ -186,7 +206,8 @@ class Transformer(nn.Module):
             if input_ids.shape[1] <= k:
                 break
             h = h[:, :-1]
-            hidden, h, route = block.predict(h, self.embed(input_ids[:, k:]), positions[:-k])
+            packing = self._packing(input_ids[:, :-k], doc_ids[:, :-k]) if doc_ids is not None else None
+            hidden, h, route = block.predict(h, self.embed(input_ids[:, k:]), positions[:-k], None, packing)
             out.mtp_logits.append(self.head(hidden).float())
             out.routes.append(route)
         return out

@@ -1,0 +1,146 @@
+"""The model on its own: packed documents, cache splits, MTP, gradients, bad input."""
+
+import pytest
+import torch
+
+import dsv4
+from dsv4 import ModelConfig, Transformer
+
+
+def tiny(**changes):
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=257, **changes)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # livelier than the from-scratch init, so that every mechanism moves the logits
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_sink", "ape", ".base")):
+                p.normal_(0, 0.5)
+            elif name.endswith(".scale"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model
+
+
+def test_packed_documents_equal_separate_forwards():
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    lengths = [37, 5, 50]  # not multiples of the rates; one shorter than a block
+    docs = [torch.randint(0, 257, (1, n), generator=g) for n in lengths]
+    ids = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(ids, doc_ids=doc_ids)
+        alone = torch.cat([model(d) for d in docs], dim=1)
+        train = model.forward_train(ids, doc_ids=doc_ids)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(train.logits, alone, atol=1e-5, rtol=0)
+    # a batch of two rows packed differently
+    ids2 = torch.cat([ids, ids.flip(1)])
+    doc2 = torch.cat([doc_ids, doc_ids.flip(1)])
+    with torch.no_grad():
+        both = model(ids2, doc_ids=doc2)
+        row1 = torch.cat([model(d.flip(1)) for d in reversed(docs)], dim=1)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1], row1[0], atol=1e-5, rtol=0)
+
+
+def test_no_gradient_crosses_documents():
+    model = tiny()
+    ids = torch.randint(0, 257, (1, 60))
+    doc_ids = (torch.arange(60) >= 29).long().unsqueeze(0)
+    emb = model.embed(ids).detach().requires_grad_(True)
+    model.embed.forward = lambda _ids: emb  # feed the embeddings we watch
+    logits = model(ids, doc_ids=doc_ids)
+    logits[0, 29:].sum().backward()
+    assert emb.grad[0, :29].abs().max() == 0
+    assert emb.grad[0, 29:].abs().max() > 0
+
+
+@pytest.mark.parametrize("splits", [(1,) * 6, (16, 1, 1), (33, 7), (64,), (3, 29, 2, 1)])
+def test_any_split_matches_one_call(splits):
+    model = tiny()
+    ids = torch.randint(0, 257, (2, 90))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        parts, i = [], 0
+        for n in splits:
+            parts.append(model(ids[:, i:i + n], cache=cache))
+            i += n
+        while i < ids.shape[1]:
+            parts.append(model(ids[:, i:i + 1], cache=cache))
+            i += 1
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+    assert cache.seen == 90
+
+
+def test_cache_is_bounded_by_window_and_entries():
+    model = tiny()
+    cfg = model.config
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(torch.randint(0, 257, (1, 200)), cache=cache)
+    for layer, lc in zip(model.layers, cache.layers):
+        assert lc.kv.shape[1] == cfg.sliding_window
+        if lc.compressor is not None:
+            assert lc.compressor.entries.shape[1] == 200 // layer.attn.rate
+            assert lc.compressor.kv.shape[1] == 200 % layer.attn.rate
+
+
+def test_mtp_and_router_outputs():
+    model = tiny()
+    ids = torch.randint(0, 257, (2, 40))
+    out = model.forward_train(ids)
+    assert out.logits.shape == (2, 40, 257)
+    assert len(out.mtp_logits) == 1 and out.mtp_logits[0].shape == (2, 39, 257)
+    assert len(out.routes) == model.config.num_hidden_layers + 1
+    assert out.routes[0].indices.shape == (80, model.config.num_experts_per_tok)
+    # hash layer 0 routes by the token id alone
+    assert torch.equal(out.routes[0].indices, model.layers[0].ffn.gate.tid2eid[ids.reshape(-1)])
+
+
+def test_lm_loss_gives_indexer_no_gradient_but_everything_else_one():
+    model = tiny()
+    model.train()
+    ids = torch.randint(0, 257, (1, 80))
+    out = model.forward_train(ids)
+    loss = out.logits.logsumexp(-1).mean() + out.mtp_logits[0].logsumexp(-1).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        if ".indexer." in name:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+        elif ".experts." not in name:  # an expert may receive no token
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_bad_input_is_a_clear_error():
+    model = tiny(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.full((1, 4), 257))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        model(torch.zeros(4, dtype=torch.long))
+    cache = model.new_cache(1)
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="decode cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache, doc_ids=torch.zeros(1, 3, dtype=torch.long))
+    cache = model.new_cache(1)
+    model(torch.zeros(1, 60, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_generate_is_deterministic_with_a_seed():
+    from dsv4.generate import generate
+
+    model = tiny()
+    prompt = torch.randint(0, 257, (1, 10))
+    a = generate(model, prompt, 8, temperature=0.9, top_p=0.9, seed=3)
+    b = generate(model, prompt, 8, temperature=0.9, top_p=0.9, seed=3)
+    assert torch.equal(a, b) and a.shape == (1, 18)
+    greedy = generate(model, prompt, 4, temperature=0)
+    with torch.no_grad():
+        assert greedy[0, 10] == model(prompt)[0, -1].argmax()
