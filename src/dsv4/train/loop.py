@@ -1,0 +1,216 @@
+"""The pretraining loop: the V4 recipe on packed documents (spec 4, 5, 6).
+
+loss = CE(next token) + lambda_MTP * CE(token after next) + sum over learned-routing layers of the sequence-wise
+balance loss; Muon + AdamW on a warmup-stable-decay schedule; gradient clipping; the aux-loss-free router-bias update
+after every step; a non-finite loss or gradient is logged and its step skipped; periodic validation; atomic,
+resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.model import Transformer
+from dsv4.train.balance import expert_loads, load_imbalance, sequence_balance_loss, update_router_bias
+from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv4.train.optim import build_optimizer
+from dsv4.train.schedule import WSDSchedule, mtp_weight
+
+
+class BatchSource(Protocol):
+    """What the loop needs from the data side: batches of packed sequences, and a resumable position."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...  # {"tokens": [B, T+1], "doc_ids": [B, T+1]}
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # last fraction of the steps: cosine decay to final_ratio * lr
+    final_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bias_speed: float = 1e-3
+    balance_alpha: float = 1e-4
+    mtp_weight: float = 0.3
+    mtp_weight_decay_phase: float = 0.1
+    val_every: int = 50
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    autocast_bf16: bool = False
+    seed: int = 0
+    log_every: int = 1
+
+    def schedule(self) -> WSDSchedule:
+        decay = int(self.steps * self.decay_fraction)
+        warm = min(self.warmup_steps, self.steps - decay)
+        return WSDSchedule(peak_lr=self.lr, warmup_steps=warm, total_steps=self.steps, decay_steps=decay,
+                           final_ratio=self.final_ratio)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    skipped: bool
+    loads: list[torch.Tensor] = field(default_factory=list)
+
+
+def lm_losses(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor | None, alpha: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(next-token CE, MTP CE, balance loss, expert loads of the learned-routing layers) on tokens [B, T+1]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    docs = doc_ids[:, :-1] if doc_ids is not None else None
+    out = model.forward_train(inputs, docs)
+    lm = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+    mtp = torch.zeros((), device=tokens.device)
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        mtp = mtp + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten()) / len(out.mtp_logits)
+    balance = torch.zeros((), device=tokens.device)
+    loads = []
+    layers = list(model.layers) + list(model.mtp)
+    for layer, route in zip(layers, out.routes):
+        if layer.ffn.gate.hashed:
+            continue
+        balance = balance + sequence_balance_loss(route, inputs.shape[0], alpha)
+        loads.append(expert_loads(route, model.config.n_routed_experts))
+    return lm, mtp, balance, loads
+
+
+def learned_routers(model: Transformer) -> list:
+    return [layer.ffn.gate for layer in list(model.layers) + list(model.mtp) if not layer.ffn.gate.hashed]
+
+
+class Trainer:
+    def __init__(self, model: Transformer, data: BatchSource, cfg: TrainConfig, out: str | Path,
+                 val_batches: Iterable[dict] = (), log: Callable[[dict], None] | None = None):
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.out = Path(out)
+        self.val_batches = list(val_batches)
+        self.schedule = cfg.schedule()
+        self.optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.skipped = 0
+        self.log = log or (lambda record: None)
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def train_step(self) -> StepResult:
+        model, cfg = self.model, self.cfg
+        model.train()
+        batch = self.data.next_batch()
+        lr = self.schedule.lr(self.step)
+        self.optimizer.set_lr(lr)
+        lam = mtp_weight(self.step, self.schedule, cfg.mtp_weight, cfg.mtp_weight_decay_phase)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            lm, mtp, balance, loads = lm_losses(model, batch["tokens"], batch.get("doc_ids"), cfg.balance_alpha)
+        loss = lm + lam * mtp + balance
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if skipped:  # a loss spike gone non-finite: log it and leave the weights as they were
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            update_router_bias(learned_routers(model), loads, cfg.bias_speed)
+        self.step += 1
+        return StepResult(loss.item(), lm.item(), mtp.item(), balance.item(), grad_norm.item(), skipped, loads)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean next-token cross-entropy (nats per token) over the validation batches."""
+        if not self.val_batches:
+            return float("nan")
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val_batches:
+            tokens = batch["tokens"]
+            docs = batch.get("doc_ids")
+            logits = self.model(tokens[:, :-1], doc_ids=docs[:, :-1] if docs is not None else None)
+            total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+            count += tokens[:, 1:].numel()
+        return total / count
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                "data": self.data.state_dict(), "rng": torch.get_rng_state()}
+
+    def save(self) -> Path:
+        meta = {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict()}
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.trainer_state(), meta,
+                               keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        path = Path(path) if path is not None else latest_checkpoint(self.out / "checkpoints")
+        state, _ = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        return self.step
+
+    # ------------------------------------------------------------------------------------------------- the run
+    def run(self, tokens_per_step: int, progress: bool = True) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        window = []
+        last = {}
+        t0 = time.perf_counter()
+        tokens_done = 0
+        val_loss = float("nan")
+        while self.step < self.cfg.steps:
+            ts = time.perf_counter()
+            r = self.train_step()
+            dt = time.perf_counter() - ts
+            tokens_done += tokens_per_step
+            window.append(tokens_per_step / dt)
+            window = window[-20:]
+            tps = sum(window) / len(window)
+            imbalance = [load_imbalance(x) for x in r.loads]
+            last = {"step": self.step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss,
+                    "balance_loss": r.balance_loss, "grad_norm": r.grad_norm, "lr": self.schedule.lr(self.step - 1),
+                    "tokens_per_s": tps, "skipped": r.skipped, "max_load_ratio": imbalance,
+                    "expert_loads": [x.tolist() for x in r.loads]}
+            if r.skipped:
+                print(f"\nstep {self.step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+            if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
+                val_loss = self.validate()
+                last["val_loss"] = val_loss
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            self.log(last)
+            if progress:
+                bar = int(30 * self.step / self.cfg.steps)
+                print(f"\r[{'#' * bar}{'.' * (30 - bar)}] step {self.step}/{self.cfg.steps} loss {r.loss:.3f} "
+                      f"lr {last['lr']:.2e} {tps:,.0f} tok/s"
+                      + (f" val {val_loss:.3f}" if not math.isnan(val_loss) else ""),
+                      end="", file=sys.stderr, flush=True)
+            if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps):
+                self.save()
+        if progress:
+            print(file=sys.stderr)
+        elapsed = time.perf_counter() - t0
+        return {"steps": self.step, "final_loss": last.get("loss"), "val_loss": val_loss,
+                "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0, "skipped_steps": self.skipped}
