@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
+from dsv4.data.packing import Batch
 from dsv4.train.balance import expert_loads, sequence_balance_loss, update_router_bias
 from dsv4.train.checkpoint import list_checkpoints, load_checkpoint
 from dsv4.train.loop import Trainer, TrainConfig
@@ -16,12 +17,12 @@ class Source:
     def __init__(self, vocab, batch=2, seq=48, seed=0):
         self.vocab, self.batch, self.seq, self.seed, self.pos = vocab, batch, seq, seed, 0
 
-    def next_batch(self):
+    def __next__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.pos)
         self.pos += 1
         tokens = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=g)
         doc_ids = (torch.arange(self.seq + 1) >= (self.seq // 3)).long().expand(self.batch, -1)
-        return {"tokens": tokens, "doc_ids": doc_ids}
+        return Batch(tokens, doc_ids, torch.zeros_like(tokens))
 
     def state_dict(self):
         return {"pos": self.pos}
@@ -38,7 +39,7 @@ def small_model():
 def make_trainer(tmp_path, steps=6):
     model = small_model()
     cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=2, val_every=0, ckpt_every=3)
-    return Trainer(model, Source(128), cfg, tmp_path, val_batches=[Source(128, seed=9).next_batch()])
+    return Trainer(model, Source(128), cfg, tmp_path, val_batches=[next(Source(128, seed=9))])
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from dsv4.data.packing import Batch
+from dsv4.data.tokenizer import IGNORE_INDEX
 from dsv4.model import Transformer
 from dsv4.train.balance import expert_loads, load_imbalance, sequence_balance_loss, update_router_bias
 from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -27,9 +29,9 @@ from dsv4.train.schedule import WSDSchedule, mtp_weight
 
 
 class BatchSource(Protocol):
-    """What the loop needs from the data side: batches of packed sequences, and a resumable position."""
+    """What the loop needs from the data side: an iterator of ``dsv4.data.Batch`` with a resumable position."""
 
-    def next_batch(self) -> dict[str, torch.Tensor]: ...  # {"tokens": [B, T+1], "doc_ids": [B, T+1]}
+    def __next__(self) -> Batch: ...
 
     def state_dict(self) -> dict: ...
 
@@ -74,17 +76,29 @@ class StepResult:
     loads: list[torch.Tensor] = field(default_factory=list)
 
 
-def lm_losses(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor | None, alpha: float
+def shifted_targets(batch: Batch, k: int) -> torch.Tensor:
+    """[B, T - k + 1] targets k tokens ahead of each input, IGNORE_INDEX where that token is in another segment."""
+    tokens, docs = batch.tokens, batch.doc_ids
+    same = docs[:, k:] == docs[:, :docs.shape[1] - k]
+    return torch.where(same, tokens[:, k:], IGNORE_INDEX)
+
+
+def lm_losses(model: Transformer, batch: Batch, alpha: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(next-token CE, MTP CE, balance loss, expert loads of the learned-routing layers) on tokens [B, T+1]."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    docs = doc_ids[:, :-1] if doc_ids is not None else None
-    out = model.forward_train(inputs, docs)
-    lm = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-    mtp = torch.zeros((), device=tokens.device)
+    """(next-token CE, MTP CE, balance loss, expert loads of the learned-routing layers) of one packed batch.
+
+    No loss crosses a document: targets in another segment than their input are ignored (``dsv4.data.packing``).
+    """
+    inputs = batch.inputs
+    out = model.forward_train(inputs, batch.input_doc_ids)
+    lm = F.cross_entropy(out.logits.flatten(0, 1), shifted_targets(batch, 1).flatten(), ignore_index=IGNORE_INDEX)
+    mtp = torch.zeros((), device=inputs.device)
     for k, logits in enumerate(out.mtp_logits, start=1):
-        mtp = mtp + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten()) / len(out.mtp_logits)
-    balance = torch.zeros((), device=tokens.device)
+        target = shifted_targets(batch, 1 + k)[:, :logits.shape[1]]
+        if (target != IGNORE_INDEX).any():
+            mtp = mtp + F.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                        ignore_index=IGNORE_INDEX) / len(out.mtp_logits)
+    balance = torch.zeros((), device=inputs.device)
     loads = []
     layers = list(model.layers) + list(model.mtp)
     for layer, route in zip(layers, out.routes):
@@ -97,6 +111,31 @@ def lm_losses(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor | 
 
 def learned_routers(model: Transformer) -> list:
     return [layer.ffn.gate for layer in list(model.layers) + list(model.mtp) if not layer.ffn.gate.hashed]
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None
+             ) -> tuple[float, float]:
+    """(nats per token, bits per byte) of next-token prediction over ``batches``; bits per byte needs the byte
+    length of every token id (``Tokenizer.token_bytes()``), else NaN."""
+    was_training = model.training
+    model.eval()
+    nats, count, nbytes = 0.0, 0, 0
+    for batch in batches:
+        logits = model(batch.inputs, doc_ids=batch.input_doc_ids)
+        targets = shifted_targets(batch, 1)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none")
+        keep = targets.flatten() != IGNORE_INDEX
+        nats += float(losses[keep].sum())
+        count += int(keep.sum())
+        if token_bytes is not None:
+            nbytes += int(token_bytes[targets.flatten()[keep]].sum())
+    model.train(was_training)
+    if count == 0:
+        return float("nan"), float("nan")
+    bpb = nats / math.log(2) / nbytes if nbytes else float("nan")
+    return nats / count, bpb
 
 
 class Trainer:
@@ -118,12 +157,12 @@ class Trainer:
     def train_step(self) -> StepResult:
         model, cfg = self.model, self.cfg
         model.train()
-        batch = self.data.next_batch()
+        batch = next(self.data)
         lr = self.schedule.lr(self.step)
         self.optimizer.set_lr(lr)
         lam = mtp_weight(self.step, self.schedule, cfg.mtp_weight, cfg.mtp_weight_decay_phase)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            lm, mtp, balance, loads = lm_losses(model, batch["tokens"], batch.get("doc_ids"), cfg.balance_alpha)
+            lm, mtp, balance, loads = lm_losses(model, batch, cfg.balance_alpha)
         loss = lm + lam * mtp + balance
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,17 +180,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean next-token cross-entropy (nats per token) over the validation batches."""
-        if not self.val_batches:
-            return float("nan")
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in self.val_batches:
-            tokens = batch["tokens"]
-            docs = batch.get("doc_ids")
-            logits = self.model(tokens[:, :-1], doc_ids=docs[:, :-1] if docs is not None else None)
-            total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
-            count += tokens[:, 1:].numel()
-        return total / count
+        return evaluate(self.model, self.val_batches)[0]
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
