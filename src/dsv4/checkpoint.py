@@ -7,7 +7,8 @@ Three namings of the same tensors are read:
     ``model.embed_tokens.weight``, ``model.hc_head.hc_fn`` and the attention kv norm as ``attn.norm``;
   - HF transformers' in-memory names (``model.layers.N.self_attn.q_a_proj.weight``, ``mlp.experts.gate_up_proj``...).
 ``save_pretrained`` writes the second, which ``transformers.DeepseekV4ForCausalLM.from_pretrained`` loads; MTP weights
-go under ``mtp.`` with the official names (transformers ignores them).
+go under ``mtp.`` with the official names (transformers ignores them). ``save_official`` writes the first, quantized
+as the released checkpoints are (FP8 matrices, FP4 routed experts). Both replace the target directory atomically.
 
 dsv4's own module names are the official ones, with the mHC units as modules (``hc_attn.fn``) and the routed experts
 stacked per layer (``ffn.experts.w1`` [E, I, d]).
@@ -108,8 +109,10 @@ def _safetensor_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({e!r})") from None
         files = sorted({path / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -117,7 +120,7 @@ def _safetensor_files(path: Path) -> list[Path]:
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl") for p in path.glob(pattern))
         hint = f" (found {pickles}: pickle checkpoints are never read; convert them to safetensors)" if pickles else ""
         raise FileNotFoundError(f"no *.safetensors files in {path}{hint}")
     return files
@@ -128,16 +131,28 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f in _safetensor_files(Path(path)):
+    where: dict[str, str] = {}
+    for f in _safetensor_files(path):
         try:
             part = load_file(str(f))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
-        dup = set(part) & set(tensors)
+            raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        dup = sorted(set(part) & set(tensors))
         if dup:
-            raise ValueError(f"tensor(s) {sorted(dup)[:5]} appear in more than one shard ({f.name})")
+            raise ValueError(f"tensor(s) {dup[:5]} appear in more than one shard ({where[dup[0]]} and {f.name})")
         tensors.update(part)
+        where.update(dict.fromkeys(part, f.name))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        absent = sorted(k for k in weight_map if k not in tensors)
+        if absent:
+            raise ValueError(f"{index} lists tensor(s) that no shard holds: {absent[:5]}")
+        moved = sorted(k for k in tensors if weight_map.get(k, where[k]) != where[k])
+        if moved:
+            raise ValueError(f"{index} places tensor(s) {moved[:5]} in a different shard than the one holding them")
     return tensors
 
 
@@ -148,11 +163,39 @@ def _dequantize(name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> 
         if weight.dtype in (torch.int8, torch.uint8) or str(weight.dtype).startswith("torch.float8"):
             raise ValueError(f"{name} is stored as {weight.dtype} but has no scale tensor")
         return weight
-    if weight.dtype in (torch.int8, torch.uint8):  # FP4 E2M1, two per byte, 1x32 scales
-        return quant.mxfp4_dequant(weight, scale)
-    if str(weight.dtype).startswith("torch.float8"):
-        return quant.fp8_block_dequant(weight, scale)
-    raise ValueError(f"{name} has a scale but is stored as {weight.dtype}, neither FP8 nor packed FP4")
+    try:
+        if weight.dtype in (torch.int8, torch.uint8):  # FP4 E2M1, two per byte, 1x32 scales
+            return quant.mxfp4_dequant(weight, scale)
+        if weight.dtype == torch.float8_e4m3fn:
+            return quant.fp8_block_dequant(weight, scale)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    raise ValueError(f"{name} has a scale but is stored as {weight.dtype}, neither FP8 E4M3 nor packed FP4")
+
+
+def _dequantize_fp4_experts(plain: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dequantize the packed-FP4 experts of each layer and projection in one batched call (many small calls are
+    slow), taking their scales out of ``scales``."""
+    from dsv4 import quant
+
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for key, t in plain.items():
+        m = _ONE_EXPERT.match(key)
+        if m and t.dtype in (torch.int8, torch.uint8) and key in scales:
+            s = scales[key]
+            groups[(m.group(1), m.group(3), tuple(t.shape), tuple(s.shape), s.dtype)].append(key)
+    done = {}
+    for keys in groups.values():
+        packed = torch.stack([plain[k] for k in keys])
+        scale = torch.stack([scales[k] for k in keys])
+        try:
+            values = quant.mxfp4_dequant(packed, scale)
+        except ValueError as e:
+            raise ValueError(f"{keys[0]}: {e}") from None
+        for k, v in zip(keys, values.unbind(0)):
+            done[k] = v
+            del scales[k]
+    return done
 
 
 def official_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,9 +209,10 @@ def official_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             scales[base] = t
         else:
             plain[key] = t
+    done = _dequantize_fp4_experts(plain, scales)
     out: dict[str, torch.Tensor] = {}
     for key, t in plain.items():
-        t = _dequantize(key, t, scales.pop(key, None))
+        t = done.pop(key) if key in done else _dequantize(key, t, scales.pop(key, None))
         m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)$", key)
         if m:  # HF in-memory merged experts
             prefix = to_official(m.group(1))
@@ -210,11 +254,13 @@ def official_to_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy ``state`` (dsv4 names) into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it."""
+    """Copy ``state`` (dsv4 names) into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it
+    (by its official name; stacked experts as ``layers.N.ffn.experts.w1`` for all ``experts.E.w1.weight``)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    show = internal_to_official
+    missing = sorted(show(k) for k in set(own) - set(state))
+    unexpected = sorted(show(k) for k in set(state) - set(own))
+    shapes = [f"{show(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     problems = []
     if missing:
@@ -230,6 +276,9 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: b
             t.copy_(state[k].to(t.dtype))
 
 
+_META_BUILD_ABOVE = 20_000_000  # parameters
+
+
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None):
     """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring)."""
@@ -243,10 +292,17 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
         log.warning("%s has no MTP weights (transformers does not save them): loading without the MTP block", path)
         config = config.replace(num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device or "cpu")
-    model.init_nonpersistent_buffers()
+    if config.num_parameters() > _META_BUILD_ABOVE:
+        # no memory or time spent on random weights that are overwritten at once
+        with torch.device("meta"):
+            model = Transformer(config)
+        model = model.to_empty(device=device or "cpu")
+        model.init_nonpersistent_buffers()
+    else:
+        # small models build directly: cheaper than the one-off cost of the first meta-device construction;
+        # the random init must not move the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            model = Transformer(config).to(device or "cpu")
     load_state(model, state)
     if dtype is not None:
         model.to(dtype)
@@ -277,7 +333,11 @@ def _atomic_dir_write(path: Path, write) -> None:
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "dir")
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "dir", path)  # put the previous directory back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -286,18 +346,12 @@ def _atomic_dir_write(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``config.json`` and safetensors in the layout transformers writes (sharded above ``max_shard_bytes``)."""
+def _write_safetensors(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, t in official_state_of(model).items():
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and not _keeps_fp32(name):
-            t = t.to(dtype)
-        tensors[official_to_hf_saved(name)] = t.contiguous().cpu()
-
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):
@@ -307,21 +361,38 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype
             size = 0
         shards[-1][k] = tensors[k]
         size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``config.json`` and safetensors in the layout transformers writes (sharded above ``max_shard_bytes``).
+
+    The weights are plain floats (``dtype``, or the model's), so the config carries no ``quantization_config`` even
+    when the model was loaded from a quantized checkpoint. ``path`` is replaced atomically.
+    """
+    tensors = {}
+    for name, t in official_state_of(model).items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not _keeps_fp32(name):
+            t = t.to(dtype)
+        tensors[official_to_hf_saved(name)] = t.contiguous().cpu()
+    config = model.config.replace(quantization_config=None)
 
     def write(tmp: Path) -> None:
-        model.config.to_json(tmp / "config.json")
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata=meta)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        config.to_json(tmp / "config.json")
+        _write_safetensors(tmp, tensors, max_shard_bytes)
 
     _atomic_dir_write(Path(path), write)
 
@@ -329,3 +400,94 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype
 def _keeps_fp32(name: str) -> bool:
     """Tensors the released checkpoints keep in float32 whatever the weight dtype (spec 1.3)."""
     return bool(re.search(r"(hc_\w+_(fn|base|scale)|attn_sink|\.ape|gate\.bias|tid2eid)$", name))
+
+
+# The matrices the released checkpoints store as FP8 E4M3 with 128x128 block scales (spec 1.3), by official name.
+_OFFICIAL_FP8 = re.compile(
+    r"(^|\.)attn\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$"
+    r"|\.attn\.indexer\.wq_b\.weight$"
+    r"|\.ffn\.shared_experts\.w[123]\.weight$"
+    r"|^mtp\.\d+\.(e_proj|h_proj)\.weight$")
+# Routed experts: MXFP4 (instruct releases) or FP8 (Base releases).
+_OFFICIAL_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
+
+OFFICIAL_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                "weight_block_size": [128, 128]}
+
+
+def official_config_dict(config: ModelConfig, fp8: bool = True, fp4_experts: bool = True) -> dict:
+    """An HF-style config dict with the legacy fields of DeepSeek's released root ``config.json`` (spec 1.2, 9).
+
+    ``compress_ratios`` has one entry per layer then a 0 per MTP layer (its sliding-window attention), next to the
+    ``layer_types`` they mean; ``num_hash_layers`` when the hash layers are a prefix; ``qk_rope_head_dim``;
+    ``rope_scaling`` = the compressed layers' YaRN; ``quantization_config`` and ``expert_dtype`` describe the weights.
+    """
+    d = config.replace(quantization_config=None).to_dict()
+    d["compress_ratios"] = [config.compress_rate(t) for t in config.layer_types] + \
+        [0] * config.num_nextn_predict_layers
+    n_hash = sum(1 for t in config.mlp_layer_types if t == "hash_moe")
+    if config.mlp_layer_types[:n_hash] == ["hash_moe"] * n_hash:
+        d["num_hash_layers"] = n_hash
+    compress = config.rope_parameters["compress"]
+    if compress.get("rope_type") == "yarn":
+        d["rope_scaling"] = {"type": "yarn", **{k: compress[k] for k in (
+            "factor", "original_max_position_embeddings", "beta_fast", "beta_slow") if k in compress}}
+    d["topk_method"] = "noaux_tc"
+    if fp8 or fp4_experts:
+        d["quantization_config"] = dict(OFFICIAL_QUANTIZATION_CONFIG)
+    if fp4_experts:
+        d["expert_dtype"] = "fp4"
+    elif fp8:
+        d["expert_dtype"] = "fp8"
+    return d
+
+
+def official_tensors(model: torch.nn.Module, fp8: bool = True, fp4_experts: bool = True,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of DeepSeek's official layout: FP8 matrices with ``.scale``, routed experts FP4 (or FP8 when
+    ``fp8`` and not ``fp4_experts``), the rest unquantized (in ``dtype`` if given, the FP32 group always FP32)."""
+    from dsv4 import quant
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in official_state_of(model).items():
+        t = t.detach().cpu()
+        is_expert = bool(_OFFICIAL_EXPERT.search(name))
+        if is_expert and fp4_experts:
+            if t.shape[-1] % 32:
+                raise ValueError(f"{name}: input dim {t.shape[-1]} is not a multiple of 32, so it cannot be stored "
+                                 "as MXFP4; use fp4_experts=False")
+            w, s = quant.mxfp4_quant(t.float())
+        elif (is_expert or _OFFICIAL_FP8.search(name)) and fp8:
+            w, s = quant.fp8_block_quant(t.float())
+        else:
+            if dtype is not None and t.is_floating_point() and not _keeps_fp32(name):
+                t = t.to(dtype)
+            out[name] = t.contiguous()
+            continue
+        out[name] = w.contiguous()
+        out[name[:-len(".weight")] + ".scale"] = s.contiguous()
+    return out
+
+
+def save_official(model: torch.nn.Module, path: str | Path, fp8: bool = True, fp4_experts: bool = True,
+                  dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> None:
+    """Write DeepSeek's official checkpoint layout (spec 9): no ``model.`` prefix, ``embed.weight``, ``head.weight``,
+    ``hc_head_fn``, ``layers.N.attn.kv_norm.weight``, experts one tensor each, MTP under ``mtp.0.``.
+
+    With ``fp8``: ``wq_a``, ``wq_b``, ``wkv``, ``wo_a``, ``wo_b``, the indexer's ``wq_b``, the shared experts and the
+    MTP ``e_proj`` / ``h_proj`` are float8_e4m3fn + ``<name>.scale`` (one power-of-two scale per 128x128 block).
+    With ``fp4_experts``: routed experts are MXFP4, int8 ``[out, in/2]`` (two E2M1 codes a byte) + ``.scale``
+    ``[out, in/32]``; without it they are FP8 like the matrices above (the Base releases), or plain if not ``fp8``.
+    Everything else (norms, embedding, head, router, compressor / indexer ``wkv`` ``wgate`` ``weights_proj``, mHC,
+    sinks, ``ape``, router bias, ``tid2eid``) is stored unquantized, in ``dtype`` if given (mHC, sinks, ``ape`` and
+    the router bias stay float32). ``config.json`` is HF-style plus the legacy fields of the released root config.
+    ``dsv4.from_pretrained`` reads it back (dequantized); ``path`` is replaced atomically.
+    """
+    tensors = official_tensors(model, fp8=fp8, fp4_experts=fp4_experts, dtype=dtype)
+    config = official_config_dict(model.config, fp8=fp8, fp4_experts=fp4_experts)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_safetensors(tmp, tensors, max_shard_bytes)
+
+    _atomic_dir_write(Path(path), write)

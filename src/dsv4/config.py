@@ -23,9 +23,6 @@ HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
 
-# Legacy per-layer integers of DeepSeek's configs (0 and 1 both mean "no compressor").
-_RATIO_TO_TYPE = {0: SLIDING, 1: SLIDING, 4: CSA, 128: HCA}
-
 # The official inference/config.json (ModelArgs) names -> HF names.
 _OFFICIAL_ARG_NAMES = {
     "dim": "hidden_size",
@@ -42,22 +39,21 @@ _OFFICIAL_ARG_NAMES = {
     "n_mtp_layers": "num_nextn_predict_layers",
     "max_seq_len": None,  # a runtime buffer size of the reference code, not a model fact
     "max_batch_size": None,
-    "dtype": None,
-    "scale_fmt": None,
-    "expert_dtype": None,
+    "dtype": "_dtype",  # "fp8" on the released checkpoints -> quantization_config
+    "scale_fmt": "_scale_fmt",
+    "expert_dtype": "_expert_dtype",
     "scale_dtype": None,
 }
 
 
-def _default_rope_parameters(rope_theta: float, compress_rope_theta: float, prf: float, yarn: dict | None) -> dict:
-    main = {"rope_type": "default", "rope_theta": float(rope_theta), "partial_rotary_factor": prf}
-    compress: dict[str, Any] = {"rope_type": "default", "rope_theta": float(compress_rope_theta),
-                                "partial_rotary_factor": prf}
-    if yarn:
-        compress.update(yarn)
-        compress["rope_type"] = "yarn"
-        compress["rope_theta"] = float(compress_rope_theta)
-        compress["partial_rotary_factor"] = prf
+def _default_rope_parameters(rope_theta: float, compress_rope_theta: float, prf: float, flat: dict | None) -> dict:
+    """HF's nesting: {"main": plain RoPE at rope_theta, "compress": ``flat`` (YaRN or plain) at compress_rope_theta}."""
+    main = {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": prf}
+    compress: dict[str, Any] = dict(flat or {})
+    compress.setdefault("rope_type", "default")
+    compress["rope_theta"] = compress_rope_theta
+    compress["partial_rotary_factor"] = prf
+    if compress["rope_type"] == "yarn":
         # V4 never applies YaRN's attention magnitude factor (spec 10.3).
         compress["attention_factor"] = 1.0
     return {"main": main, "compress": compress}
@@ -112,11 +108,22 @@ class ModelConfig:
     quantization_config: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # Shape checks that must hold before the defaults below can be derived; validate() does the rest.
         n = self.num_hidden_layers
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"ModelConfig.num_hidden_layers: must be a positive integer, got {n!r}")
         if self.compress_rates is None:
             self.compress_rates = {CSA: 4, HCA: 128}
+        elif not isinstance(self.compress_rates, dict):
+            raise ValueError(f"ModelConfig.compress_rates: must be a dict {{layer type: rate}}, "
+                             f"got {self.compress_rates!r}")
         else:
-            self.compress_rates = {str(k): int(v) for k, v in self.compress_rates.items()}
+            # a rate not given keeps its default (a model without HCA layers need not name the HCA rate)
+            self.compress_rates = {CSA: 4, HCA: 128, **{str(k): v for k, v in self.compress_rates.items()}}
+        for name in ("layer_types", "mlp_layer_types"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__")):
+                raise ValueError(f"ModelConfig.{name}: must be a list of per-layer types, got {v!r}")
         if self.layer_types is None:
             # HF's default: two HCA layers, then CSA / HCA alternating (the V4-Pro schedule).
             self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 == 0 else HCA for i in range(max(n - 2, 0))]
@@ -126,17 +133,28 @@ class ModelConfig:
         self.mlp_layer_types = list(self.mlp_layer_types)
         if self.partial_rotary_factor is None:
             self.partial_rotary_factor = 64 / 512
-        rp = self.rope_parameters or {}
-        if not (isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict)):
-            yarn = {k: v for k, v in rp.items() if k not in ("main", "compress")}
-            if yarn.get("rope_type", yarn.get("type")) != "yarn":
-                yarn = None
-            else:
-                yarn.pop("type", None)
-            self.rope_parameters = _default_rope_parameters(self.rope_theta, self.compress_rope_theta,
-                                                            self.partial_rotary_factor, yarn)
-        else:
+        if not isinstance(self.partial_rotary_factor, (int, float)) or isinstance(self.partial_rotary_factor, bool):
+            raise ValueError(f"ModelConfig.partial_rotary_factor: must be a number, got {self.partial_rotary_factor!r}")
+        rp = self.rope_parameters if self.rope_parameters is not None else {}
+        if not isinstance(rp, dict):
+            raise ValueError(f"ModelConfig.rope_parameters: must be a dict, got {rp!r}")
+        if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
             self.rope_parameters = {"main": dict(rp["main"]), "compress": dict(rp["compress"])}
+            for p in self.rope_parameters.values():
+                if "type" in p:  # legacy spelling of rope_type
+                    p.setdefault("rope_type", p.pop("type"))
+        elif "main" in rp or "compress" in rp:
+            raise ValueError("ModelConfig.rope_parameters: needs both a 'main' and a 'compress' dict, "
+                             f"got keys {sorted(rp)}")
+        else:
+            # A flat dict (HF's legacy `rope_scaling` too) describes the compressed layers' RoPE; the main RoPE is
+            # always plain. Anything but 'default' / 'yarn' is kept so that validate() names it.
+            flat = dict(rp)
+            if "type" in flat:
+                flat.setdefault("rope_type", flat.pop("type"))
+            flat.setdefault("rope_type", "default")
+            self.rope_parameters = _default_rope_parameters(self.rope_theta, self.compress_rope_theta,
+                                                            self.partial_rotary_factor, flat)
         self.validate()
 
     # ----------------------------------------------------------------------------------------------- derived facts
@@ -158,8 +176,15 @@ class ModelConfig:
 
     # -------------------------------------------------------------------------------------------------- validation
     def validate(self) -> None:
+        """Raise ``ValueError("ModelConfig.<field>: ...")`` for the first inconsistent field."""
         def bad(name: str, msg: str) -> ValueError:
             return ValueError(f"ModelConfig.{name}: {msg}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         positive = ["vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts", "hc_mult",
@@ -167,14 +192,20 @@ class ModelConfig:
                     "index_head_dim", "index_topk", "max_position_embeddings"]
         for name in positive:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not is_int(v) or v <= 0:
                 raise bad(name, f"must be a positive integer, got {v!r}")
+        for name in ("rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "routed_scaling_factor"):
+            v = getattr(self, name)
+            if not is_num(v) or v <= 0:
+                raise bad(name, f"must be a positive number, got {v!r}")
+        if not is_num(self.initializer_range) or self.initializer_range < 0:
+            raise bad("initializer_range", f"must be a number >= 0, got {self.initializer_range!r}")
         if self.num_key_value_heads != 1:
-            raise bad("num_key_value_heads", f"DeepSeek-V4 has one shared K=V head, got {self.num_key_value_heads}")
-        if self.n_shared_experts not in (0, 1):
-            raise bad("n_shared_experts", f"must be 0 or 1, got {self.n_shared_experts}")
-        if self.num_nextn_predict_layers < 0:
-            raise bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+            raise bad("num_key_value_heads", f"DeepSeek-V4 has one shared K=V head, got {self.num_key_value_heads!r}")
+        if self.n_shared_experts not in (0, 1) or isinstance(self.n_shared_experts, bool):
+            raise bad("n_shared_experts", f"must be 0 or 1, got {self.n_shared_experts!r}")
+        if not is_int(self.num_nextn_predict_layers) or self.num_nextn_predict_layers < 0:
+            raise bad("num_nextn_predict_layers", f"must be an integer >= 0, got {self.num_nextn_predict_layers!r}")
         if self.num_attention_heads % self.o_groups:
             raise bad("o_groups", f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
                                   f"o_groups ({self.o_groups})")
@@ -185,16 +216,26 @@ class ModelConfig:
             raise bad("scoring_func", f"DeepSeek-V4 routes with 'sqrtsoftplus', got {self.scoring_func!r}")
         if self.hidden_act != "silu":
             raise bad("hidden_act", f"DeepSeek-V4 experts use 'silu', got {self.hidden_act!r}")
-        if not (0 < self.partial_rotary_factor <= 1):
-            raise bad("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
-        r = self.head_dim * self.partial_rotary_factor
+        if not isinstance(self.norm_topk_prob, bool):
+            raise bad("norm_topk_prob", f"must be true or false, got {self.norm_topk_prob!r}")
+        if self.tie_word_embeddings:
+            raise bad("tie_word_embeddings", "DeepSeek-V4 keeps separate embedding and head weights")
+        if self.swiglu_limit is not None and (not is_num(self.swiglu_limit) or self.swiglu_limit < 0):
+            raise bad("swiglu_limit", f"must be a number >= 0 (0 = no clamp), got {self.swiglu_limit!r}")
+
+        # RoPE: the last r = head_dim * partial_rotary_factor dims of each head rotate, in pairs.
+        prf = self.partial_rotary_factor
+        r = self.head_dim * prf
+        if not (0 < prf <= 1):
+            raise bad("partial_rotary_factor", f"must be in (0, 1], got {prf} (qk_rope_head_dim = {r:g} rope dims "
+                                               f"with head_dim {self.head_dim})")
         if abs(r - round(r)) > 1e-6 or round(r) % 2:
-            raise bad("partial_rotary_factor", f"head_dim * partial_rotary_factor = {r} must be an even integer")
-        if self.qk_rope_head_dim > self.head_dim:
-            raise bad("qk_rope_head_dim", f"rope dims {self.qk_rope_head_dim} are above head_dim {self.head_dim}")
+            raise bad("partial_rotary_factor", f"head_dim * partial_rotary_factor = qk_rope_head_dim = {r:g} must "
+                                               "be an even integer (RoPE rotates pairs of dims)")
         if self.qk_rope_head_dim > self.index_head_dim or self.index_head_dim % 2:
             raise bad("index_head_dim", f"{self.index_head_dim} must be even and hold the {self.qk_rope_head_dim} "
                                         "rope dims")
+
         for name, types, allowed in (("layer_types", self.layer_types, LAYER_TYPES),
                                      ("mlp_layer_types", self.mlp_layer_types, MLP_LAYER_TYPES)):
             if len(types) != self.num_hidden_layers:
@@ -202,25 +243,45 @@ class ModelConfig:
             unknown = [t for t in types if t not in allowed]
             if unknown:
                 raise bad(name, f"unknown layer type(s) {unknown}; allowed: {list(allowed)}")
-        for key in (CSA, HCA):
-            v = self.compress_rates.get(key)
-            if not isinstance(v, int) or v <= 0:
-                raise bad("compress_rates", f"{key!r} must be a positive integer, got {v!r}")
+
         unknown_rates = set(self.compress_rates) - {CSA, HCA}
         if unknown_rates:
-            raise bad("compress_rates", f"unknown keys {sorted(unknown_rates)}")
+            raise bad("compress_rates", f"unknown key(s) {sorted(unknown_rates)}; allowed: {[CSA, HCA]}")
+        for key in (CSA, HCA):
+            v = self.compress_rates[key]
+            if not is_int(v) or v <= 0:
+                raise bad("compress_rates", f"{key!r} must be a positive integer, got {v!r}")
+
+        rp = self.rope_parameters
+        if set(rp) != {"main", "compress"}:
+            raise bad("rope_parameters", f"must have exactly the keys 'main' and 'compress', got {sorted(rp)}")
         for kind in ("main", "compress"):
-            p = self.rope_parameters.get(kind)
-            if not isinstance(p, dict) or "rope_theta" not in p:
-                raise bad("rope_parameters", f"needs a {kind!r} entry with a 'rope_theta'")
-            if p.get("rope_type", "default") not in ("default", "yarn"):
-                raise bad("rope_parameters", f"{kind}.rope_type {p.get('rope_type')!r} is not 'default' or 'yarn'")
-            if p.get("rope_type") == "yarn":
-                for k in ("factor", "original_max_position_embeddings"):
-                    if k not in p:
-                        raise bad("rope_parameters", f"{kind} YaRN needs {k!r}")
-        if self.swiglu_limit is not None and self.swiglu_limit < 0:
-            raise bad("swiglu_limit", f"must be >= 0, got {self.swiglu_limit}")
+            p = rp[kind]
+            rope_type = p.get("rope_type", "default")
+            if rope_type not in ("default", "yarn"):
+                raise bad("rope_parameters", f"{kind}.rope_type {rope_type!r} is not 'default' or 'yarn'")
+            theta = p.get("rope_theta")
+            if not is_num(theta) or theta <= 0:
+                raise bad("rope_parameters", f"{kind}.rope_theta must be a positive number, got {theta!r}")
+            p_prf = p.get("partial_rotary_factor", prf)
+            if not is_num(p_prf) or abs(p_prf - prf) > 1e-9:
+                raise bad("rope_parameters", f"{kind}.partial_rotary_factor {p_prf!r} disagrees with "
+                                             f"partial_rotary_factor {prf}")
+            if rope_type == "yarn":
+                factor = p.get("factor")
+                if not is_num(factor) or factor < 1:
+                    raise bad("rope_parameters", f"{kind} YaRN needs a 'factor' >= 1, got {factor!r}")
+                orig = p.get("original_max_position_embeddings")
+                if not is_int(orig) or orig <= 0:
+                    raise bad("rope_parameters", f"{kind} YaRN needs a positive integer "
+                                                 f"'original_max_position_embeddings', got {orig!r}")
+                fast, slow = p.get("beta_fast", 32), p.get("beta_slow", 1)
+                if not (is_num(fast) and is_num(slow) and fast > slow > 0):
+                    raise bad("rope_parameters", f"{kind} YaRN needs beta_fast > beta_slow > 0, got "
+                                                 f"beta_fast={fast!r}, beta_slow={slow!r}")
+                if p.get("attention_factor", 1.0) != 1.0:
+                    raise bad("rope_parameters", f"{kind}.attention_factor must be 1.0: DeepSeek-V4 applies no YaRN "
+                                                 f"magnitude scaling (got {p['attention_factor']!r})")
 
     # ------------------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -237,58 +298,70 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
+        """Build from a config dict: HF ``DeepseekV4Config`` names, legacy DeepSeek names, or official ModelArgs names.
+
+        Legacy folding (spec 1.2, 9): ``compress_ratios`` (one entry per layer, MTP entries after the last layer are
+        dropped; 0 = sliding, 4 = CSA, any other positive ratio = HCA at that rate) -> ``layer_types`` (and the HCA
+        rate); ``num_hash_layers`` -> ``mlp_layer_types``; ``qk_rope_head_dim`` -> ``partial_rotary_factor``;
+        ``rope_scaling`` (YaRN) -> ``rope_parameters['compress']``; ``expert_dtype`` -> ``quantization_config``.
+        Unknown keys (``torch_dtype``, ``transformers_version``, ...) are ignored.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"ModelConfig.from_dict: a config must be a dict, got {type(raw).__name__}")
         d = dict(raw)
         if "text_config" in d and isinstance(d["text_config"], dict):
-            d = dict(d["text_config"])
+            d = {**{k: v for k, v in d.items() if k == "quantization_config"}, **d["text_config"]}
         # Official inference/config.json (ModelArgs) names.
         if "dim" in d or "n_layers" in d:
-            for old, new in _OFFICIAL_ARG_NAMES.items():
-                if old in d:
-                    v = d.pop(old)
-                    if new is not None:
-                        d.setdefault(new, v)
-            if "rope_head_dim" in d:
-                d["qk_rope_head_dim"] = d.pop("rope_head_dim")
-            if "n_hash_layers" in d:
-                d["num_hash_layers"] = d.pop("n_hash_layers")
-            if "rope_factor" in d or "original_seq_len" in d:
-                factor = d.pop("rope_factor", None)
-                orig = d.pop("original_seq_len", None)
-                yarn = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig,
-                        "beta_fast": d.pop("beta_fast", 32), "beta_slow": d.pop("beta_slow", 1)}
-                if factor and orig:
-                    d.setdefault("rope_scaling", yarn)
+            d = _from_official_args(d)
         legacy_ratios = d.pop("compress_ratios", None)
         num_hash = d.pop("num_hash_layers", None)
         rope_head = d.pop("qk_rope_head_dim", None)
         csa_rate = d.pop("compress_rate_csa", None)
         hca_rate = d.pop("compress_rate_hca", None)
         rope_scaling = d.pop("rope_scaling", None)
+        expert_dtype = d.pop("expert_dtype", None)
         n = d.get("num_hidden_layers", cls.num_hidden_layers)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"ModelConfig.num_hidden_layers: must be a positive integer, got {n!r}")
+        rates = d.get("compress_rates")
+        if rates is not None and not isinstance(rates, dict):
+            raise ValueError(f"ModelConfig.compress_rates: must be a dict {{layer type: rate}}, got {rates!r}")
+        rates = dict(rates or {})
+        if csa_rate is not None:
+            rates[CSA] = csa_rate
+        if hca_rate is not None:
+            rates[HCA] = hca_rate
         if legacy_ratios is not None and d.get("layer_types") is None:
-            unknown = [r for r in legacy_ratios if r not in _RATIO_TO_TYPE and r not in (csa_rate, hca_rate)]
-            if unknown:
-                raise ValueError(f"ModelConfig.compress_ratios: unknown ratio(s) {unknown}; allowed 0, 4, 128")
-            lt = []
-            for r in legacy_ratios[:n]:
-                if r in (0, 1):
-                    lt.append(SLIDING)
-                elif r == (csa_rate or 4):
-                    lt.append(CSA)
-                else:
-                    lt.append(HCA)
-            d["layer_types"] = lt
-        if d.get("compress_rates") is None and (csa_rate or hca_rate):
-            d["compress_rates"] = {CSA: csa_rate or 4, HCA: hca_rate or 128}
+            d["layer_types"], hca_from_ratios = _layer_types_from_ratios(legacy_ratios, n, rates.get(CSA, 4))
+            if hca_from_ratios is not None:
+                if rates.get(HCA, hca_from_ratios) != hca_from_ratios:
+                    raise ValueError(f"ModelConfig.compress_ratios: HCA ratio {hca_from_ratios} disagrees with "
+                                     f"compress_rates[{HCA!r}] = {rates[HCA]}")
+                rates[HCA] = hca_from_ratios
+        if rates:
+            d["compress_rates"] = rates
         if d.get("mlp_layer_types") is None and num_hash is not None:
+            if not isinstance(num_hash, int) or isinstance(num_hash, bool) or num_hash < 0:
+                raise ValueError(f"ModelConfig.num_hash_layers: must be an integer >= 0, got {num_hash!r}")
             d["mlp_layer_types"] = [HASH_MOE] * min(n, num_hash) + [MOE] * max(0, n - num_hash)
         if d.get("partial_rotary_factor") is None and rope_head is not None:
-            d["partial_rotary_factor"] = rope_head / d.get("head_dim", cls.head_dim)
-        if d.get("rope_parameters") is None and isinstance(rope_scaling, dict):
+            head_dim = d.get("head_dim", cls.head_dim)
+            if not isinstance(rope_head, (int, float)) or not isinstance(head_dim, int) or head_dim <= 0:
+                raise ValueError(f"ModelConfig.qk_rope_head_dim: must be a number of dims, got {rope_head!r} "
+                                 f"(head_dim {head_dim!r})")
+            d["partial_rotary_factor"] = rope_head / head_dim
+        if d.get("rope_parameters") is None and rope_scaling is not None:
+            if not isinstance(rope_scaling, dict):
+                raise ValueError(f"ModelConfig.rope_parameters: rope_scaling must be a dict, got {rope_scaling!r}")
             d["rope_parameters"] = dict(rope_scaling)
+        q = d.get("quantization_config")
+        if expert_dtype is not None and isinstance(q, dict) and "expert_dtype" not in q:
+            d["quantization_config"] = {**q, "expert_dtype": expert_dtype}
+        # Like HF, a schedule longer than num_hidden_layers is cut (released configs list the MTP layer last).
         for k in ("layer_types", "mlp_layer_types"):
-            if d.get(k) is not None:
-                d[k] = list(d[k])[:n]
+            if isinstance(d.get(k), list):
+                d[k] = d[k][:n]
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if isinstance(kwargs.get("eos_token_id"), list) and len(kwargs["eos_token_id"]) == 1:
@@ -297,17 +370,18 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
+        """Read a ``config.json`` (or a directory holding one); see :meth:`from_dict` for the names understood."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config must be a JSON object")
+            raise ValueError(f"{path}: a config must be a JSON object, got a JSON {type(raw).__name__}")
         return cls.from_dict(raw)
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -327,8 +401,12 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]()
 
-    def num_parameters(self, activated: bool = False) -> int:
-        """Parameter count of the main model plus MTP (with ``activated``: per token, top-k experts only)."""
+    def num_parameters(self, activated: bool = False, include_mtp: bool = True) -> int:
+        """Parameter count of the main model plus (with ``include_mtp``) the MTP blocks.
+
+        With ``activated``: what one token uses, i.e. top-k routed experts instead of all, and no embedding table
+        (a lookup), the convention of the report's "284B total / 13B activated" (which exclude MTP).
+        """
         d, h, c = self.hidden_size, self.num_attention_heads, self.head_dim
         hc = self.hc_mult
         mix = (2 + hc) * hc
@@ -354,8 +432,63 @@ class ModelConfig:
             total += per_type[lt] + ffn + block_common
         total += (1 if activated else 2) * self.vocab_size * d + d + hc * hc * d + hc + 1
         mtp = per_type[SLIDING] + ffn + block_common + 2 * d * d + 3 * d + hc * hc * d + hc + 1
-        total += self.num_nextn_predict_layers * mtp
+        if include_mtp:
+            total += self.num_nextn_predict_layers * mtp
         return total
+
+
+def _from_official_args(d: dict) -> dict:
+    """The official ``inference/config.json`` (``ModelArgs``) names -> HF / legacy names."""
+    d = dict(d)
+    for old, new in _OFFICIAL_ARG_NAMES.items():
+        if old in d:
+            v = d.pop(old)
+            if new is not None:
+                d.setdefault(new, v)
+    if "rope_head_dim" in d:
+        d.setdefault("qk_rope_head_dim", d.pop("rope_head_dim"))
+    if "n_hash_layers" in d:
+        d.setdefault("num_hash_layers", d.pop("n_hash_layers"))
+    factor = d.pop("rope_factor", None)
+    orig = d.pop("original_seq_len", None)
+    beta_fast, beta_slow = d.pop("beta_fast", 32), d.pop("beta_slow", 1)
+    # ModelArgs applies YaRN (to the compressed layers only) when original_seq_len > 0.
+    if factor and orig:
+        d.setdefault("rope_scaling", {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig,
+                                      "beta_fast": beta_fast, "beta_slow": beta_slow})
+    if d.get("quantization_config") is None and d.get("_dtype") == "fp8":
+        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": d.get("_scale_fmt") or "ue8m0",
+                                    "weight_block_size": [128, 128]}
+        if d.get("_expert_dtype"):
+            d["quantization_config"]["expert_dtype"] = d["_expert_dtype"]
+    return d
+
+
+def _layer_types_from_ratios(ratios: Any, n: int, csa_rate: int) -> tuple[list[str], int | None]:
+    """Legacy per-layer ``compress_ratios`` -> (layer_types for the first n layers, the HCA rate they use or None).
+
+    0 (and 1) = no compressor; ``csa_rate`` (4) = CSA, with overlap and indexer; any other positive ratio = HCA.
+    Entries past n (the MTP layers of the released configs) are dropped.
+    """
+    if not isinstance(ratios, (list, tuple)):
+        raise ValueError(f"ModelConfig.compress_ratios: must be a list of per-layer ratios, got {ratios!r}")
+    if len(ratios) < n:
+        raise ValueError(f"ModelConfig.compress_ratios: has {len(ratios)} entries but num_hidden_layers is {n}")
+    bad = [r for r in ratios if not isinstance(r, int) or isinstance(r, bool) or r < 0]
+    if bad:
+        raise ValueError(f"ModelConfig.compress_ratios: ratios must be integers >= 0, got {bad}")
+    types, hca = [], set()
+    for r in ratios[:n]:
+        if r in (0, 1):
+            types.append(SLIDING)
+        elif r == csa_rate:
+            types.append(CSA)
+        else:
+            types.append(HCA)
+            hca.add(r)
+    if len(hca) > 1:
+        raise ValueError(f"ModelConfig.compress_ratios: more than one HCA ratio {sorted(hca)}; V4 has one")
+    return types, (hca.pop() if hca else None)
 
 
 def _v4_schedule(n: int, first: list[str]) -> list[str]:

@@ -55,3 +55,51 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torc
         prompt = prompt.unsqueeze(0)
     new = list(stream(model, prompt, max_new_tokens, **kwargs))
     return torch.cat([prompt] + [t.unsqueeze(1) for t in new], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------- the CLI
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="a model directory (HF or official layout) with tokenizer.json, "
+                                                   "or a run directory of `dsv4 train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    import dsv4
+    from dsv4.data import load_tokenizer
+
+    path = Path(args.model)
+    if (path / "model" / "config.json").exists():  # a `dsv4 train` run directory
+        path = path / "model"
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    tokenizer = load_tokenizer(tok_path)
+    model = dsv4.from_pretrained(path)
+    ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new: list[int] = []
+    shown = ""
+    for nxt in stream(model, ids, args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      stop=lambda t: t == tokenizer.eos_id):
+        if int(nxt[0]) == tokenizer.eos_id:
+            break
+        new.append(int(nxt[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return 0

@@ -78,10 +78,10 @@ class Attention(nn.Module):
         keys, mask = self.window_keys(kv, positions, cache, packing)
 
         if self.compressor is not None:
-            entries, local, doc = self.compressor.entries(
-                x, self.rotary, cache.compressor if cache is not None else None, packing)
+            comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
+            entries = comp.kv
             q_doc = packing.doc if packing is not None else None
-            comp_mask = visible_entries(positions, local, self.rate, q_doc, doc)
+            comp_mask = visible_entries(positions, comp.local, self.rate, q_doc, comp.doc)
             if self.indexer is not None:
                 index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None,
                                                packing)

@@ -13,6 +13,8 @@ entries as one call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -71,33 +73,50 @@ class Compressor(nn.Module):
         return apply_rope(entries, cos, sin), first
 
     def entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None,
-                packing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Every entry visible after these tokens: (entries [B, T, dim], index within its document [B or 1, T]
-        (-1 for padding), document index [B, T] or None).
+                packing=None, offset: int = 0) -> Entries:
+        """Every entry visible after these tokens, with where it sits (see ``Entries``).
 
         With a ``state`` the entries of earlier calls come first and the state advances; with a ``packing`` each
-        document of each row is compressed on its own and the rows are padded to the longest.
+        document of each row is compressed on its own and the rows are padded to the longest. ``offset`` is the
+        absolute position of the first of these tokens (the cache's position) when not packed.
         """
+        dev = x.device
         if packing is None:
             new, _ = self(x, rotary, state)
             out = new if state is None else state.append(new)
-            return out, torch.arange(out.shape[1], device=x.device).unsqueeze(0), None
+            local = torch.arange(out.shape[1], device=dev).unsqueeze(0)
+            return Entries(out, local, None, (local + 1) * self.rate - 1)
         if state is not None:
             raise ValueError("packed documents are for full forwards, not for cached decoding")
-        rows = []
-        for b, runs in enumerate(packing.runs):
-            parts = [(self(x[b:b + 1, s:e], rotary)[0][0], d) for d, (s, e) in enumerate(runs)]
-            rows.append(parts)
-        t = max(sum(p.shape[0] for p, _ in parts) for parts in rows)
+        rows = [[(self(x[b:b + 1, s:e], rotary)[0][0], d, s) for d, (s, e) in enumerate(runs)]
+                for b, runs in enumerate(packing.runs)]
+        t = max(sum(p[0].shape[0] for p in parts) for parts in rows)
         out = x.new_zeros(len(rows), t, self.dim, dtype=torch.float32)
-        local = torch.full((len(rows), t), -1, dtype=torch.long, device=x.device)
-        doc = torch.full((len(rows), t), -1, dtype=torch.long, device=x.device)
+        local = torch.full((len(rows), t), -1, dtype=torch.long, device=dev)
+        doc = torch.full((len(rows), t), -1, dtype=torch.long, device=dev)
+        end = torch.full((len(rows), t), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
         for b, parts in enumerate(rows):
             i = 0
-            for ent, d in parts:
+            for ent, d, start in parts:
                 n = ent.shape[0]
                 out[b, i:i + n] = ent
-                local[b, i:i + n] = torch.arange(n, device=x.device)
+                local[b, i:i + n] = torch.arange(n, device=dev)
                 doc[b, i:i + n] = d
+                end[b, i:i + n] = start + (torch.arange(n, device=dev) + 1) * self.rate - 1
                 i += n
-        return out, local, doc
+        return Entries(out, local, doc, end)
+
+
+@dataclass
+class Entries:
+    """Compressed entries and where they sit.
+
+    kv [B, T, dim]; local [B or 1, T] index within its document (-1: padding); doc [B, T] document index within the
+    row (None: one document); end [B or 1, T] the coordinate of its last source token: the absolute position when
+    not packed, the index in the row when packed (padding: a huge value). Entries are ordered by ``end``.
+    """
+
+    kv: torch.Tensor
+    local: torch.Tensor
+    doc: torch.Tensor | None
+    end: torch.Tensor

@@ -58,7 +58,7 @@ class Indexer(nn.Module):
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
         """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
-        return self.compressor.entries(x, rotary, state, packing)[0]
+        return self.compressor.entries(x, rotary, state, packing).kv
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                rotary: RotaryEmbedding) -> torch.Tensor:
