@@ -17,7 +17,7 @@ from dsv4.cache import CompressorState, LayerCache
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model import kernels
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer, topk_mask, visible_entries
+from dsv4.model.indexer import Indexer, chunk_scores, topk_lower_index, topk_mask, visible_entries
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
@@ -54,6 +54,8 @@ class Attention(nn.Module):
         if layer_type == CSA:
             self.indexer = Indexer(config)
         self.rotary = RotaryEmbedding(config)
+        self.impl = "fast"  # or "reference": the plain dense-mask path the fast one is tested against
+        self.chunk = 128  # queries per block in the fast path
 
     def new_cache(self) -> LayerCache:
         return LayerCache(window=self.window,
@@ -75,6 +77,15 @@ class Attention(nn.Module):
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.impl == "reference":
+            out = self.reference(x, q, kv, q_latent, positions, cache, packing)
+        else:
+            out = self.fast(x, q, kv, q_latent, positions, cache, packing)
+        out = apply_rope(out, cos_h, sin_h, inverse=True)
+        return self.project_out(out)
+
+    def reference(self, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
+        """Dense attention over every key with a [S, keys] mask: the path written to be read."""
         keys, mask = self.window_keys(kv, positions, cache, packing)
 
         if self.compressor is not None:
@@ -91,9 +102,70 @@ class Attention(nn.Module):
             rows = max(mask.shape[0], comp_mask.shape[0])
             mask = torch.cat([mask.expand(rows, -1, -1), comp_mask.expand(rows, -1, -1)], dim=-1)
 
-        out = kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
-        out = apply_rope(out, cos_h, sin_h, inverse=True)
-        return self.project_out(out)
+        return kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
+
+    def fast(self, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
+        """Blocks of ``chunk`` queries, each against only the keys it can use: the window band, and the visible
+        compressed entries (HCA) or each query's gathered top-k entries (CSA), with the indexer scored per block.
+        Nothing of shape sequence x sequence is built."""
+        b, s = q.shape[:2]
+        dev = q.device
+        # window keys in position order: the cache's ring (oldest first, empty slots masked), then these tokens
+        wk, wpos = kv, positions
+        if packing is not None:
+            wpos = torch.arange(s, device=dev)  # row coordinates; documents are kept apart by doc ids
+            coord = wpos
+        else:
+            coord = positions
+            if cache is not None:
+                old_kv, old_pos = cache.window_keys()
+                if old_kv is not None:
+                    order = torch.argsort(old_pos)
+                    wk = torch.cat([old_kv[:, order].to(kv.dtype), kv], dim=1)
+                    wpos = torch.cat([old_pos[order], positions])
+                cache.write_window(kv, positions)
+        offset = wk.shape[1] - s
+        comp = index_keys = qi = wi = None
+        if self.compressor is not None:
+            comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
+        if self.indexer is not None:
+            index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None, packing)
+            qi, wi = self.indexer.queries(x, q_latent, positions, self.rotary)
+        q_doc = packing.doc if packing is not None else None
+        outs = []
+        for s0 in range(0, s, self.chunk):
+            s1 = min(s, s0 + self.chunk)
+            t = coord[..., s0:s1]
+            lo = max(0, offset + s0 - self.window + 1)
+            keys = wk[:, lo:offset + s1]
+            p = wpos[..., lo:offset + s1]
+            wmask = (p.unsqueeze(-2) <= t.unsqueeze(-1)) & (p.unsqueeze(-2) > t.unsqueeze(-1) - self.window) \
+                & (p.unsqueeze(-2) >= 0)
+            if wmask.dim() == 2:
+                wmask = wmask.unsqueeze(0)
+            if q_doc is not None:
+                wmask = wmask & (q_doc[:, s0:s1].unsqueeze(-1) == q_doc[:, lo:s1].unsqueeze(-2))
+            ck = cmask = None
+            if comp is not None:
+                tlim = int((comp.end <= t.max()).sum(-1).max())
+                if tlim > 0:
+                    pos_c = positions[..., s0:s1]
+                    visible = visible_entries(pos_c, comp.local[:, :tlim], self.rate,
+                                              q_doc[:, s0:s1] if q_doc is not None else None,
+                                              comp.doc[:, :tlim] if comp.doc is not None else None)
+                    if self.indexer is None:
+                        ck, cmask = comp.kv[:, :tlim], visible
+                    else:
+                        scores = chunk_scores(qi[:, s0:s1], wi[:, s0:s1], index_keys[:, :tlim])
+                        scores = scores.masked_fill(~visible, float("-inf"))
+                        idx = topk_lower_index(scores, min(self.indexer.topk, tlim))
+                        cmask = visible.expand(b, -1, -1).gather(-1, idx)
+                        rows = torch.arange(b, device=dev).view(b, 1, 1)
+                        ck = comp.kv[rows, idx]  # [B, Q, k, c]: one gather serves every head (shared K=V)
+            outs.append(kernels.sparse_attention_chunk(q[:, s0:s1], keys.to(q.dtype), wmask,
+                                                       ck.to(q.dtype) if ck is not None else None, cmask,
+                                                       self.attn_sink, self.scale))
+        return torch.cat(outs, dim=1)
 
     def window_keys(self, kv: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None,
                     packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:

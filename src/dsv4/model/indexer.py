@@ -60,13 +60,43 @@ class Indexer(nn.Module):
         """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
         return self.compressor.entries(x, rotary, state, packing).kv
 
-    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-               rotary: RotaryEmbedding) -> torch.Tensor:
-        """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking)."""
+    def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer queries [B, S, heads, head_dim] (RoPE at the query position) and head weights [B, S, heads],
+        the latter carrying the 1/sqrt(heads) and 1/sqrt(head_dim) scales; float32."""
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         cos, sin = rotary.cos_sin(positions, "compress")
         q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # positions [S] or [B, S]
-        dots = torch.einsum("bshc,btc->bsht", q.float(), keys.float())
         w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        return torch.einsum("bsht,bsh->bst", F.relu(dots), w)
+        return q.float(), w
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+               rotary: RotaryEmbedding) -> torch.Tensor:
+        """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking); reference path."""
+        q, w = self.queries(x, q_latent, positions, rotary)
+        dots = torch.einsum("bshc,btc->bsht", q, keys.float())
+        return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
+
+
+def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Index scores of a chunk of queries: q [B, Q, h, c], w [B, Q, h], keys [B, T, c] -> [B, Q, T] float32.
+
+    One matmul for all heads ([B, Q h, c] x [B, c, T]), ReLU, then the weighted head sum as a batched matmul.
+    """
+    b, nq, h, c = q.shape
+    dots = torch.matmul(q.reshape(b, nq * h, c), keys.float().transpose(1, 2)).view(b, nq, h, -1)
+    return torch.matmul(w.unsqueeze(-2), F.relu(dots)).squeeze(-2) + 0.0
+
+
+def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest scores, ties broken toward the lower index, exactly (fast path).
+
+    Each float32 score maps to an order-preserving int32; the int64 key (score bits, then the reversed index)
+    orders by score and, among equal scores, by lower index, so one ``topk`` gives the reference path's choice.
+    """
+    bits = scores.contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits
+    n = scores.shape[-1]
+    key = ordered * (1 << 32) + (n - 1 - torch.arange(n, device=scores.device))
+    return torch.topk(key, k, dim=-1, sorted=False).indices

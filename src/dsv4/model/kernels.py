@@ -20,3 +20,38 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
     sink = sinks.float().view(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("bhsk,bkc->bshc", probs, keys.float()).to(q.dtype)
+
+
+def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_mask: torch.Tensor,
+                           comp_keys: torch.Tensor | None, comp_mask: torch.Tensor | None, sinks: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Attention of a chunk of queries over its own keys only; the fast path's core.
+
+    q [B, Q, H, c]; window_keys [B, Kw, c] with window_mask [B or 1, Q, Kw];
+    comp_keys either shared by the chunk [B, Kc, c] (HCA) or gathered per query [B, Q, Kc, c] (CSA top-k), with
+    comp_mask [B or 1, Q, Kc]. One softmax over window keys, compressed keys and the sink. Returns [B, Q, H, c].
+    Logits and softmax in float32; each score is a matmul over keys the chunk can actually use.
+    """
+    b, nq, h, c = q.shape
+    qf = q.float()
+    lw = torch.matmul(qf.reshape(b, nq * h, c), window_keys.float().transpose(1, 2)).view(b, nq, h, -1) * scale
+    parts = [lw.masked_fill(~window_mask.unsqueeze(2), float("-inf"))]
+    if comp_keys is not None and comp_keys.shape[-2] > 0:
+        if comp_keys.dim() == 3:
+            lc = torch.matmul(qf.reshape(b, nq * h, c), comp_keys.float().transpose(1, 2)).view(b, nq, h, -1)
+        else:
+            lc = torch.matmul(qf, comp_keys.float().transpose(-1, -2))  # [B, Q, H, Kc]
+        parts.append((lc * scale).masked_fill(~comp_mask.unsqueeze(2), float("-inf")))
+    else:
+        comp_keys = None
+    parts.append(sinks.float().view(1, 1, h, 1).expand(b, nq, h, 1))
+    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+    kw = window_keys.shape[1]
+    out = torch.matmul(probs[..., :kw].reshape(b, nq * h, kw), window_keys.float()).view(b, nq, h, c)
+    if comp_keys is not None:
+        pc = probs[..., kw:-1]
+        if comp_keys.dim() == 3:
+            out = out + torch.matmul(pc.reshape(b, nq * h, -1), comp_keys.float()).view(b, nq, h, c)
+        else:
+            out = out + torch.matmul(pc, comp_keys.float())
+    return out.to(q.dtype)

@@ -78,18 +78,32 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.T
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked: w1 / w3 [E, I, d] (gate / up), w2 [E, d, I] (down)."""
+    """The routed experts, stacked: w1 / w3 [E, I, d] (gate / up), w2 [E, d, I] (down).
+
+    ``fp4_qat`` (off by default; ``dsv4.train.qat.enable_fp4_qat`` sets it) switches the forward to FP4
+    quantization-aware training (spec 6.4): the float32 masters are MXFP4 quantize-dequantized on every call (E2M1
+    values, one power-of-two scale ``2^ceil(log2(amax/6))`` per 1x32 tile along each matrix's input dim: d for
+    w1 / w3, I for w2) and the gradient goes straight through to the masters. The flag is not part of the state dict.
+    """
+
+    fp4_block = 32  # MXFP4 tile along the input dim
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
         self.limit = config.swiglu_limit
+        self.fp4_qat = False
         self.w1 = nn.Parameter(torch.empty(e, i, d))
         self.w2 = nn.Parameter(torch.empty(e, d, i))
         self.w3 = nn.Parameter(torch.empty(e, i, d))
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weights the forward uses (a hook point for fake quantization)."""
+        """The weights the forward uses: the masters, or with ``fp4_qat`` their MXFP4 fake quantization (what an
+        official FP4 checkpoint of these masters holds), with a straight-through gradient."""
+        if self.fp4_qat:
+            from dsv4.quant import fake_quant_fp4
+
+            return tuple(fake_quant_fp4(w, self.fp4_block) for w in (self.w1, self.w2, self.w3))
         return self.w1, self.w2, self.w3
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The fast attention paths against the reference path: outputs and gradients within 1e-5 (float32)."""
+
+import pytest
+import torch
+
+from dsv4 import ModelConfig, Transformer
+from dsv4.model.attention import Attention
+from dsv4.model.indexer import topk_lower_index
+
+
+def model_for(seed=0, **changes):
+    base = dict(vocab_size=211, num_hidden_layers=3, layer_types=["compressed_sparse_attention",
+                "heavily_compressed_attention", "sliding_attention"], mlp_layer_types=["hash_moe", "moe", "moe"])
+    base.update(changes)
+    cfg = ModelConfig.preset("tiny").replace(**base)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_sink", "ape", ".base")):
+                p.normal_(0, 0.5)
+            elif name.endswith(".scale"):
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model
+
+
+def set_impl(model, impl, chunk=None):
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.impl = impl
+            if chunk:
+                m.chunk = chunk
+
+
+def run_both(model, ids, doc_ids=None, chunk=16):
+    out = {}
+    for impl in ("reference", "fast"):
+        set_impl(model, impl, chunk)
+        model.zero_grad(set_to_none=True)
+        res = model.forward_train(ids, doc_ids=doc_ids)
+        loss = (res.logits.square().mean() + res.mtp_logits[0].square().mean()) if res.mtp_logits \
+            else res.logits.square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[impl] = (res.logits.detach(), grads)
+    return out
+
+
+CASES = {
+    "shorter-than-window": dict(seq=11),
+    "not-multiples": dict(seq=75),
+    "topk-above-visible": dict(seq=40, changes=dict(index_topk=64)),
+    "sparse": dict(seq=97, changes=dict(index_topk=3)),
+    "batch-3": dict(seq=50, batch=3),
+    "hca-rate-above-window": dict(seq=90, changes=dict(sliding_window=8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_equals_reference(case):
+    spec = CASES[case]
+    model = model_for(**spec.get("changes", {}))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 211, (spec.get("batch", 2), spec["seq"]), generator=g)
+    res = run_both(model, ids, chunk=spec.get("chunk", 16))
+    ref_logits, ref_grads = res["reference"]
+    fast_logits, fast_grads = res["fast"]
+    torch.testing.assert_close(fast_logits, ref_logits, atol=1e-5, rtol=0)
+    assert ref_grads.keys() == fast_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fast_equals_reference_with_documents():
+    model = model_for(index_topk=4)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 211, (2, 83), generator=g)
+    doc_ids = torch.stack([(torch.arange(83) >= 30).long() + (torch.arange(83) >= 34).long(),
+                           (torch.arange(83) >= 61).long()])
+    res = run_both(model, ids, doc_ids, chunk=16)
+    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
+    for name, grad in res["reference"][1].items():
+        torch.testing.assert_close(res["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 128])
+def test_fast_cached_decoding_matches_reference_full(chunk):
+    model = model_for(index_topk=5).eval()
+    ids = torch.randint(0, 211, (2, 70))
+    with torch.no_grad():
+        set_impl(model, "reference")
+        ref = model(ids)
+        set_impl(model, "fast", chunk)
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :33], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(33, 70)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=0)
+
+
+def test_topk_lower_index_breaks_ties_toward_lower_index():
+    scores = torch.tensor([[0.0, 1.0, 0.0, 1.0, -0.0, 2.0, float("-inf"), 0.0]])
+    assert sorted(topk_lower_index(scores + 0.0, 4)[0].tolist()) == [0, 1, 3, 5]
+    assert sorted(topk_lower_index(scores + 0.0, 5)[0].tolist()) == [0, 1, 2, 3, 5]
+    x = torch.randn(6, 50)
+    x[:, ::3] = 0.25  # many exact ties
+    for k in (1, 10, 50):
+        ref = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+        assert torch.equal(topk_lower_index(x, k).sort(-1).values, ref)
