@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("dsv4.train.run", "pretrain a V4 model on a corpus (Muon, balancing, MTP, resumable)"),
     "generate": ("dsv4.generate", "sample from a saved model, streaming to the terminal"),
     "plot": ("dsv4.train.plot", "draw a run's loss and expert-load curves to PNG"),
+    "bench": ("dsv4.bench", "prefill / decode benchmarks of V4 attention against dense attention (JSON)"),
     "cost": ("dsv4.cost", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
 }
 

@@ -54,7 +54,9 @@ class Attention(nn.Module):
         if layer_type == CSA:
             self.indexer = Indexer(config)
         self.rotary = RotaryEmbedding(config)
-        self.impl = "fast"  # or "reference": the plain dense-mask path the fast one is tested against
+        # "fast" (default); "reference": the plain dense-mask path the fast one is tested against; "dense": the
+        # benchmarks' baseline, plain causal MQA over every past token (no window, no compression, no sinks)
+        self.impl = "fast"
         self.chunk = 128  # queries per block in the fast path
 
     def new_cache(self) -> LayerCache:
@@ -79,6 +81,8 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if self.impl == "reference":
             out = self.reference(x, q, kv, q_latent, positions, cache, packing)
+        elif self.impl == "dense":
+            out = self.dense_baseline(q, kv, cache, packing)
         else:
             out = self.fast(x, q, kv, q_latent, positions, cache, packing)
         out = apply_rope(out, cos_h, sin_h, inverse=True)
@@ -166,6 +170,26 @@ class Attention(nn.Module):
                                                        ck.to(q.dtype) if ck is not None else None, cmask,
                                                        self.attn_sink, self.scale))
         return torch.cat(outs, dim=1)
+
+    def dense_baseline(self, q, kv, cache, packing) -> torch.Tensor:
+        """Causal MQA over every past token with PyTorch's SDPA; the cache keeps every K=V vector. Not V4: the
+        baseline that V4's attention is measured against."""
+        if packing is not None:
+            raise ValueError("the dense baseline does not take packed documents")
+        keys = kv
+        if cache is not None:
+            keys = kv if cache.kv is None else torch.cat([cache.kv, kv], dim=1)
+            cache.kv = keys.detach()
+        b, s, h, c = q.shape
+        k = keys.unsqueeze(1).expand(b, h, keys.shape[1], c)
+        qh = q.transpose(1, 2)
+        if s == keys.shape[1]:
+            out = F.scaled_dot_product_attention(qh, k, k, is_causal=True, scale=self.scale)
+        else:  # queries are the last s of the keys
+            t = torch.arange(keys.shape[1] - s, keys.shape[1], device=q.device)
+            mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)
+            out = F.scaled_dot_product_attention(qh, k, k, attn_mask=mask, scale=self.scale)
+        return out.transpose(1, 2)
 
     def window_keys(self, kv: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None,
                     packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:

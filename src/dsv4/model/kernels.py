@@ -22,6 +22,9 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
     return torch.einsum("bhsk,bkc->bshc", probs, keys.float()).to(q.dtype)
 
 
+_MASKED = -1e30  # a finite "minus infinity": a fully masked key set then weighs exactly 0, and backward stays finite
+
+
 def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_mask: torch.Tensor,
                            comp_keys: torch.Tensor | None, comp_mask: torch.Tensor | None, sinks: torch.Tensor,
                            scale: float) -> torch.Tensor:
@@ -29,29 +32,33 @@ def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_ma
 
     q [B, Q, H, c]; window_keys [B, Kw, c] with window_mask [B or 1, Q, Kw];
     comp_keys either shared by the chunk [B, Kc, c] (HCA) or gathered per query [B, Q, Kc, c] (CSA top-k), with
-    comp_mask [B or 1, Q, Kc]. One softmax over window keys, compressed keys and the sink. Returns [B, Q, H, c].
-    Logits and softmax in float32; each score is a matmul over keys the chunk can actually use.
+    comp_mask [B or 1, Q, Kc]. One softmax over window keys, compressed keys and the sink, assembled from the
+    log-sum-exp of each key set (no concatenation): p_j = exp(z_j - L), L = log(sum_w e^z + sum_c e^z + e^sink).
+    Returns [B, Q, H, c]; logits and softmax in float32.
     """
     b, nq, h, c = q.shape
     qf = q.float()
-    lw = torch.matmul(qf.reshape(b, nq * h, c), window_keys.float().transpose(1, 2)).view(b, nq, h, -1) * scale
-    parts = [lw.masked_fill(~window_mask.unsqueeze(2), float("-inf"))]
+    flat = qf.reshape(b, nq * h, c)
+    wk = window_keys.float()
+    lw = (torch.matmul(flat, wk.transpose(1, 2)).view(b, nq, h, -1) * scale)
+    lw = lw.masked_fill(~window_mask.unsqueeze(2), _MASKED)
+    total = torch.logaddexp(torch.logsumexp(lw, dim=-1), sinks.float().view(1, 1, h))
+    lc = None
     if comp_keys is not None and comp_keys.shape[-2] > 0:
-        if comp_keys.dim() == 3:
-            lc = torch.matmul(qf.reshape(b, nq * h, c), comp_keys.float().transpose(1, 2)).view(b, nq, h, -1)
+        ck = comp_keys.float()
+        if ck.dim() == 3:
+            lc = torch.matmul(flat, ck.transpose(1, 2)).view(b, nq, h, -1)
         else:
-            lc = torch.matmul(qf, comp_keys.float().transpose(-1, -2))  # [B, Q, H, Kc]
-        parts.append((lc * scale).masked_fill(~comp_mask.unsqueeze(2), float("-inf")))
-    else:
-        comp_keys = None
-    parts.append(sinks.float().view(1, 1, h, 1).expand(b, nq, h, 1))
-    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
-    kw = window_keys.shape[1]
-    out = torch.matmul(probs[..., :kw].reshape(b, nq * h, kw), window_keys.float()).view(b, nq, h, c)
-    if comp_keys is not None:
-        pc = probs[..., kw:-1]
-        if comp_keys.dim() == 3:
-            out = out + torch.matmul(pc.reshape(b, nq * h, -1), comp_keys.float()).view(b, nq, h, c)
+            lc = torch.matmul(qf, ck.transpose(-1, -2))  # [B, Q, H, Kc]
+        lc = (lc * scale).masked_fill(~comp_mask.unsqueeze(2), _MASKED)
+        total = torch.logaddexp(total, torch.logsumexp(lc, dim=-1))
+    total = total.unsqueeze(-1)
+    pw = torch.exp(lw - total)
+    out = torch.matmul(pw.view(b, nq * h, -1), wk).view(b, nq, h, c)
+    if lc is not None:
+        pc = torch.exp(lc - total)
+        if ck.dim() == 3:
+            out = out + torch.matmul(pc.view(b, nq * h, -1), ck).view(b, nq, h, c)
         else:
-            out = out + torch.matmul(pc, comp_keys.float())
+            out = out + torch.matmul(pc, ck)
     return out.to(q.dtype)

@@ -131,6 +131,17 @@ class Transformer(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
 
+    def set_attention(self, impl: str, chunk: int | None = None) -> "Transformer":
+        """Choose the attention path of every layer: "fast" (default), "reference", or "dense" (the baseline)."""
+        if impl not in ("fast", "reference", "dense"):
+            raise ValueError(f"attention implementation must be 'fast', 'reference' or 'dense', got {impl!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.impl = impl
+                if chunk is not None:
+                    module.chunk = chunk
+        return self
+
     # ---------------------------------------------------------------------------------------------------- cache
     def new_cache(self, batch_size: int) -> ModelCache:
         if batch_size < 1:
@@ -192,8 +203,11 @@ class Transformer(nn.Module):
         return self.head(self.norm(self.hc_head(streams).to(dtype))).float()
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Float32 logits [B, S, vocab]; with ``last_only`` just the last position's [B, 1, vocab] (prefill)."""
         streams, _ = self.hidden_streams(input_ids, cache, doc_ids)
+        if last_only:
+            streams = streams[:, -1:]
         return self.logits_from_streams(streams)
 
     def forward_train(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> ModelOutput:

@@ -1,0 +1,197 @@
+"""``dsv4 bench prefill | decode``: V4 attention against dense attention, measured in one process.
+
+prefill: the prompt goes through the model in chunks with the decode cache (V4's fast paths), against the same model
+shape with dense causal MQA over every past token (PyTorch SDPA), and, up to 4,096 tokens, against HF transformers'
+eager implementation on the same weights (logits compared). decode: per-token latency at the asked context and at
+4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
+Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from dsv4.config import CSA, HCA, ModelConfig
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bool = False) -> None:
+    """Refuse contexts the model or this machine cannot take, naming the figure."""
+    from dsv4.cost import kv_cache_bytes
+
+    block = max([config.compress_rate(t) for t in (CSA, HCA) if t in config.layer_types] or [1])
+    if context < block:
+        raise ValueError(f"context {context} is below one compressed block ({block} tokens)")
+    if context > config.max_position_embeddings:
+        raise ValueError(f"context {context} is beyond max_position_embeddings ({config.max_position_embeddings})")
+    need = kv_cache_bytes(config, context, dtype_bytes)
+    if dense:
+        need = max(need, context * config.head_dim * dtype_bytes * config.num_hidden_layers)
+    avail = available_memory_bytes()
+    if need > 0.8 * avail:
+        raise ValueError(f"a cache for {context} tokens needs {need / 2**30:.2f} GiB, more than this machine can "
+                         f"spare ({avail / 2**30:.2f} GiB available)")
+
+
+def build(preset: str, seed: int, dtype: torch.dtype):
+    from dsv4.model import Transformer
+
+    config = ModelConfig.preset(preset)
+    torch.manual_seed(seed)
+    model = Transformer(config).eval().to(dtype)
+    return config, model
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, chunk: int):
+    cache = model.new_cache(ids.shape[0])
+    logits = None
+    for i in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, i:i + chunk], cache=cache, last_only=True)
+    return cache, logits
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def dense_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int) -> int:
+    return context * config.head_dim * dtype_bytes * config.num_hidden_layers
+
+
+def bench_prefill(args) -> dict:
+    from dsv4.cost import kv_cache_bytes, v4_cost
+    from dsv4.train.flops import matmul_peak_flops
+
+    dtype = getattr(torch, args.dtype)
+    config, model = build(args.preset, args.seed, dtype)
+    n = args.context
+    esize = torch.finfo(dtype).bits // 8
+    check_context(config, n, esize, dense=not args.no_dense)
+    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(args.seed))
+    model.set_attention("fast", args.block)
+    t_v4, (cache, _) = timed(lambda: prefill(model, ids, args.chunk), args.repeats)
+    rss_v4 = peak_rss_gib()
+    out = {"bench": "prefill", "preset": args.preset, "context": n, "dtype": args.dtype, "chunk": args.chunk,
+           "seconds": t_v4, "tokens_per_s": n / t_v4, "peak_rss_gib": rss_v4, "kv_bytes": cache.nbytes(),
+           "cost_model_kv_bytes": kv_cache_bytes(config, n, esize), "dense_kv_bytes": dense_kv_bytes(config, n, esize),
+           "threads": torch.get_num_threads()}
+    # useful FLOPs of the prefill: the cost model's per-token decode FLOPs summed over the positions
+    points = sorted({max(1, n * i // 16) for i in range(1, 17)})
+    per_token = statistics.mean(v4_cost(config, p).flops for p in points)
+    peak = matmul_peak_flops(dtype if dtype != torch.float32 else torch.float32)
+    out.update({"useful_flops": per_token * n, "matmul_peak_flops": peak, "mfu": per_token * n / t_v4 / peak})
+    if not args.no_dense:
+        model.set_attention("dense")
+        t_dense, _ = timed(lambda: prefill(model, ids, args.chunk), args.repeats)
+        out.update({"dense_seconds": t_dense, "speedup_vs_dense": t_dense / t_v4})
+        model.set_attention("fast", args.block)
+    if n <= 4096 and not args.no_hf:
+        out.update(_vs_transformers(model, ids, args.repeats, t_v4))
+    return out
+
+
+def _vs_transformers(model, ids, repeats: int, t_v4: float) -> dict:
+    try:
+        from transformers import DeepseekV4ForCausalLM
+    except ImportError:
+        return {"transformers": "not installed"}
+    with tempfile.TemporaryDirectory() as d:
+        model.float().save_pretrained(d)
+        hf = DeepseekV4ForCausalLM.from_pretrained(d).float().eval()
+    model.float()
+    with torch.no_grad():
+        t_hf, ref = timed(lambda: hf(ids).logits.float(), repeats)
+        t_ours, ours = timed(lambda: model(ids), repeats)
+    return {"hf_eager_seconds": t_hf, "speedup_vs_hf_eager": t_hf / t_ours, "one_call_seconds": t_ours,
+            "max_abs_logit_diff_vs_hf": float((ours - ref).abs().max())}
+
+
+def bench_decode(args) -> dict:
+    from dsv4.cost import v4_cost
+
+    dtype = getattr(torch, args.dtype)
+    config, model = build(args.preset, args.seed, dtype)
+    esize = torch.finfo(dtype).bits // 8
+    check_context(config, args.context, esize, dense=not args.no_dense)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def per_token(context: int, impl: str) -> tuple[float, int]:
+        model.set_attention(impl, args.block)
+        ids = torch.randint(0, config.vocab_size, (1, context + args.tokens), generator=g)
+        cache, _ = prefill(model, ids[:, :context], args.chunk)
+        times = []
+        with torch.no_grad():
+            for i in range(args.tokens):
+                t = time.perf_counter()
+                model(ids[:, context + i:context + i + 1], cache=cache)
+                times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3, cache.nbytes()
+
+    ms, kv = per_token(args.context, "fast")
+    ms_4k, _ = per_token(4096, "fast")
+    out = {"bench": "decode", "preset": args.preset, "context": args.context, "dtype": args.dtype,
+           "ms_per_token": ms, "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
+           "predicted_ratio_vs_4k": v4_cost(config, args.context).flops / v4_cost(config, 4096).flops,
+           "kv_bytes": kv, "dense_kv_bytes": dense_kv_bytes(config, args.context, esize),
+           "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
+    if not args.no_dense:
+        dense_ms, dense_kv = per_token(args.context, "dense")
+        out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
+                    "dense_cache_bytes": dense_kv, "cache_ratio_vs_dense": dense_kv / kv})
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["prefill", "decode"])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per call through the cache)")
+    p.add_argument("--block", type=int, default=128, help="queries per block inside the fast attention path")
+    p.add_argument("--tokens", type=int, default=8, help="decode: tokens timed per context")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
+    result = bench_prefill(args) if args.what == "prefill" else bench_decode(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v:,.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+    return 0
