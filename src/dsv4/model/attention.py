@@ -17,7 +17,8 @@ from dsv4.cache import CompressorState, LayerCache
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model import kernels
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer, chunk_scores, topk_lower_index, topk_mask, visible_entries
+from dsv4.model.indexer import (Indexer, IndexerStats, chunk_scores, indexer_kl, indexer_recall,
+                                topk_lower_index, topk_mask, visible_entries)
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
@@ -58,6 +59,11 @@ class Attention(nn.Module):
         # benchmarks' baseline, plain causal MQA over every past token (no window, no compression, no sinks)
         self.impl = "fast"
         self.chunk = 128  # queries per block in the fast path
+        # CSA training switches (spec 6.6): sparse=False attends to every visible compressed entry (the dense
+        # phase); with indexer_training on, a forward leaves the indexer's KL loss and recall in indexer_stats
+        self.sparse = True
+        self.indexer_training = False
+        self.indexer_stats: IndexerStats | None = None
 
     def new_cache(self) -> LayerCache:
         return LayerCache(window=self.window,
@@ -133,8 +139,12 @@ class Attention(nn.Module):
         if self.compressor is not None:
             comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
         if self.indexer is not None:
-            index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None, packing)
-            qi, wi = self.indexer.queries(x, q_latent, positions, self.rotary)
+            # detached inputs: the indexer learns only from its KL loss, and that loss reaches nothing else
+            xd, qd = x.detach(), q_latent.detach()
+            index_keys = self.indexer.keys(xd, self.rotary, cache.indexer if cache is not None else None, packing)
+            qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
+        stats = IndexerStats() if self.indexer is not None and self.indexer_training else None
+        self.indexer_stats = stats
         q_doc = packing.doc if packing is not None else None
         outs = []
         for s0 in range(0, s, self.chunk):
@@ -149,7 +159,8 @@ class Attention(nn.Module):
                 wmask = wmask.unsqueeze(0)
             if q_doc is not None:
                 wmask = wmask & (q_doc[:, s0:s1].unsqueeze(-1) == q_doc[:, lo:s1].unsqueeze(-2))
-            ck = cmask = None
+            ck = cmask = scores = None
+            probs = [] if stats is not None else None
             if comp is not None:
                 tlim = int((comp.end <= t.max()).sum(-1).max())
                 if tlim > 0:
@@ -157,18 +168,26 @@ class Attention(nn.Module):
                     visible = visible_entries(pos_c, comp.local[:, :tlim], self.rate,
                                               q_doc[:, s0:s1] if q_doc is not None else None,
                                               comp.doc[:, :tlim] if comp.doc is not None else None)
-                    if self.indexer is None:
-                        ck, cmask = comp.kv[:, :tlim], visible
-                    else:
+                    if self.indexer is not None and (self.sparse or stats is not None):
                         scores = chunk_scores(qi[:, s0:s1], wi[:, s0:s1], index_keys[:, :tlim])
+                    if self.indexer is None or not self.sparse:  # HCA, or CSA's dense phase
+                        ck, cmask = comp.kv[:, :tlim], visible.expand(b, -1, -1)
+                    else:
                         scores = scores.masked_fill(~visible, float("-inf"))
                         idx = topk_lower_index(scores, min(self.indexer.topk, tlim))
                         cmask = visible.expand(b, -1, -1).gather(-1, idx)
+                        scores = scores.gather(-1, idx)
                         rows = torch.arange(b, device=dev).view(b, 1, 1)
                         ck = comp.kv[rows, idx]  # [B, Q, k, c]: one gather serves every head (shared K=V)
             outs.append(kernels.sparse_attention_chunk(q[:, s0:s1], keys.to(q.dtype), wmask,
                                                        ck.to(q.dtype) if ck is not None else None, cmask,
-                                                       self.attn_sink, self.scale))
+                                                       self.attn_sink, self.scale, probs))
+            if probs:
+                kl, n = indexer_kl(probs[0], scores, cmask)
+                stats.kl_sum, stats.kl_count = stats.kl_sum + kl, stats.kl_count + n
+                if not self.sparse:
+                    hits, n = indexer_recall(probs[0], scores, cmask, self.indexer.topk)
+                    stats.hits, stats.recall_count = stats.hits + hits, stats.recall_count + n
         return torch.cat(outs, dim=1)
 
     def dense_baseline(self, q, kv, cache, packing) -> torch.Tensor:

@@ -100,3 +100,52 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     key = ordered * (1 << 32) + (n - 1 - torch.arange(n, device=scores.device))
     return torch.topk(key, k, dim=-1, sorted=False).indices
+
+
+class IndexerStats:
+    """What one forward of a CSA layer tells about its indexer (training only): the KL loss and the recall."""
+
+    def __init__(self):
+        self.kl_sum: torch.Tensor | float = 0.0  # sum over queries of KL(p_main || softmax(I)); carries gradient
+        self.kl_count = 0
+        self.hits = 0.0  # indexer's top-k picks that are among the main attention's top-k
+        self.recall_count = 0  # queries with more candidates than k (recall is trivially 1 otherwise)
+
+    @property
+    def kl(self) -> torch.Tensor | float:
+        return self.kl_sum / max(self.kl_count, 1)
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.recall_count if self.recall_count else float("nan")
+
+
+def indexer_kl(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates: torch.Tensor
+               ) -> tuple[torch.Tensor, int]:
+    """Sum over queries of KL(p || softmax(I)) over each query's candidates (spec 6.6, V3.2's recipe).
+
+    main_probs [B, Q, K]: the main attention's probabilities of the candidate entries, summed over heads (any
+    scale: they are L1-normalized here, and detached: a target); index_scores [B, Q, K]; candidates [B, Q, K] bool.
+    Queries without a candidate are skipped. Returns (sum, number of queries).
+    """
+    p = main_probs.detach().float() * candidates
+    mass = p.sum(-1, keepdim=True)
+    rows = candidates.any(-1)
+    p = p / mass.clamp_min(1e-30)
+    log_q = torch.log_softmax(index_scores.float().masked_fill(~candidates, -1e30), dim=-1)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(-1)
+    return kl[rows].sum(), int(rows.sum())
+
+
+@torch.no_grad()
+def indexer_recall(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates: torch.Tensor, k: int
+                   ) -> tuple[float, int]:
+    """Hits of the indexer's top-k among the main attention's top-k, over queries with more than k candidates."""
+    rows = candidates.sum(-1) > k
+    if not rows.any():
+        return 0.0, 0
+    p = main_probs.masked_fill(~candidates, -1.0)[rows]
+    i = index_scores.masked_fill(~candidates, float("-inf"))[rows]
+    top_main = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(k, dim=-1).indices, True)
+    hits = top_main.gather(-1, i.topk(k, dim=-1).indices).sum()
+    return float(hits) / k, int(rows.sum())

@@ -27,14 +27,15 @@ _MASKED = -1e30  # a finite "minus infinity": a fully masked key set then weighs
 
 def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_mask: torch.Tensor,
                            comp_keys: torch.Tensor | None, comp_mask: torch.Tensor | None, sinks: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, comp_probs: list | None = None) -> torch.Tensor:
     """Attention of a chunk of queries over its own keys only; the fast path's core.
 
     q [B, Q, H, c]; window_keys [B, Kw, c] with window_mask [B or 1, Q, Kw];
     comp_keys either shared by the chunk [B, Kc, c] (HCA) or gathered per query [B, Q, Kc, c] (CSA top-k), with
     comp_mask [B or 1, Q, Kc]. One softmax over window keys, compressed keys and the sink, assembled from the
     log-sum-exp of each key set (no concatenation): p_j = exp(z_j - L), L = log(sum_w e^z + sum_c e^z + e^sink).
-    Returns [B, Q, H, c]; logits and softmax in float32.
+    Returns [B, Q, H, c]; logits and softmax in float32. With a ``comp_probs`` list, the probabilities of the
+    compressed keys summed over heads [B, Q, Kc] are appended to it (the indexer's training target).
     """
     b, nq, h, c = q.shape
     qf = q.float()
@@ -57,6 +58,8 @@ def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_ma
     out = torch.matmul(pw.view(b, nq * h, -1), wk).view(b, nq, h, c)
     if lc is not None:
         pc = torch.exp(lc - total)
+        if comp_probs is not None:
+            comp_probs.append(pc.detach().sum(2))
         if ck.dim() == 3:
             out = out + torch.matmul(pc.view(b, nq * h, -1), ck).view(b, nq, h, c)
         else:

@@ -82,6 +82,8 @@ class ModelOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, S - k, vocab], predicts t + 1 + k
     routes: list[RouterOutput] = field(default_factory=list)  # one per main layer, then one per MTP block
     streams: torch.Tensor | None = None  # final residual streams before the hc head
+    indexer_kl: torch.Tensor | None = None  # sum over CSA layers of the mean KL (with indexer training on)
+    indexer_recall: float = float("nan")  # mean over CSA layers of the indexer's top-k recall (dense phase)
 
 
 class Transformer(nn.Module):
@@ -140,6 +142,14 @@ class Transformer(nn.Module):
                 module.impl = impl
                 if chunk is not None:
                     module.chunk = chunk
+        return self
+
+    def set_indexer_phase(self, sparse: bool, train_indexer: bool) -> "Transformer":
+        """CSA layers: top-k attention (``sparse``) or attention to every visible compressed entry (the dense
+        phase); ``train_indexer`` makes ``forward_train`` report the indexer's KL loss and recall (spec 6.6)."""
+        for layer in self.layers:
+            layer.attn.sparse = sparse
+            layer.attn.indexer_training = train_indexer
         return self
 
     # ---------------------------------------------------------------------------------------------------- cache
@@ -214,6 +224,11 @@ class Transformer(nn.Module):
         """Logits, MTP logits (depth k predicts token t+1+k from position t) and router outputs of one full call."""
         streams, routes = self.hidden_streams(input_ids, None, doc_ids)
         out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams)
+        stats = [layer.attn.indexer_stats for layer in self.layers if layer.attn.indexer_stats is not None]
+        if stats:
+            out.indexer_kl = sum(st.kl for st in stats)
+            recalls = [st.recall for st in stats if st.recall_count]
+            out.indexer_recall = sum(recalls) / len(recalls) if recalls else float("nan")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = streams
         for k, block in enumerate(self.mtp, start=1):

@@ -57,6 +57,20 @@ class TrainConfig:
     autocast_bf16: bool = False
     seed: int = 0
     log_every: int = 1
+    # the V4 sparse-attention schedule (spec 6.2, 6.6): dense CSA attention first, then a short indexer warm-up
+    # with the rest of the model frozen, then top-k attention; the indexer learns by its KL loss throughout
+    dense_steps: int = 0
+    indexer_warmup_steps: int = 0
+    train_indexer: bool = True
+    indexer_loss_weight: float = 1.0
+
+    def phase(self, step: int) -> str:
+        """'dense', 'warmup' (indexer only) or 'sparse' at a step."""
+        if step < self.dense_steps:
+            return "dense"
+        if step < self.dense_steps + self.indexer_warmup_steps:
+            return "warmup"
+        return "sparse"
 
     def schedule(self) -> WSDSchedule:
         decay = int(self.steps * self.decay_fraction)
@@ -74,6 +88,9 @@ class StepResult:
     grad_norm: float
     skipped: bool
     loads: list[torch.Tensor] = field(default_factory=list)
+    phase: str = "sparse"
+    indexer_kl: float = float("nan")
+    indexer_recall: float = float("nan")
 
 
 def shifted_targets(batch: Batch, k: int) -> torch.Tensor:
@@ -83,30 +100,59 @@ def shifted_targets(batch: Batch, k: int) -> torch.Tensor:
     return torch.where(same, tokens[:, k:], IGNORE_INDEX)
 
 
-def lm_losses(model: Transformer, batch: Batch, alpha: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(next-token CE, MTP CE, balance loss, expert loads of the learned-routing layers) of one packed batch.
+def _token_mean(logits: torch.Tensor, target: torch.Tensor, total: Callable | None) -> torch.Tensor:
+    """Mean CE over the targets that are not IGNORE_INDEX; with ``total``, this rank's share of the global mean."""
+    if total is None:
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / total((target != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Losses:
+    """The losses of one batch; unpacks as (lm, mtp, balance, loads)."""
+
+    lm: torch.Tensor
+    mtp: torch.Tensor
+    balance: torch.Tensor
+    loads: list[torch.Tensor]
+    indexer_kl: torch.Tensor | None = None  # with indexer training on: sum over CSA layers of the mean KL
+    indexer_recall: float = float("nan")
+
+    def __iter__(self):
+        return iter((self.lm, self.mtp, self.balance, self.loads))
+
+
+def lm_losses(model: Transformer, batch: Batch, alpha: float, total: Callable | None = None) -> Losses:
+    """(next-token CE, MTP CE, balance loss, expert loads of the learned-routing layers) of one packed batch, plus
+    the indexer's KL loss and recall when its training is on (``Transformer.set_indexer_phase``).
 
     No loss crosses a document: targets in another segment than their input are ignored (``dsv4.data.packing``).
+    ``total`` (data parallel, ``dsv4.train.distributed``) sums a count over all ranks: each loss is then this rank's
+    share of the mean over the global batch (token counts and sequence counts of all ranks), so that the shares of
+    all ranks add up to the loss one process computes on the whole global batch.
     """
     inputs = batch.inputs
     out = model.forward_train(inputs, batch.input_doc_ids)
-    lm = F.cross_entropy(out.logits.flatten(0, 1), shifted_targets(batch, 1).flatten(), ignore_index=IGNORE_INDEX)
+    lm = _token_mean(out.logits, shifted_targets(batch, 1), total)
     mtp = torch.zeros((), device=inputs.device)
     for k, logits in enumerate(out.mtp_logits, start=1):
         target = shifted_targets(batch, 1 + k)[:, :logits.shape[1]]
-        if (target != IGNORE_INDEX).any():
-            mtp = mtp + F.cross_entropy(logits.flatten(0, 1), target.flatten(),
-                                        ignore_index=IGNORE_INDEX) / len(out.mtp_logits)
+        valid = (target != IGNORE_INDEX).sum()
+        if (valid if total is None else total(valid)) > 0:
+            mtp = mtp + _token_mean(logits, target, total) / len(out.mtp_logits)
     balance = torch.zeros((), device=inputs.device)
     loads = []
     layers = list(model.layers) + list(model.mtp)
+    share = 1.0  # with total: this rank's sequences over all ranks' (the balance loss is a mean over sequences)
+    if total is not None:
+        share = inputs.shape[0] / float(total(torch.tensor(inputs.shape[0], device=inputs.device)))
     for layer, route in zip(layers, out.routes):
         if layer.ffn.gate.hashed:
             continue
-        balance = balance + sequence_balance_loss(route, inputs.shape[0], alpha)
+        balance = balance + sequence_balance_loss(route, inputs.shape[0], alpha) * share
         loads.append(expert_loads(route, model.config.n_routed_experts))
-    return lm, mtp, balance, loads
+    return Losses(lm, mtp, balance, loads, out.indexer_kl, out.indexer_recall)
 
 
 def learned_routers(model: Transformer) -> list:
@@ -147,11 +193,25 @@ class Trainer:
         self.out = Path(out)
         self.val_batches = list(val_batches)
         self.schedule = cfg.schedule()
-        self.optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = self.make_optimizer()
         self.step = 0
         self.skipped = 0
         self.log = log or (lambda record: None)
         self.metrics_path = self.out / "metrics.jsonl"
+
+    # ------------------------------------------------ hooks (dsv4.train.distributed.DistributedTrainer overrides them)
+    def make_optimizer(self):
+        return build_optimizer(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def losses(self, batch: Batch) -> Losses:
+        return lm_losses(self.model, batch, self.cfg.balance_alpha)
+
+    def clip_gradients(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+
+    def global_metrics(self, loss, lm, mtp, balance, loads):
+        """Values of this process -> values of the whole global batch (identity in one process)."""
+        return loss, lm, mtp, balance, loads
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
@@ -161,21 +221,35 @@ class Trainer:
         lr = self.schedule.lr(self.step)
         self.optimizer.set_lr(lr)
         lam = mtp_weight(self.step, self.schedule, cfg.mtp_weight, cfg.mtp_weight_decay_phase)
+        phase = cfg.phase(self.step)
+        model.set_indexer_phase(sparse=phase == "sparse", train_indexer=cfg.train_indexer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            lm, mtp, balance, loads = lm_losses(model, batch, cfg.balance_alpha)
-        loss = lm + lam * mtp + balance
+            losses = self.losses(batch)
+        lm, mtp, balance, loads = losses
+        kl = losses.indexer_kl
+        if phase == "warmup":  # the indexer alone learns: its KL reaches nothing else (its inputs are detached)
+            if kl is None:
+                raise ValueError("an indexer warm-up needs CSA layers and train_indexer=True")
+            loss = cfg.indexer_loss_weight * kl
+        else:
+            loss = lm + lam * mtp + balance
+            if kl is not None:
+                loss = loss + cfg.indexer_loss_weight * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = self.clip_gradients()
+        loss, lm, mtp, balance, seen = self.global_metrics(loss, lm, mtp, balance, loads)
         skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
         if skipped:  # a loss spike gone non-finite: log it and leave the weights as they were
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-            update_router_bias(learned_routers(model), loads, cfg.bias_speed)
+            if phase != "warmup":
+                update_router_bias(learned_routers(model), loads, cfg.bias_speed)
         self.step += 1
-        return StepResult(loss.item(), lm.item(), mtp.item(), balance.item(), grad_norm.item(), skipped, loads)
+        return StepResult(loss.item(), lm.item(), mtp.item(), balance.item(), grad_norm.item(), skipped, seen,
+                          phase, float(kl.detach()) if kl is not None else float("nan"), losses.indexer_recall)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -220,7 +294,8 @@ class Trainer:
             imbalance = [load_imbalance(x) for x in r.loads]
             last = {"step": self.step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss,
                     "balance_loss": r.balance_loss, "grad_norm": r.grad_norm, "lr": self.schedule.lr(self.step - 1),
-                    "tokens_per_s": tps, "skipped": r.skipped, "max_load_ratio": imbalance,
+                    "tokens_per_s": tps, "skipped": r.skipped, "max_load_ratio": imbalance, "phase": r.phase,
+                    "indexer_kl": r.indexer_kl, "indexer_recall": r.indexer_recall,
                     "expert_loads": [x.tolist() for x in r.loads]}
             if r.skipped:
                 print(f"\nstep {self.step}: non-finite loss or gradient, step skipped", file=sys.stderr)
