@@ -170,8 +170,53 @@ def bench_decode(args) -> dict:
     return out
 
 
+def bench_train(args) -> dict:
+    """Training throughput on synthetic packed batches: tokens/s and MFU (model FLOPs per token x tokens/s over a
+    matmul peak measured here)."""
+    from dsv4.data.packing import Batch
+    from dsv4.train.flops import matmul_peak_flops, train_flops_per_token
+    from dsv4.train.loop import TrainConfig, Trainer
+
+    config, model = build(args.preset, args.seed, torch.float32)
+    seq, bsz = args.context, args.batch_size
+    g = torch.Generator().manual_seed(args.seed)
+
+    class Synthetic:
+        def __next__(self):
+            tokens = torch.randint(0, config.vocab_size, (bsz, seq + 1), generator=g)
+            docs = (torch.arange(seq + 1) >= seq // 2).long().expand(bsz, -1)  # two documents per row
+            return Batch(tokens, docs, torch.zeros_like(tokens))
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    steps = args.warmup_steps + args.steps
+    cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=1, val_every=0, ckpt_every=0,
+                      autocast_bf16=args.dtype == "bfloat16")
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(model, Synthetic(), cfg, d)
+        for _ in range(args.warmup_steps):
+            trainer.train_step()
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tps = bsz * seq / step_s
+    peak = matmul_peak_flops(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    fpt = train_flops_per_token(config, seq)
+    return {"bench": "train", "preset": args.preset, "seq_len": seq, "batch_size": bsz, "dtype": args.dtype,
+            "seconds_per_step": step_s, "tokens_per_s": tps, "train_flops_per_token": fpt,
+            "matmul_peak_flops": peak, "mfu": tps * fpt / peak, "peak_rss_gib": peak_rss_gib(),
+            "threads": torch.get_num_threads()}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["prefill", "decode"])
+    p.add_argument("what", choices=["prefill", "decode", "train"])
     p.add_argument("--preset", default="small")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -180,6 +225,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=8, help="decode: tokens timed per context")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=2, help="train: sequences per step (--context is their length)")
+    p.add_argument("--steps", type=int, default=3, help="train: timed steps")
+    p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--json", action="store_true")
@@ -188,7 +236,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.context < 1:
         raise ValueError(f"--context must be >= 1, got {args.context}")
-    result = bench_prefill(args) if args.what == "prefill" else bench_decode(args)
+    result = {"prefill": bench_prefill, "decode": bench_decode, "train": bench_train}[args.what](args)
     if args.json:
         print(json.dumps(result))
     else:
