@@ -131,8 +131,42 @@ def _vs_transformers(model, ids, repeats: int, t_v4: float) -> dict:
     with torch.no_grad():
         t_hf, ref = timed(lambda: hf(ids).logits.float(), repeats)
         t_ours, ours = timed(lambda: model(ids), repeats)
+    diff = (ours - ref).abs().amax(-1)[0]
     return {"hf_eager_seconds": t_hf, "speedup_vs_hf_eager": t_hf / t_ours, "one_call_seconds": t_ours,
-            "max_abs_logit_diff_vs_hf": float((ours - ref).abs().max())}
+            "max_abs_logit_diff_vs_hf": float(diff.max()),
+            "positions_within_1e-4_of_hf": float((diff <= 1e-4).float().mean()),
+            "indexer_boundary_ties": _boundary_ties(model, ids)}
+
+
+@torch.no_grad()
+def _boundary_ties(model, ids) -> int:
+    """Queries whose k-th and (k+1)-th best visible index scores are equal: there transformers' top-k breaks the
+    tie arbitrarily and dsv4 toward the lower index, so their logits may differ (by design, not by error)."""
+    from dsv4.model.indexer import visible_entries
+
+    ties = 0
+    for layer in model.layers:
+        att = layer.attn
+        if att.indexer is None:
+            continue
+        captured = {}
+        hook = att.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
+        model(ids)
+        hook.remove()
+        x = captured["x"]
+        positions = torch.arange(ids.shape[1])
+        q_latent = att.q_norm(att.wq_a(x))
+        keys = att.indexer.keys(x, att.rotary, None)
+        scores = att.indexer.scores(x, q_latent, positions, keys, att.rotary)
+        local = torch.arange(keys.shape[1]).unsqueeze(0)
+        visible = visible_entries(positions, local, att.rate)
+        k = att.indexer.topk
+        masked = scores.masked_fill(~visible, float("-inf"))
+        rows = visible.sum(-1) > k
+        if rows.any() and k < masked.shape[-1]:
+            top = masked.topk(k + 1, dim=-1).values
+            ties += int(((top[..., k - 1] == top[..., k]) & rows).sum())
+    return ties
 
 
 def bench_decode(args) -> dict:

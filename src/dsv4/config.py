@@ -507,7 +507,7 @@ def _tiny() -> ModelConfig:
         routed_scaling_factor=1.5, max_position_embeddings=65536,
         layer_types=[SLIDING, CSA, HCA, CSA], compress_rates={CSA: 4, HCA: 16},
         mlp_layer_types=[HASH_MOE, MOE, MOE, MOE], sliding_window=16, o_groups=2, o_lora_rank=64,
-        index_n_heads=4, index_head_dim=32, index_topk=8, partial_rotary_factor=0.25,
+        index_n_heads=8, index_head_dim=32, index_topk=8, partial_rotary_factor=0.25,
     )
 
 
