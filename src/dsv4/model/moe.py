@@ -53,6 +53,9 @@ class Router(nn.Module):
         else:
             # aux-loss-free balancing bias: used for selection only, updated outside the gradient (spec 4)
             self.register_buffer("bias", torch.zeros(config.n_routed_experts))
+        # anticipatory routing (spec 6.5): (weight, bias) of a few steps ago that choose the experts while set;
+        # the gate values still come from the current weight (dsv4.train.anticipatory)
+        self.routing_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> RouterOutput:
         logits = F.linear(x.float(), self.weight.float())
@@ -61,6 +64,11 @@ class Router(nn.Module):
             if input_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids (input_ids)")
             indices = self.tid2eid[input_ids.reshape(-1)].long()
+        elif self.routing_params is not None:
+            old_w, old_b = self.routing_params
+            with torch.no_grad():
+                old = torch.sqrt(F.softplus(F.linear(x.float(), old_w.float())))
+                indices = torch.topk(old + old_b.float(), self.top_k, dim=-1).indices
         else:
             indices = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)

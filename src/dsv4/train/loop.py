@@ -23,6 +23,7 @@ from dsv4.data.packing import Batch
 from dsv4.data.tokenizer import IGNORE_INDEX
 from dsv4.model import Transformer
 from dsv4.train.balance import expert_loads, load_imbalance, sequence_balance_loss, update_router_bias
+from dsv4.train.anticipatory import AnticipatoryRouting
 from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv4.train.optim import build_optimizer
 from dsv4.train.schedule import WSDSchedule, mtp_weight
@@ -63,6 +64,11 @@ class TrainConfig:
     indexer_warmup_steps: int = 0
     train_indexer: bool = True
     indexer_loss_weight: float = 1.0
+    # anticipatory routing after a loss spike (spec 6.5; dsv4.train.anticipatory documents the detector)
+    anticipatory_routing: bool = True
+    anticipatory_delay: int = 4
+    anticipatory_duration: int = 50
+    spike_sigma: float = 4.0
 
     def phase(self, step: int) -> str:
         """'dense', 'warmup' (indexer only) or 'sparse' at a step."""
@@ -152,7 +158,12 @@ def lm_losses(model: Transformer, batch: Batch, alpha: float, total: Callable | 
             continue
         balance = balance + sequence_balance_loss(route, inputs.shape[0], alpha) * share
         loads.append(expert_loads(route, model.config.n_routed_experts))
-    return Losses(lm, mtp, balance, loads, out.indexer_kl, out.indexer_recall)
+    kl = out.indexer_kl
+    if total is not None and kl is not None:  # with total: each CSA layer's KL sum over all ranks' query count
+        stats = [layer.attn.indexer_stats for layer in model.layers if layer.attn.indexer_stats is not None]
+        counts = total(torch.tensor([st.kl_count for st in stats], device=inputs.device)).tolist()
+        kl = sum(st.kl_sum / max(int(c), 1) for st, c in zip(stats, counts))
+    return Losses(lm, mtp, balance, loads, kl, out.indexer_recall)
 
 
 def learned_routers(model: Transformer) -> list:
@@ -198,6 +209,9 @@ class Trainer:
         self.skipped = 0
         self.log = log or (lambda record: None)
         self.metrics_path = self.out / "metrics.jsonl"
+        routers = learned_routers(model)
+        self.anticipatory = AnticipatoryRouting(routers, cfg.anticipatory_delay, cfg.anticipatory_duration,
+                                                sigma=cfg.spike_sigma) if cfg.anticipatory_routing and routers else None
 
     # ------------------------------------------------ hooks (dsv4.train.distributed.DistributedTrainer overrides them)
     def make_optimizer(self):
@@ -223,6 +237,8 @@ class Trainer:
         lam = mtp_weight(self.step, self.schedule, cfg.mtp_weight, cfg.mtp_weight_decay_phase)
         phase = cfg.phase(self.step)
         model.set_indexer_phase(sparse=phase == "sparse", train_indexer=cfg.train_indexer)
+        if self.anticipatory is not None:
+            self.anticipatory.before_step()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             losses = self.losses(batch)
         lm, mtp, balance, loads = losses
@@ -240,6 +256,9 @@ class Trainer:
         grad_norm = self.clip_gradients()
         loss, lm, mtp, balance, seen = self.global_metrics(loss, lm, mtp, balance, loads)
         skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if self.anticipatory is not None and self.anticipatory.after_step(float(loss.detach())):
+            print(f"\nstep {self.step + 1}: loss spike ({float(loss.detach()):.4g}): anticipatory routing for "
+                  f"{cfg.anticipatory_duration} steps", file=sys.stderr)
         if skipped:  # a loss spike gone non-finite: log it and leave the weights as they were
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -258,7 +277,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+        extra = {"anticipatory": self.anticipatory.state_dict()} if self.anticipatory is not None else {}
+        return {**extra, "step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
                 "data": self.data.state_dict(), "rng": torch.get_rng_state()}
 
     def save(self) -> Path:
@@ -273,6 +293,8 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        if self.anticipatory is not None and "anticipatory" in state:
+            self.anticipatory.load_state_dict(state["anticipatory"])
         return self.step
 
     # ------------------------------------------------------------------------------------------------- the run
@@ -296,6 +318,7 @@ class Trainer:
                     "balance_loss": r.balance_loss, "grad_norm": r.grad_norm, "lr": self.schedule.lr(self.step - 1),
                     "tokens_per_s": tps, "skipped": r.skipped, "max_load_ratio": imbalance, "phase": r.phase,
                     "indexer_kl": r.indexer_kl, "indexer_recall": r.indexer_recall,
+                    "anticipatory_routing": bool(self.anticipatory is not None and self.anticipatory.active),
                     "expert_loads": [x.tolist() for x in r.loads]}
             if r.skipped:
                 print(f"\nstep {self.step}: non-finite loss or gradient, step skipped", file=sys.stderr)
