@@ -282,7 +282,9 @@ class Trainer:
                 "data": self.data.state_dict(), "rng": torch.get_rng_state()}
 
     def save(self) -> Path:
-        meta = {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict()}
+        meta = {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict(),
+                "phase": self.cfg.phase(self.step), "stage": getattr(self.data, "stage", None),
+                "seq_len": getattr(self.data, "seq_len", None)}
         return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.trainer_state(), meta,
                                keep=self.cfg.keep_checkpoints)
 
