@@ -42,3 +42,22 @@ def test_bad_contexts_are_refused():
     huge = cfg.replace(max_position_embeddings=1 << 40)
     with pytest.raises(ValueError, match="GiB"):
         check_context(huge, 1 << 38, 4)
+
+
+def test_cache_bytes_match_the_cost_model():
+    import torch
+
+    from dsv4 import Transformer
+    from dsv4.cost import kv_cache_bytes
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=3, moe_intermediate_size=16,
+                                             layer_types=["compressed_sparse_attention",
+                                                          "heavily_compressed_attention", "sliding_attention"],
+                                             mlp_layer_types=["moe"] * 3, num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval()
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        for i in range(0, 4096, 1024):
+            model(torch.randint(0, 64, (1, 1024)), cache=cache, last_only=True)
+    predicted = kv_cache_bytes(cfg, 4096, 4)
+    assert abs(cache.nbytes() - predicted) <= 0.01 * predicted, (cache.nbytes(), predicted)
