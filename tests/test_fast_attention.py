@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
+from lively import lively
 from dsv4.model.attention import Attention
 from dsv4.model.indexer import topk_lower_index
 
@@ -15,15 +16,7 @@ def model_for(seed=0, **changes):
     cfg = ModelConfig.preset("tiny").replace(**base)
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("attn_sink", "ape", ".base")):
-                p.normal_(0, 0.5)
-            elif name.endswith(".scale"):
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return model
+    return lively(model)
 
 
 def set_impl(model, impl, chunk=None):

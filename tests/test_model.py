@@ -5,21 +5,14 @@ import torch
 
 import dsv4
 from dsv4 import ModelConfig, Transformer
+from lively import lively
 
 
 def tiny(**changes):
     cfg = ModelConfig.preset("tiny").replace(vocab_size=257, **changes)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    with torch.no_grad():  # livelier than the from-scratch init, so that every mechanism moves the logits
-        for name, p in model.named_parameters():
-            if name.endswith(("attn_sink", "ape", ".base")):
-                p.normal_(0, 0.5)
-            elif name.endswith(".scale"):
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return model
+    return lively(model)
 
 
 def test_packed_documents_equal_separate_forwards():
