@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,7 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
     cache = model.new_cache(prompt.shape[0])
     logits = None
     for i in range(0, prompt.shape[1], prefill_chunk):
-        logits = model(prompt[:, i:i + prefill_chunk], cache=cache)[:, -1]
+        logits = model(prompt[:, i:i + prefill_chunk], cache=cache, last_only=True)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
         yield nxt
@@ -69,37 +70,63 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
 
 
-def run(args) -> int:
+def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.8, top_p: float = 0.95,
+                 seed: int | None = None, out=None) -> str:
+    """Write ``prompt`` and then its sampled continuation to ``out`` (stdout) as the tokens come; stop at EOS.
+    Returns the continuation's text."""
     import sys
-    from pathlib import Path
 
-    import dsv4
-    from dsv4.data import load_tokenizer
-
-    path = Path(args.model)
-    if (path / "model" / "config.json").exists():  # a `dsv4 train` run directory
-        path = path / "model"
-    if args.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
-    model = dsv4.from_pretrained(path)
-    ids = torch.tensor([tokenizer.encode(args.prompt, bos=True)])
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    out = out if out is not None else sys.stdout
+    ids = torch.tensor([tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)])
+    out.write(prompt)
+    out.flush()
     new: list[int] = []
     shown = ""
-    for nxt in stream(model, ids, args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    for nxt in stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=lambda t: t == tokenizer.eos_id):
         if int(nxt[0]) == tokenizer.eos_id:
             break
         new.append(int(nxt[0]))
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
+            out.write(text[len(shown):])
+            out.flush()
             shown = text
-    sys.stdout.write("\n")
+    text = tokenizer.decode(new)
+    out.write(text[len(shown):] + "\n")
+    out.flush()
+    return text
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A model directory, or the ``model/`` of a ``dsv4 train`` run directory; a clear error when there is none."""
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path}: no such directory")
+    if not path.is_dir():
+        raise ValueError(f"--model {path} is not a directory")
+    if (path / "model" / "config.json").exists():  # a `dsv4 train` run directory
+        return path / "model"
+    if not (path / "config.json").exists():
+        if (path / "checkpoints").is_dir():
+            raise FileNotFoundError(f"--model {path} is a run directory without model/ (the run has not finished); "
+                                    "finish it with `dsv4 train --resume`")
+        raise FileNotFoundError(f"--model {path} holds no config.json: not a model or run directory")
+    return path
+
+
+def run(args) -> int:
+    import dsv4
+    from dsv4.data import load_tokenizer
+
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    path = resolve_model_dir(args.model)
+    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    tokenizer = load_tokenizer(tok_path)
+    model = dsv4.from_pretrained(path).eval()
+    print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                 seed=args.seed)
     return 0

@@ -195,6 +195,11 @@ def evaluate(model: Transformer, batches: Iterable[Batch], token_bytes: torch.Te
     return nats / count, bpb
 
 
+def strict_json(record: dict) -> dict:
+    """NaN and infinities -> null, so that every line of metrics.jsonl is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class Trainer:
     def __init__(self, model: Transformer, data: BatchSource, cfg: TrainConfig, out: str | Path,
                  val_batches: Iterable[dict] = (), log: Callable[[dict], None] | None = None):
@@ -281,12 +286,14 @@ class Trainer:
         return {**extra, "step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
                 "data": self.data.state_dict(), "rng": torch.get_rng_state()}
 
-    def save(self) -> Path:
-        meta = {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict(),
+    def checkpoint_meta(self) -> dict:
+        return {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict(),
                 "phase": self.cfg.phase(self.step), "stage": getattr(self.data, "stage", None),
                 "seq_len": getattr(self.data, "seq_len", None)}
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.trainer_state(), meta,
-                               keep=self.cfg.keep_checkpoints)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.trainer_state(),
+                               self.checkpoint_meta(), keep=self.cfg.keep_checkpoints)
 
     def resume(self, path: str | Path | None = None) -> int:
         path = Path(path) if path is not None else latest_checkpoint(self.out / "checkpoints")
@@ -328,7 +335,7 @@ class Trainer:
                 val_loss = self.validate()
                 last["val_loss"] = val_loss
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+                f.write(json.dumps(strict_json(last)) + "\n")
             self.log(last)
             if progress:
                 bar = int(30 * self.step / self.cfg.steps)
