@@ -236,3 +236,19 @@ def test_mfu_halves_are_sane(monkeypatch):
     assert 0.75 * counted < analytic <= counted
     assert flops.train_flops_per_token(config, 128) == pytest.approx(3 * analytic)
     assert flops.forward_flops_per_token(config, 128, mtp=False) < analytic
+
+
+def test_sparse_attention_schedule_and_sequence_stages(inputs, tmp_path):
+    """Dense CSA attention, an indexer warm-up, then sparse attention, while the sequence length grows; the
+    checkpoint records the phase and the stage."""
+    out = tmp_path / "staged"
+    rc, _, err = run_cli(*train_args(*inputs, out, 4, "--seq-len-stages", "16,32@2", "--dense-steps", 1,
+                                     "--indexer-warmup", 1, "--json"))
+    assert rc == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["dense", "warmup", "sparse", "sparse"]
+    assert records[0]["indexer_kl"] is not None and records[1]["indexer_kl"] is not None
+    meta = json.loads((out / "checkpoints" / "step-00000004" / "meta.json").read_text())
+    assert meta["stage"] == 1 and meta["seq_len"] == 32 and meta["phase"] == "sparse"
+    rc, _, err = run_cli(*train_args(*inputs, out, 6, "--seq-len-stages", "16,32@2", "--resume"))
+    assert rc == 0, err

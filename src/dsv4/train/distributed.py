@@ -915,6 +915,8 @@ def make_trainer(par: Parallel | None, model: nn.Module, data, cfg, out, val_bat
         return Trainer(model, data, cfg, out, val_batches=val_batches, log=log)
     if par.model is None:
         par.parallelize(model)
+    if hasattr(data, "set_rank") and par.world > 1:  # a StagedLoader: its stages' loaders take this rank's rows
+        data.set_rank(par.rank, par.world)
     if getattr(data, "world_size", None) == 1 and hasattr(data, "rank") and par.world > 1:
         from dsv4.data.packing import PackedLoader
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dsv4.config import ModelConfig
+from dsv4.train.stages import StagedLoader, parse_stages
 
 TB_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "tokens_per_s", "grad_norm", "val_loss",
            "indexer_kl", "indexer_recall")
@@ -50,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps (default: %(default)s)")
     p.add_argument("--bias-speed", type=float, default=1e-3,
                    help="aux-loss-free balancing: router-bias change per step (spec 4; default: %(default)s)")
+    p.add_argument("--seq-len-stages", default=None, metavar="L[,L@STEP...]",
+                   help="sequence length in stages, e.g. 512,2048@300,8192@600 (overrides --seq-len)")
+    p.add_argument("--dense-steps", type=int, default=0,
+                   help="first steps with dense CSA attention (every visible compressed entry; spec 6.2)")
+    p.add_argument("--indexer-warmup", type=int, default=0,
+                   help="then steps training only the lightning indexer (its KL), before sparse attention")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json, or 'deepseek-v4'")
     p.add_argument("--val-every", type=int, default=100, help="steps between validations (default: %(default)s)")
@@ -105,9 +112,16 @@ def prepare(args: argparse.Namespace, log=print):
     stats = shards.split_stats("train")
     log(f"data: {corpus.name}: {stats['n_docs']:,} documents, {stats['n_tokens']:,} tokens "
         f"({shards.bytes_per_token('train'):.2f} bytes per token) for training")
+    stages = parse_stages(args.seq_len_stages) if getattr(args, "seq_len_stages", None) else [(0, args.seq_len)]
+    longest = max(length for _, length in stages)
     config = base.replace(vocab_size=tokenizer.vocab_size,
-                          max_position_embeddings=max(base.max_position_embeddings, args.seq_len + 1))
-    train = PackedLoader(shards, "train", batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+                          max_position_embeddings=max(base.max_position_embeddings, longest + 1))
+    if len(stages) == 1:
+        train = PackedLoader(shards, "train", batch_size=args.batch_size, seq_len=stages[0][1], seed=args.seed)
+    else:
+        train = StagedLoader(lambda length, rank=0, world=1: PackedLoader(
+            shards, "train", batch_size=args.batch_size, seq_len=length, seed=args.seed, rank=rank,
+            world_size=world), stages)
     val_loader = PackedLoader(shards, "val", batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                               shuffle=False)
     val = list(islice(val_loader, min(args.val_batches, max(1, val_loader.rows_in_epoch(0) // args.batch_size))))
@@ -162,7 +176,8 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     bf16 = use_bf16(args.bf16)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=min(args.warmup, args.steps), seed=args.seed,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, autocast_bf16=bf16,
-                      bias_speed=args.bias_speed)
+                      bias_speed=args.bias_speed, dense_steps=getattr(args, "dense_steps", 0),
+                      indexer_warmup_steps=getattr(args, "indexer_warmup", 0))
     token_bytes = tokenizer.token_bytes()
     trainer = distributed.make_trainer(par, model, train_data, cfg, out, val_batches=val)  # Trainer in one process
     val, token_bytes = distributed.to_device(par, val, token_bytes)

@@ -35,13 +35,28 @@ def validate_stages(stages: list[tuple[int, int]]) -> None:
 
 
 class StagedLoader:
-    def __init__(self, make_loader: Callable[[int], object], stages: list[tuple[int, int]]):
+    """``make_loader(seq_len, rank=0, world=1)`` builds the loader of a stage (for this rank of a data-parallel run
+    once ``set_rank`` has been called)."""
+
+    def __init__(self, make_loader: Callable[..., object], stages: list[tuple[int, int]]):
         validate_stages(stages)
         self.make_loader = make_loader
         self.stages = list(stages)
         self.served = 0
         self.stage = 0
+        self.rank, self.world = 0, 1
         self.loader = make_loader(self.stages[0][1])
+
+    def set_rank(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        state = self.loader.state_dict()
+        self.loader = self._make(self.seq_len)
+        self.loader.load_state_dict(state)
+
+    def _make(self, seq_len: int):
+        if self.world == 1:
+            return self.make_loader(seq_len)
+        return self.make_loader(seq_len, rank=self.rank, world=self.world)
 
     @property
     def seq_len(self) -> int:
@@ -57,7 +72,7 @@ class StagedLoader:
         stage = self._stage_at(self.served)
         if stage != self.stage:
             self.stage = stage
-            self.loader = self.make_loader(self.seq_len)
+            self.loader = self._make(self.seq_len)
         self.served += 1
         return next(self.loader)
 
@@ -70,5 +85,5 @@ class StagedLoader:
             raise ValueError(f"the checkpoint was trained with stages {state['stages']}, not {self.stages}")
         self.served = int(state["served"])
         self.stage = int(state["stage"])
-        self.loader = self.make_loader(self.seq_len)
+        self.loader = self._make(self.seq_len)
         self.loader.load_state_dict(state["loader"])
