@@ -3,8 +3,8 @@
 The report: at step t the features use the current parameters but the routing indices are computed with those of
 step t - dt; the mode switches on automatically when a loss spike is detected, runs for a while, and switches off.
 Neither dt nor the detector is published; ours (documented choices): a spike is a loss more than ``sigma`` standard
-deviations above the mean of the last ``window`` finite losses, or a non-finite one; the mode then runs for
-``duration`` steps with dt = ``delay``. Only the routers' (weight, bias) are kept, one snapshot per step.
+deviations above the mean of the last ``window`` finite language-model losses, or a non-finite one; the mode then
+runs for ``duration`` steps with dt = ``delay``, and the baseline forms anew (so does it at a phase switch). Only the routers' (weight, bias) are kept, one snapshot per step.
 """
 
 from __future__ import annotations
@@ -55,9 +55,14 @@ class AnticipatoryRouting:
         if spike:
             self.spikes += 1
             self.remaining = self.duration
+            self.losses.clear()  # the baseline forms anew: a lasting change of level is not a spike forever
         elif math.isfinite(loss):
             self.losses.append(loss)
         return spike
+
+    def reset_history(self) -> None:
+        """Forget the loss history (when the loss changes meaning, e.g. at a phase or stage switch)."""
+        self.losses.clear()
 
     def state_dict(self) -> dict:
         return {"losses": list(self.losses), "remaining": self.remaining, "spikes": self.spikes,

@@ -261,9 +261,13 @@ class Trainer:
         grad_norm = self.clip_gradients()
         loss, lm, mtp, balance, seen = self.global_metrics(loss, lm, mtp, balance, loads)
         skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if self.anticipatory is not None and self.anticipatory.after_step(float(loss.detach())):
-            print(f"\nstep {self.step + 1}: loss spike ({float(loss.detach()):.4g}): anticipatory routing for "
-                  f"{cfg.anticipatory_duration} steps", file=sys.stderr)
+        if self.anticipatory is not None:
+            if phase != cfg.phase(max(self.step - 1, 0)):
+                self.anticipatory.reset_history()
+            lm_value = float(lm.detach())
+            if phase != "warmup" and self.anticipatory.after_step(lm_value):
+                print(f"\nstep {self.step + 1}: loss spike ({lm_value:.4g}): anticipatory routing for "
+                      f"{cfg.anticipatory_duration} steps", file=sys.stderr)
         if skipped:  # a loss spike gone non-finite: log it and leave the weights as they were
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
