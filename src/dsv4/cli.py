@@ -13,6 +13,8 @@ COMMANDS = {
     "generate": ("dsv4.generate", "sample from a saved model, streaming to the terminal"),
     "plot": ("dsv4.train.plot", "draw a run's loss and expert-load curves to PNG"),
     "bench": ("dsv4.bench", "prefill / decode benchmarks of V4 attention against dense attention (JSON)"),
+    "convert": ("dsv4.convert", "rewrite a saved model in DeepSeek's official layout (FP8 + FP4 experts) or HF layout"),
+    "eval": ("dsv4.evaluate", "validation loss of a saved model; --fp4: also with real FP4 routed experts"),
     "cost": ("dsv4.cost", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
 }
 

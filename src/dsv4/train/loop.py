@@ -291,9 +291,11 @@ class Trainer:
                 "data": self.data.state_dict(), "rng": torch.get_rng_state()}
 
     def checkpoint_meta(self) -> dict:
+        from dsv4.train.qat import fp4_qat_enabled
+
         return {"train_config": asdict(self.cfg), "model_config": self.model.config.to_dict(),
                 "phase": self.cfg.phase(self.step), "stage": getattr(self.data, "stage", None),
-                "seq_len": getattr(self.data, "seq_len", None)}
+                "seq_len": getattr(self.data, "seq_len", None), "fp4_qat": fp4_qat_enabled(self.model)}
 
     def save(self) -> Path:
         return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.trainer_state(),

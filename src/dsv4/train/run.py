@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps (default: %(default)s)")
     p.add_argument("--bias-speed", type=float, default=1e-3,
                    help="aux-loss-free balancing: router-bias change per step (spec 4; default: %(default)s)")
+    p.add_argument("--fp4-qat", action="store_true",
+                   help="FP4 quantization-aware training of the routed experts: MXFP4 fake-quantized weights in the "
+                        "forward, straight-through gradient to the float32 masters (spec 6.4)")
     p.add_argument("--seq-len-stages", default=None, metavar="L[,L@STEP...]",
                    help="sequence length in stages, e.g. 512,2048@300,8192@600 (overrides --seq-len)")
     p.add_argument("--dense-steps", type=int, default=0,
@@ -88,6 +91,9 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise ValueError(f"--out {out} exists and is not a folder")
 
 
+VAL_FRACTION = 0.02  # dsv4.evaluate.DEFAULTS["val_fraction"] must match
+
+
 def prepare(args: argparse.Namespace, log=print):
     """Tokenizer, shards, config and loaders of a run (re-used on --resume)."""
     from dsv4.data import PackedLoader, build_shards, load_tokenizer, open_corpus, train_bpe
@@ -108,7 +114,7 @@ def prepare(args: argparse.Namespace, log=print):
         tokenizer = train_bpe(corpus, vocab, save_to=tok_path)
     if not (out / "shards").exists():
         log(f"tokenizing {corpus.name} into shards ...")
-    shards = build_shards(corpus, tokenizer, out / "shards", val_fraction=0.02, seed=args.seed)
+    shards = build_shards(corpus, tokenizer, out / "shards", val_fraction=VAL_FRACTION, seed=args.seed)
     stats = shards.split_stats("train")
     log(f"data: {corpus.name}: {stats['n_docs']:,} documents, {stats['n_tokens']:,} tokens "
         f"({shards.bytes_per_token('train'):.2f} bytes per token) for training")
@@ -170,6 +176,10 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
         tokenizer, shards, config, train_data, val = prepare(args, say)
     torch.manual_seed(args.seed)
     model = Transformer(config)
+    if getattr(args, "fp4_qat", False):  # before the trainer: FSDP / expert parallelism wrap the same Experts
+        from dsv4.train.qat import enable_fp4_qat
+
+        enable_fp4_qat(model)
     say(f"model: {args.config or args.preset}, {model.num_parameters() / 1e6:.2f} M parameters, "
         f"vocab {config.vocab_size}, sequences of {args.seq_len} tokens, batch {args.batch_size}, "
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
@@ -216,8 +226,15 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     model.save_pretrained(model_dir)
     if distributed.is_main():
         tokenizer.save(model_dir / "tokenizer.json")
+        from dsv4.evaluate import write_training_meta
+
+        write_training_meta(model_dir, fp4_qat=bool(getattr(args, "fp4_qat", False)),
+                            data=args.data if args.data == "stdlib" else str(Path(args.data).resolve()),
+                            seq_len=args.seq_len, batch_size=args.batch_size, val_fraction=VAL_FRACTION,
+                            seed=args.seed, steps=summary["steps"], val_loss=after[0], val_bits_per_byte=after[1])
     flops_per_token = train_flops_per_token(config, args.seq_len)
     summary.update({
+        "fp4_qat": bool(getattr(args, "fp4_qat", False)),
         "val_loss": after[0], "val_bits_per_byte": after[1], "val_loss_before": before[0],
         "val_bits_per_byte_before": before[1],
         "mfu": summary["tokens_per_s"] * flops_per_token / (peak * distributed.world_size()),

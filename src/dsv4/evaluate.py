@@ -1,0 +1,241 @@
+"""``dsv4 eval``: the validation loss of a saved model, and what real FP4 experts cost it.
+
+    dsv4 eval --model DIR --data PATH|stdlib [--fp4] [--json]
+
+The model directory (HF or official layout, or a ``dsv4 train`` run standing for its ``model/``) must hold the
+``tokenizer.json`` it was trained with (or pass ``--tokenizer``). The corpus is tokenized into shards with the
+validation split of ``dsv4 train`` (same ``val_fraction`` 0.02 and ``seed``, so the same held-out documents): a
+run directory's own ``shards/`` when they match, else a cache folder (``--cache``, default ``$DSV4_CACHE`` or
+``~/.cache/dsv4``, then ``shards/<corpus>-<key>``). Every row of the split's first epoch is evaluated once, in batches
+of ``--batch-size`` rows of ``--seq-len`` tokens packed with document boundaries (``--batches`` caps the count).
+
+Figures: next-token cross-entropy in nats per token and bits per byte.
+* ``val_loss``: the model as it was trained: float32 masters, through the FP4 QAT forward (``dsv4.train.qat``) when
+  it was trained with QAT. That is read from the model's ``training.json`` (written by ``dsv4 train``, copied by
+  ``dsv4 convert``); ``--qat on|off`` overrides it.
+* with ``--fp4``, ``fp4_val_loss``: the routed experts' weights replaced by real FP4 (MXFP4 quantized and
+  dequantized once: what an official FP4 checkpoint of this model holds), and ``fp4_rel_diff`` = fp4 / as trained
+  - 1 (the same for bits per byte). For a QAT model the masters without quantization are reported too
+  (``float_val_loss``).
+
+``seq_len``, ``batch_size``, ``val_fraction``, ``seed`` and ``data`` default to the values in ``training.json``,
+else 256, 8, 0.02, 0 and (``--data`` required).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TRAINING_META = "training.json"
+DEFAULTS = {"seq_len": 256, "batch_size": 8, "val_fraction": 0.02, "seed": 0}  # dsv4 train's
+
+
+# --------------------------------------------------------------------------------------------- training metadata
+def write_training_meta(model_dir: str | Path, **fields) -> Path:
+    """Write ``training.json`` beside a saved model: how it was trained (``fp4_qat``, ``seq_len``, ``batch_size``,
+    ``data``, ``val_fraction``, ``seed``, ``val_loss``, ...), which ``dsv4 eval`` reads for its defaults."""
+    path = Path(model_dir) / TRAINING_META
+    fields = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_training_meta(model_dir: str | Path) -> dict:
+    """The ``training.json`` of a model directory, or ``{}`` when there is none."""
+    path = Path(model_dir) / TRAINING_META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(meta).__name__}")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------- the data
+def default_cache_root() -> Path:
+    return Path(os.environ.get("DSV4_CACHE") or Path.home() / ".cache" / "dsv4")
+
+
+def shard_cache_dir(corpus, tokenizer, val_fraction: float, seed: int, root: str | Path | None = None) -> Path:
+    """``<root>/shards/<corpus name>-<key>``: one folder per (corpus, tokenizer, split) so nothing is overwritten."""
+    ident = {"corpus": corpus.identity(), "tokenizer": tokenizer.sha256, "val_fraction": val_fraction, "seed": seed}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(corpus.name).name)[:48]
+    return Path(root or default_cache_root()) / "shards" / f"{name}-{key}"
+
+
+def validation_shards(data, tokenizer, *, val_fraction: float = 0.02, seed: int = 0,
+                      candidates: list[Path] = (), cache: str | Path | None = None):
+    """Token shards of ``data`` with the validation split ``dsv4 train`` uses: the first of ``candidates`` built
+    from the same inputs (never rebuilt or replaced), else built (once) in the cache."""
+    from dsv4.data import build_shards, open_corpus
+
+    corpus = open_corpus(data)
+    for path in candidates:
+        if (Path(path) / "index.json").is_file():
+            try:
+                return build_shards(corpus, tokenizer, path, val_fraction=val_fraction, seed=seed)
+            except (ValueError, FileNotFoundError):
+                continue  # other inputs: leave them alone
+    return build_shards(corpus, tokenizer, shard_cache_dir(corpus, tokenizer, val_fraction, seed, cache),
+                        val_fraction=val_fraction, seed=seed)
+
+
+def validation_batches(shards, *, seq_len: int, batch_size: int, max_batches: int | None = None,
+                       seed: int = 0) -> list:
+    """Every row of the validation split's first epoch once, in order, as ``Batch``es of ``batch_size`` rows (the
+    last one shorter), at most ``max_batches`` of them."""
+    from dsv4.data import Batch, PackedLoader
+
+    if "val" not in shards.splits or len(shards.split_docs("val")) == 0:
+        raise ValueError(f"the shards at {shards.path} have no validation split")
+    loader = PackedLoader(shards, "val", batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=False)
+    rows = loader.rows_in_epoch(0)
+    n = math.ceil(rows / batch_size)
+    if max_batches is not None:
+        n = min(n, max_batches)
+    out = []
+    for i in range(n):
+        b = next(loader)
+        keep = min(batch_size, rows - i * batch_size)
+        out.append(b if keep == batch_size else Batch(b.tokens[:keep], b.doc_ids[:keep], b.positions[:keep]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the figures
+def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, qat: bool = False,
+                   fp4: bool = False) -> dict:
+    """``val_loss`` / ``val_bits_per_byte`` of ``model`` as trained (with the FP4 QAT forward when ``qat``); with
+    ``fp4`` also ``fp4_val_loss`` / ``fp4_val_bits_per_byte`` with real FP4 routed experts and ``fp4_rel_diff``,
+    and for a QAT model ``float_val_loss`` / ``float_val_bits_per_byte`` of the unquantized masters. The model's
+    QAT switches are left as they were."""
+    from dsv4.train.loop import evaluate
+    from dsv4.train.qat import enable_fp4_qat, expert_modules, real_fp4_experts
+
+    flags = [m.fp4_qat for m in expert_modules(model)]
+    out: dict = {}
+    try:
+        if qat:
+            enable_fp4_qat(model, True)
+        else:
+            for m in expert_modules(model):
+                m.fp4_qat = False
+        out["val_loss"], out["val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+        if fp4:
+            with real_fp4_experts(model):
+                out["fp4_val_loss"], out["fp4_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+            out["fp4_rel_diff"] = out["fp4_val_loss"] / out["val_loss"] - 1
+            if qat:
+                enable_fp4_qat(model, False)
+                out["float_val_loss"], out["float_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+    finally:
+        for m, f in zip(expert_modules(model), flags):
+            m.fp4_qat = f
+    return out
+
+
+def _count_targets(batches) -> int:
+    from dsv4.data import IGNORE_INDEX
+    from dsv4.train.loop import shifted_targets
+
+    return int(sum(int((shifted_targets(b, 1) != IGNORE_INDEX).sum()) for b in batches))
+
+
+# ------------------------------------------------------------------------------------------------------- the CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF or official layout) or a `dsv4 train` run")
+    p.add_argument("--data", default=None, help="the corpus: 'stdlib', a file, a folder, or a .jsonl file "
+                                                "(default: the one in the model's training.json)")
+    p.add_argument("--fp4", action="store_true",
+                   help="also evaluate with real FP4 routed experts and report the relative difference")
+    p.add_argument("--qat", choices=("auto", "on", "off"), default="auto",
+                   help="evaluate 'as trained' with the FP4 QAT forward (auto: as training.json says)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: training's, else 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: training's, else 8)")
+    p.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
+    p.add_argument("--val-fraction", type=float, default=None, help="validation split (default: training's, 0.02)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: training's, else 0)")
+    p.add_argument("--cache", default=None, help="folder for token shards (default: $DSV4_CACHE or ~/.cache/dsv4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dsv4
+    from dsv4.convert import model_dir
+    from dsv4.data import load_tokenizer
+
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = model_dir(args.model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no model at {path}: config.json not found")
+    meta = read_training_meta(path)
+    pick = {k: getattr(args, k) if getattr(args, k) is not None else meta.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    for k in ("seq_len", "batch_size"):
+        if not isinstance(pick[k], int) or pick[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {pick[k]!r}")
+    if args.batches is not None and args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    if not 0 < pick["val_fraction"] < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {pick['val_fraction']}")
+    data = args.data or meta.get("data")
+    if not data:
+        raise ValueError("--data is required (the model's training.json does not name its corpus)")
+    qat = bool(meta.get("fp4_qat", False)) if args.qat == "auto" else args.qat == "on"
+    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    tokenizer = load_tokenizer(tok_path)
+
+    t0 = time.perf_counter()
+    model = dsv4.from_pretrained(path)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the tokenizer at {tok_path} has {tokenizer.vocab_size} ids, more than the model's "
+                         f"vocab_size {model.config.vocab_size}: not the model's tokenizer")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    candidates = [path.parent / "shards"] if path.name == "model" else []
+    shards = validation_shards(data, tokenizer, val_fraction=pick["val_fraction"], seed=pick["seed"],
+                               candidates=candidates, cache=args.cache)
+    batches = [b.to(device) for b in validation_batches(shards, seq_len=pick["seq_len"],
+                                                         batch_size=pick["batch_size"], max_batches=args.batches,
+                                                         seed=pick["seed"])]
+    say(f"evaluating {path} on {len(batches)} validation batch(es) of {pick['batch_size']} x {pick['seq_len']} "
+        f"tokens from {data} ({'FP4 QAT forward' if qat else 'float experts'}"
+        f"{', then real FP4 experts' if args.fp4 else ''}) ...")
+    figures = evaluate_model(model, batches, tokenizer.token_bytes().to(device), qat=qat, fp4=args.fp4)
+    record = {"model": str(path), "data": str(data), "split": "val", "shards": str(shards.path),
+              "seq_len": pick["seq_len"], "batch_size": pick["batch_size"], "batches": len(batches),
+              "tokens": _count_targets(batches), "fp4_qat": qat, **figures,
+              "training_val_loss": meta.get("val_loss"), "seconds": time.perf_counter() - t0}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    label = "as trained (FP4 QAT forward)" if qat else "as trained (float experts)"
+    say(f"{label:<32} {figures['val_loss']:.4f} nats/token  {figures['val_bits_per_byte']:.4f} bits/byte")
+    if args.fp4:
+        say(f"{'real FP4 experts':<32} {figures['fp4_val_loss']:.4f} nats/token  "
+            f"{figures['fp4_val_bits_per_byte']:.4f} bits/byte  ({100 * figures['fp4_rel_diff']:+.2f}%)")
+        if qat:
+            say(f"{'float masters (no quantization)':<32} {figures['float_val_loss']:.4f} nats/token  "
+                f"{figures['float_val_bits_per_byte']:.4f} bits/byte")
+    say(f"({record['tokens']:,} target tokens, {record['seconds']:.1f} s)")
+    return 0
