@@ -34,6 +34,7 @@ PLAN = [
 ]
 QUICK = [
     ["prefill", "--preset", "small", "--context", "2048", "--repeats", "1"],
+    ["prefill", "--preset", "small", "--context", "8192", "--repeats", "1", "--no-hf"],
     ["decode", "--preset", "small", "--context", "8192", "--repeats", "1", "--tokens", "4"],
     ["train", "--preset", "tiny", "--context", "256", "--batch-size", "4"],
 ]

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import dsv4
 from dsv4 import ModelConfig, Transformer
 from lively import lively
 

@@ -7,7 +7,6 @@ just the given positions and advances the cache; any split of a sequence into ca
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -50,7 +50,7 @@ from torch import nn
 
 from dsv4.model.moe import Experts
 from dsv4.train.loop import Trainer, lm_losses
-from dsv4.train.optim import HybridOptimizer, Muon, build_optimizer, orthogonalize
+from dsv4.train.optim import HybridOptimizer, Muon, build_optimizer
 
 __all__ = ["DistributedError", "Parallel", "DistributedMuon", "DistributedTrainer", "expert_parallel",
            "all_to_all_rows", "add_arguments", "from_args", "is_distributed_checkpoint", "make_trainer", "main_first",
@@ -177,7 +177,7 @@ class DistributedMuon(Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            lr, wd = group["lr"], group["weight_decay"]
             params, views = group["params"], group["views"]
             present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
                                    device=params[0].device if params else "cpu")
@@ -191,17 +191,10 @@ class DistributedMuon(Muon):
                 g = p.grad
                 g = torch.zeros_like(local, dtype=torch.float32) if g is None else \
                     (g.to_local() if isinstance(g, DTensor) else g).float()
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
-                                                                memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf = buf.to_local() if isinstance(buf, DTensor) else buf
-                buf.mul_(mu).add_(g)
-                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                u = self._direction(group, p, g, local)
                 shard = _shard_group(p)
                 if shard is None:
-                    self._apply(group, local, self._orthogonal(group, u, view), lr, wd)
+                    self._apply(local, self._orthogonal(group, u, view), lr, wd)
                 else:
                     rounds.setdefault(shard[0], []).append((p, view, u, local, shard))
             for jobs in rounds.values():
@@ -210,17 +203,6 @@ class DistributedMuon(Muon):
                 for start in range(0, len(jobs), size):
                     self._round(group, jobs[start:start + size], lr, wd)
         return loss
-
-    @staticmethod
-    def _orthogonal(group: dict, u: torch.Tensor, view: tuple[int, int, int]) -> torch.Tensor:
-        b, n, m = view
-        o = orthogonalize(u.reshape(b, n, m), group["ns_steps"], dtype=group["ns_dtype"])
-        return o.mul_(group["rms_scale"] * math.sqrt(max(n, m))).reshape(u.shape)
-
-    @staticmethod
-    def _apply(group: dict, local: torch.Tensor, o: torch.Tensor, lr: float, wd: float) -> None:
-        local.mul_(1.0 - lr * wd)
-        local.add_(o.to(local.dtype), alpha=-lr)
 
     def _round(self, group: dict, jobs: list, lr: float, wd: float) -> None:
         """Job j of the round is owned by rank j of the shard group: gather it there, orthogonalize, scatter back."""
@@ -245,7 +227,7 @@ class DistributedMuon(Muon):
         back = torch.empty(sum(send), dtype=o.dtype, device=o.device)
         dist.all_to_all_single(back, o.contiguous(), output_split_sizes=send, input_split_sizes=recv, group=pg)
         for (p, _, u, local, _), piece in zip(jobs, back.split(send[:len(jobs)])):
-            self._apply(group, local, piece.view(u.shape), lr, wd)
+            self._apply(local, piece.view(u.shape), lr, wd)
 
 
 def _shard_group(p: torch.Tensor):

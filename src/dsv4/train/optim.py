@@ -241,23 +241,38 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p, (b, n, m) in zip(group["params"], group["views"]):
+            lr, wd = group["lr"], group["weight_decay"]
+            for p, view in zip(group["params"], group["views"]):
                 if p.grad is None:
                     continue
-                g = p.grad.float()
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
-                                                                memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(g)
-                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                o = orthogonalize(u.reshape(b, n, m), group["ns_steps"], dtype=group["ns_dtype"])
-                o = o.mul_(group["rms_scale"] * math.sqrt(max(n, m))).reshape(p.shape)
-                p.mul_(1.0 - lr * wd)
-                p.add_(o.to(p.dtype), alpha=-lr)
+                u = self._direction(group, p, p.grad.float(), p)
+                self._apply(p, self._orthogonal(group, u, view), lr, wd)
         return loss
+
+    def _direction(self, group: dict, p: torch.Tensor, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """M <- mu M + G; the update direction mu M + G (Nesterov) or M. ``like``: the tensor the momentum buffer
+        has the shape of (the parameter, or its local shard)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        if hasattr(buf, "to_local") and not hasattr(like, "to_local"):  # DTensor buffer, local shard arithmetic
+            buf = buf.to_local()
+        buf.mul_(group["momentum"]).add_(g)
+        return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _orthogonal(group: dict, u: torch.Tensor, view: tuple[int, int, int]) -> torch.Tensor:
+        """The hybrid Newton-Schulz orthogonalization of each of the view's matrices, rescaled to RMS 0.18."""
+        b, n, m = view
+        o = orthogonalize(u.reshape(b, n, m), group["ns_steps"], dtype=group["ns_dtype"])
+        return o.mul_(group["rms_scale"] * math.sqrt(max(n, m))).reshape(u.shape)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, o: torch.Tensor, lr: float, wd: float) -> None:
+        """W <- W (1 - lr wd) - lr O (decoupled weight decay)."""
+        p.mul_(1.0 - lr * wd)
+        p.add_(o.to(p.dtype), alpha=-lr)
 
 
 # --------------------------------------------------------------------------------------------- the pair of them

@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     from dsv4.model import Transformer
     from dsv4.train import distributed
     from dsv4.train.flops import matmul_peak_flops, train_flops_per_token
-    from dsv4.train.loop import Trainer, TrainConfig, evaluate
+    from dsv4.train.loop import TrainConfig, evaluate
     from dsv4.train.tensorboard import EventWriter
 
     for name in ("steps", "seq_len", "batch_size", "val_batches"):
