@@ -106,8 +106,10 @@ def bench_prefill(args) -> dict:
     # useful FLOPs of the prefill: the cost model's per-token decode FLOPs summed over the positions
     points = sorted({max(1, n * i // 16) for i in range(1, 17)})
     per_token = statistics.mean(v4_cost(config, p).flops for p in points)
-    peak = matmul_peak_flops(dtype if dtype != torch.float32 else torch.float32)
-    out.update({"useful_flops": per_token * n, "matmul_peak_flops": peak, "mfu": per_token * n / t_v4 / peak})
+    head = 2 * config.vocab_size * config.hidden_size  # prefill computes the lm head for the last position only
+    useful = (per_token - head) * n + head
+    peak = matmul_peak_flops(dtype)
+    out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak})
     if not args.no_dense:
         model.set_attention("dense")
         t_dense, _ = timed(lambda: prefill(model, ids, args.chunk), args.repeats)
