@@ -271,3 +271,34 @@ def test_eval_without_data_or_tokenizer_is_a_clear_error(trained_dir, tmp_path, 
     assert "tokenizer" in capsys.readouterr().err
     assert run_cli("dsv4.evaluate", ["--model", str(tmp_path / "m")]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_indexer_fp4_path_quantizes_rotated_queries_and_keys_with_straight_through_gradient():
+    import torch
+
+    from dsv4 import ModelConfig, Transformer
+    from dsv4.quant import E2M1_VALUES, hadamard
+    from dsv4.train.qat import enable_indexer_fp4
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny").replace(vocab_size=100))
+    att = model.layers[1].attn
+    x = torch.randn(1, 40, model.config.hidden_size)
+    latent = att.q_norm(att.wq_a(x))
+    positions = torch.arange(40)
+    q_plain, _ = att.indexer.queries(x, latent, positions, att.rotary)
+    keys_plain = att.indexer.keys(x, att.rotary, None)
+    assert enable_indexer_fp4(model) == 2
+    q, _ = att.indexer.queries(x, latent, positions, att.rotary)
+    keys = att.indexer.keys(x, att.rotary, None)
+    grid = torch.tensor(E2M1_VALUES)
+    for t in (q.reshape(-1, 32), keys.reshape(-1, 32)):  # each 1x32 block: E2M1 values times a power of two
+        scale = t.abs().amax(-1, keepdim=True) / 6
+        scale = torch.where(scale > 0, 2 ** torch.ceil(torch.log2(scale)), torch.ones_like(scale))
+        v = (t / scale).abs().unsqueeze(-1)
+        assert torch.isclose(v, grid).any(-1).all()
+    # the rotation is orthogonal: quantization is the only change to the dot products
+    assert (hadamard(q_plain) - q).abs().max() < 0.5 * q_plain.abs().max()
+    assert torch.allclose((hadamard(q_plain) * hadamard(q_plain)).sum(-1), (q_plain * q_plain).sum(-1), atol=1e-4)
+    q.sum().backward()
+    assert att.indexer.wq_b.weight.grad is not None and att.indexer.wq_b.weight.grad.abs().max() > 0

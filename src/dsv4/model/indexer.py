@@ -54,11 +54,21 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(config.hidden_size, self.head_dim, self.rate, overlap=True,
                                      eps=config.rms_norm_eps)
+        # FP4 simulation of the query / key path (spec 2.7, 6.4): Hadamard rotation, then MXFP4 fake quantization
+        # with a straight-through gradient. Off by default (transformers omits it); dsv4.train.qat switches it.
+        self.fp4_qk = False
+
+    def _fp4(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.fp4_qk:
+            return t
+        from dsv4.quant import fake_quant_fp4, hadamard
+
+        return fake_quant_fp4(hadamard(t.float()))
 
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
         """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
-        return self.compressor.entries(x, rotary, state, packing).kv
+        return self._fp4(self.compressor.entries(x, rotary, state, packing).kv)
 
     def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +79,13 @@ class Indexer(nn.Module):
         cos, sin = rotary.cos_sin(positions, "compress")
         q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # positions [S] or [B, S]
         w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        return q.float(), w
+        return self._fp4(q.float()), w
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                rotary: RotaryEmbedding) -> torch.Tensor:
         """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking); reference path."""
         q, w = self.queries(x, q_latent, positions, rotary)
-        dots = torch.einsum("bshc,btc->bsht", q, keys.float())
+        dots = torch.einsum("bshc,btc->bsht", q, keys.float())  # keys as ``keys()`` gives them
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
 
 

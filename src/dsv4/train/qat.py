@@ -67,6 +67,20 @@ def enable_fp4_qat(model: nn.Module, on: bool = True) -> int:
     return len(named)
 
 
+def enable_indexer_fp4(model: nn.Module, on: bool = True) -> int:
+    """Switch the lightning indexers' FP4 query / key path (Hadamard rotation, then MXFP4 fake quantization with a
+    straight-through gradient; spec 2.7, 6.4) on or off; returns how many indexers were switched."""
+    from dsv4.model.indexer import Indexer
+
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+    for m in indexers:
+        if on and m.head_dim % 32:
+            raise ValueError(f"FP4 indexer: index_head_dim {m.head_dim} is not a multiple of the MXFP4 block 32")
+    for m in indexers:
+        m.fp4_qk = bool(on)
+    return len(indexers)
+
+
 def fp4_qat_enabled(model: nn.Module) -> bool:
     """True when every routed-expert module of ``model`` runs its forward with FP4 QAT (False if it has none)."""
     experts = expert_modules(model)

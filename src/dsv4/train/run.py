@@ -177,9 +177,10 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     torch.manual_seed(args.seed)
     model = Transformer(config)
     if getattr(args, "fp4_qat", False):  # before the trainer: FSDP / expert parallelism wrap the same Experts
-        from dsv4.train.qat import enable_fp4_qat
+        from dsv4.train.qat import enable_fp4_qat, enable_indexer_fp4
 
         enable_fp4_qat(model)
+        enable_indexer_fp4(model)
     say(f"model: {args.config or args.preset}, {model.num_parameters() / 1e6:.2f} M parameters, "
         f"vocab {config.vocab_size}, sequences of {args.seq_len} tokens, batch {args.batch_size}, "
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}")
