@@ -1,6 +1,6 @@
 """The sparse-attention schedule on the tiny preset: does the indexer learn, and does sparse attention cost quality?
 
-    python benchmarks/indexer_schedule.py [--out runs/indexer] [--steps 220 --dense 100 --warmup 60]
+    python benchmarks/indexer_schedule.py [--out runs/indexer] [--steps 220 --dense 100 --warmup 60] [--save]
 
 Trains with dense CSA attention, then an indexer warm-up (the rest frozen), then top-k attention, and prints one JSON
 object: the indexer's recall of the main attention's top-k at its initialization, at the end of the dense phase and
@@ -14,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -23,6 +24,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=220)
     p.add_argument("--dense", type=int, default=100)
     p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--save", action="store_true", help="also write the JSON to benchmarks/results/")
     args = p.parse_args()
     cmd = [sys.executable, "-m", "dsv4", "train", "--preset", "tiny", "--data", "stdlib", "--steps", str(args.steps),
            "--dense-steps", str(args.dense), "--indexer-warmup", str(args.warmup), "--seq-len", "256",
@@ -44,12 +46,18 @@ def main() -> int:
     sparse = evaluate(model, batches, token_bytes)
     model.set_indexer_phase(sparse=False, train_indexer=False)
     dense = evaluate(model, batches, token_bytes)
-    print(json.dumps({
+    result = {
+        "experiment": "indexer_schedule",
         "command": " ".join(["python", "benchmarks/indexer_schedule.py"] + sys.argv[1:]),
         "recall_at_init": recall.get(1), "recall_end_of_dense": recall.get(args.dense),
         "recall_end_of_warmup": recall.get(args.dense + args.warmup),
         "val_loss_sparse": sparse[0], "val_loss_dense_attention": dense[0],
-        "sparse_vs_dense": sparse[0] / dense[0] - 1, "val_bits_per_byte": sparse[1], "train": train}))
+        "sparse_vs_dense": sparse[0] / dense[0] - 1, "val_bits_per_byte": sparse[1], "train": train}
+    print(json.dumps(result))
+    if args.save:  # into benchmarks/results, where benchmarks/run_all.py --docs finds it
+        results = Path(__file__).resolve().parent / "results"
+        results.mkdir(exist_ok=True)
+        (results / f"experiment-indexer-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result))
     return 0
 
 

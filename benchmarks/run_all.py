@@ -82,6 +82,14 @@ def _fmt(x, digits=3):
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def experiments() -> list[dict]:
+    """Results of the training experiments (benchmarks/indexer_schedule.py ... --save), newest first."""
+    found = []
+    for f in sorted(RESULTS.glob("experiment-*.json"), reverse=True):
+        found.append(json.loads(f.read_text()))
+    return found
+
+
 def write_docs(results: dict[str, list[dict]]) -> None:
     DOCS.mkdir(exist_ok=True)
     lines = ["# Benchmarks", "",
@@ -127,6 +135,18 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             plot = DOCS / f"bench-{machine}.png"
             _plot(pre, dec, plot)
             lines += [f"![prefill and decode on {machine}]({plot.name})", ""]
+    exps = [e for e in experiments() if e.get("experiment") == "indexer_schedule"]
+    if exps:
+        lines += ["## Sparse-attention schedule (tiny preset)", "",
+                  "Dense CSA attention, then an indexer warm-up with the rest frozen, then top-k attention. Recall: the",
+                  "indexer's top-k among the main attention's top-k compressed entries; losses on the validation split.",
+                  "", "| recall at init | after dense | after warm-up | val loss, sparse | same model, dense CSA | "
+                  "sparse vs dense | command |", "|---|---|---|---|---|---|---|"]
+        for e in exps:
+            lines.append("| " + " | ".join(_fmt(e.get(k, "-")) for k in (
+                "recall_at_init", "recall_end_of_dense", "recall_end_of_warmup", "val_loss_sparse",
+                "val_loss_dense_attention", "sparse_vs_dense")) + f" | `{e['command']}` |")
+        lines.append("")
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
