@@ -60,7 +60,8 @@ class Attention(nn.Module):
         self.impl = "fast"
         self.chunk = 128  # queries per block in the fast path
         # CSA training switches (spec 6.6): sparse=False attends to every visible compressed entry (the dense
-        # phase); with indexer_training on, a forward leaves the indexer's KL loss and recall in indexer_stats
+        # phase); with indexer_training on, a forward in training mode leaves the indexer's KL loss and recall in
+        # indexer_stats
         self.sparse = True
         self.indexer_training = False
         self.indexer_stats: IndexerStats | None = None
@@ -143,7 +144,8 @@ class Attention(nn.Module):
             xd, qd = x.detach(), q_latent.detach()
             index_keys = self.indexer.keys(xd, self.rotary, cache.indexer if cache is not None else None, packing)
             qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
-        stats = IndexerStats() if self.indexer is not None and self.indexer_training else None
+        # in training mode only: validation and generation never pay for the indexer's loss
+        stats = IndexerStats() if self.indexer is not None and self.indexer_training and self.training else None
         self.indexer_stats = stats
         q_doc = packing.doc if packing is not None else None
         outs = []
