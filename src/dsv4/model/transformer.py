@@ -145,7 +145,8 @@ class Transformer(nn.Module):
 
     def set_indexer_phase(self, sparse: bool, train_indexer: bool) -> "Transformer":
         """CSA layers: top-k attention (``sparse``) or attention to every visible compressed entry (the dense
-        phase); ``train_indexer`` makes ``forward_train`` report the indexer's KL loss and recall (spec 6.6)."""
+        phase); ``train_indexer`` makes ``forward_train`` in training mode report the indexer's KL loss and recall
+        (spec 6.6)."""
         for layer in self.layers:
             layer.attn.sparse = sparse
             layer.attn.indexer_training = train_indexer
