@@ -100,54 +100,45 @@ def write_docs(results: dict[str, list[dict]]) -> None:
     for machine, rows in results.items():
         lines += [f"## {machine}", ""]
         pre = sorted((r for r in rows if r["bench"] == "prefill"), key=lambda r: r["context"])
-        if pre:
-            lines += ["### Prefill", "",
-                      "| context | V4 s | dense s | speedup vs dense | vs HF eager | peak RSS GiB | MFU | "
-                      "cache bytes | cost-model bytes | dense cache bytes | load | command |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-            for r in pre:
-                lines.append("| " + " | ".join(_fmt(r.get(k, "-")) for k in (
-                    "context", "seconds", "dense_seconds", "speedup_vs_dense", "speedup_vs_hf_eager",
-                    "peak_rss_gib", "mfu", "kv_bytes", "cost_model_kv_bytes", "dense_kv_bytes",
-                    "load_average_at_start")) +
-                    f" | `{r['command']}` |")
-            lines.append("")
+        lines += _table("### Prefill", pre, [
+            ("context", "context"), ("V4 s", "seconds"), ("dense s", "dense_seconds"),
+            ("speedup vs dense", "speedup_vs_dense"), ("vs HF eager", "speedup_vs_hf_eager"),
+            ("peak RSS GiB", "peak_rss_gib"), ("MFU", "mfu"), ("cache bytes", "kv_bytes"),
+            ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
+            ("load", "load_average_at_start")])
         dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
-        if dec:
-            lines += ["### Decode", "",
-                      "| context | ms/token | dense ms/token | speedup vs dense | cache ratio vs dense | "
-                      "ratio vs 4K | predicted ratio vs 4K | load | command |", "|---|---|---|---|---|---|---|---|---|"]
-            for r in dec:
-                lines.append("| " + " | ".join(_fmt(r.get(k, "-")) for k in (
-                    "context", "ms_per_token", "dense_ms_per_token", "speedup_vs_dense", "cache_ratio_vs_dense",
-                    "ratio_vs_4k", "predicted_ratio_vs_4k", "load_average_at_start")) + f" | `{r['command']}` |")
-            lines.append("")
-        tr = [r for r in rows if r["bench"] == "train"]
-        if tr:
-            lines += ["### Training", "", "| preset | seq | batch | tokens/s | MFU | load | command |",
-                      "|---|---|---|---|---|---|---|"]
-            for r in tr:
-                lines.append("| " + " | ".join(_fmt(r.get(k, "-")) for k in (
-                    "preset", "seq_len", "batch_size", "tokens_per_s", "mfu", "load_average_at_start"))
-                    + f" | `{r['command']}` |")
-            lines.append("")
+        lines += _table("### Decode", dec, [
+            ("context", "context"), ("ms/token", "ms_per_token"), ("dense ms/token", "dense_ms_per_token"),
+            ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
+            ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
+            ("load", "load_average_at_start")])
+        lines += _table("### Training", [r for r in rows if r["bench"] == "train"], [
+            ("preset", "preset"), ("seq", "seq_len"), ("batch", "batch_size"), ("tokens/s", "tokens_per_s"),
+            ("MFU", "mfu"), ("load", "load_average_at_start")])
         if pre or dec:
             plot = DOCS / f"bench-{machine}.png"
             _plot(pre, dec, plot)
             lines += [f"![prefill and decode on {machine}]({plot.name})", ""]
     exps = [e for e in experiments() if e.get("experiment") == "indexer_schedule"]
-    if exps:
-        lines += ["## Sparse-attention schedule (tiny preset)", "",
-                  "Dense CSA attention, then an indexer warm-up with the rest frozen, then top-k attention. Recall: the",
-                  "indexer's top-k among the main attention's top-k compressed entries; losses on the validation split.",
-                  "", "| recall at init | after dense | after warm-up | val loss, sparse | same model, dense CSA | "
-                  "sparse vs dense | command |", "|---|---|---|---|---|---|---|"]
-        for e in exps:
-            lines.append("| " + " | ".join(_fmt(e.get(k, "-")) for k in (
-                "recall_at_init", "recall_end_of_dense", "recall_end_of_warmup", "val_loss_sparse",
-                "val_loss_dense_attention", "sparse_vs_dense")) + f" | `{e['command']}` |")
-        lines.append("")
+    lines += _table("## Sparse-attention schedule (tiny preset)\n\n"
+                    "Dense CSA attention, then an indexer warm-up with the rest frozen, then top-k attention. Recall: the\n"
+                    "indexer's top-k among the main attention's top-k compressed entries; losses on the validation split.",
+                    exps, [("recall at init", "recall_at_init"), ("after dense", "recall_end_of_dense"),
+                           ("after warm-up", "recall_end_of_warmup"), ("val loss, sparse", "val_loss_sparse"),
+                           ("same model, dense CSA", "val_loss_dense_attention"),
+                           ("sparse vs dense", "sparse_vs_dense")])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """A markdown section: the title, then one row per result (columns named, then the command that made it)."""
+    if not rows:
+        return []
+    heads = [h for h, _ in columns] + ["command"]
+    out = [*title.split("\n"), "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(k, "-")) for _, k in columns) + f" | `{r['command']}` |")
+    return out + [""]
 
 
 def _plot(pre: list[dict], dec: list[dict], path: Path) -> None:
