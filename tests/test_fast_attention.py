@@ -100,3 +100,26 @@ def test_topk_lower_index_breaks_ties_toward_lower_index():
     for k in (1, 10, 50):
         ref = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
         assert torch.equal(topk_lower_index(x, k).sort(-1).values, ref)
+
+
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_attend_and_merge_equal_one_softmax(spread):
+    """Key sets joined by ``merge`` give the reference's single softmax, also when logits span far more than the
+    exp floor (weights under e^-80 dropped), and a fully masked set weighs exactly 0."""
+    from dsv4.model import kernels
+
+    g = torch.Generator().manual_seed(3)
+    b, nq, h, c, kw, kc = 2, 5, 3, 8, 7, 4
+    q = torch.randn(b, nq, h, c, generator=g) * spread
+    wk, ck = torch.randn(b, kw, c, generator=g), torch.randn(b, nq, kc, c, generator=g)
+    wmask = torch.rand(1, nq, kw, generator=g) < 0.7
+    wmask[:, 0] = False  # a query with no window key
+    cmask = torch.rand(b, nq, kc, generator=g) < 0.5
+    sinks = torch.randn(h, generator=g)
+    out, _ = kernels.merge([kernels.attend(q, wk, wmask), kernels.attend(q, ck, cmask)], sinks)
+    # the reference: one softmax over [window keys | each query's own entries | sink], per query
+    for i in range(nq):
+        keys = torch.cat([wk, ck[:, i]], dim=1)
+        mask = torch.cat([wmask[:, i:i + 1].expand(b, 1, kw), cmask[:, i:i + 1]], dim=-1)
+        ref = kernels.reference_attention(q[:, i:i + 1], keys, mask, sinks, 1.0)
+        torch.testing.assert_close(out[:, i:i + 1], ref, atol=1e-5, rtol=1e-5)

@@ -59,6 +59,8 @@ class Attention(nn.Module):
         # benchmarks' baseline, plain causal MQA over every past token (no window, no compression, no sinks)
         self.impl = "fast"
         self.chunk = 128  # queries per block in the fast path
+        self.span = 2048  # queries per span: the window band of a span's blocks is one batched matmul
+        self.gather_rows = 16  # CSA: queries whose top-k entries are gathered at once (small: they stay in cache)
         # CSA training switches (spec 6.6): sparse=False attends to every visible compressed entry (the dense
         # phase); with indexer_training on, a forward in training mode leaves the indexer's KL loss and recall in
         # indexer_stats
@@ -116,12 +118,14 @@ class Attention(nn.Module):
         return kernels.reference_attention(q, keys, mask, self.attn_sink, self.scale)
 
     def fast(self, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
-        """Blocks of ``chunk`` queries, each against only the keys it can use: the window band, and the visible
-        compressed entries (HCA) or each query's gathered top-k entries (CSA), with the indexer scored per block.
-        Nothing of shape sequence x sequence is built."""
-        b, s = q.shape[:2]
+        """Each query against only the keys it can use, nothing of shape sequence x sequence built: the window band
+        in blocks of ``chunk`` queries (all blocks of a span in one batched matmul), HCA's visible entries per span,
+        CSA per block: the indexer scored, each query's top-k entries gathered (one gather serves every head). The
+        key sets are joined in one softmax by ``kernels.merge``."""
+        s = q.shape[1]
         dev = q.device
-        # window keys in position order: the cache's ring (oldest first, empty slots masked), then these tokens
+        qs = q.float() * self.scale
+        # window keys in coordinate order: the cache's ring (oldest first, empty slots at -1), then these tokens
         wk, wpos = kv, positions
         if packing is not None:
             wpos = torch.arange(s, device=dev)  # row coordinates; documents are kept apart by doc ids
@@ -136,6 +140,7 @@ class Attention(nn.Module):
                     wpos = torch.cat([old_pos[order], positions])
                 cache.write_window(kv, positions)
         offset = wk.shape[1] - s
+        wk = wk.float()
         comp = index_keys = qi = wi = None
         if self.compressor is not None:
             comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
@@ -148,49 +153,103 @@ class Attention(nn.Module):
         stats = IndexerStats() if self.indexer is not None and self.indexer_training and self.training else None
         self.indexer_stats = stats
         q_doc = packing.doc if packing is not None else None
+        span = max(self.chunk, self.span // self.chunk * self.chunk)
         outs = []
-        for s0 in range(0, s, self.chunk):
-            s1 = min(s, s0 + self.chunk)
-            t = coord[..., s0:s1]
-            lo = max(0, offset + s0 - self.window + 1)
-            keys = wk[:, lo:offset + s1]
-            p = wpos[..., lo:offset + s1]
-            wmask = (p.unsqueeze(-2) <= t.unsqueeze(-1)) & (p.unsqueeze(-2) > t.unsqueeze(-1) - self.window) \
-                & (p.unsqueeze(-2) >= 0)
-            if wmask.dim() == 2:
-                wmask = wmask.unsqueeze(0)
-            if q_doc is not None:
-                wmask = wmask & (q_doc[:, s0:s1].unsqueeze(-1) == q_doc[:, lo:s1].unsqueeze(-2))
-            ck = cmask = scores = None
-            probs = [] if stats is not None else None
-            if comp is not None:
-                tlim = int((comp.end <= t.max()).sum(-1).max())
-                if tlim > 0:
-                    pos_c = positions[..., s0:s1]
-                    visible = visible_entries(pos_c, comp.local[:, :tlim], self.rate,
-                                              q_doc[:, s0:s1] if q_doc is not None else None,
-                                              comp.doc[:, :tlim] if comp.doc is not None else None)
-                    if self.indexer is not None and (self.sparse or stats is not None):
-                        scores = chunk_scores(qi[:, s0:s1], wi[:, s0:s1], index_keys[:, :tlim])
-                    if self.indexer is None or not self.sparse:  # HCA, or CSA's dense phase
-                        ck, cmask = comp.kv[:, :tlim], visible.expand(b, -1, -1)
-                    else:
-                        scores = scores.masked_fill(~visible, float("-inf"))
-                        idx = topk_lower_index(scores, min(self.indexer.topk, tlim))
-                        cmask = visible.expand(b, -1, -1).gather(-1, idx)
-                        scores = scores.gather(-1, idx)
-                        rows = torch.arange(b, device=dev).view(b, 1, 1)
-                        ck = comp.kv[rows, idx]  # [B, Q, k, c]: one gather serves every head (shared K=V)
-            outs.append(kernels.sparse_attention_chunk(q[:, s0:s1], keys.to(q.dtype), wmask,
-                                                       ck.to(q.dtype) if ck is not None else None, cmask,
-                                                       self.attn_sink, self.scale, probs))
-            if probs:
-                kl, n = indexer_kl(probs[0], scores, cmask)
-                stats.kl_sum, stats.kl_count = stats.kl_sum + kl, stats.kl_count + n
-                if not self.sparse:
-                    hits, n = indexer_recall(probs[0], scores, cmask, self.indexer.topk)
-                    stats.hits, stats.recall_count = stats.hits + hits, stats.recall_count + n
-        return torch.cat(outs, dim=1)
+        for g0 in range(0, s, span):
+            g1 = min(s, g0 + span)
+            window = self._window_part(qs, wk, wpos, coord, offset, g0, g1, q_doc)
+            if comp is None:
+                outs.append(kernels.merge([window], self.attn_sink)[0])
+            elif self.indexer is None or (not self.sparse and stats is None):  # HCA, or CSA's dense-phase eval
+                entries = self._entries_part(qs, comp, coord, positions, q_doc, g0, g1)
+                outs.append(kernels.merge([window, entries], self.attn_sink)[0])
+            else:
+                for r0, r1, part, scores, cmask in self._csa_parts(qs, comp, index_keys, qi, wi, coord, positions,
+                                                                   q_doc, g0, g1, stats is not None):
+                    out, factors = kernels.merge([window.rows(r0 - g0, r1 - g0), part], self.attn_sink)
+                    outs.append(out)
+                    if stats is not None and part.e is not None:
+                        self._indexer_stats(stats, part.e * factors[1].unsqueeze(-1), scores, cmask)
+        return torch.cat(outs, dim=1).to(q.dtype)
+
+    def _window_part(self, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Partial:
+        """The window band of queries [g0, g1): block i of ``chunk`` queries sees the ``chunk + window - 1`` keys
+        ending at its last query; every block's logits in one batched matmul."""
+        nq, w = self.chunk, self.window
+        b, _, h, c = qs.shape
+        n = g1 - g0
+        nb = -(-n // nq)
+        width = nq + w - 1
+        lo, need = offset + g0 - (w - 1), nb * nq + w - 1  # key rows [lo, lo + need) of wk, zero-padded outside
+        a, z = max(lo, 0), min(lo + need, wk.shape[1])
+        keys = F.pad(wk[:, a:z], (0, 0, a - lo, lo + need - z)).unfold(1, width, nq)  # [B, nb, c, width]
+        kpos = F.pad(wpos[a:z], (a - lo, lo + need - z), value=-1).unfold(0, width, nq)  # [nb, width]
+        t = F.pad(coord[g0:g1], (0, nb * nq - n), value=-1).view(nb, nq, 1)
+        kp = kpos.unsqueeze(1)
+        mask = (kp <= t) & (kp > t - w) & (kp >= 0)  # [nb, Q, width]; padding: positions -1
+        if q_doc is not None:  # packed: no cache, so key rows are query rows
+            kdoc = F.pad(q_doc[:, a:z], (a - lo, lo + need - z), value=-1).unfold(1, width, nq)
+            qdoc = F.pad(q_doc[:, g0:g1], (0, nb * nq - n), value=-2).view(b, nb, nq, 1)
+            mask = mask & (kdoc.unsqueeze(2) == qdoc)
+        qb = F.pad(qs[:, g0:g1], (0, 0, 0, 0, 0, nb * nq - n)).view(b, nb, nq, h, c)
+        p = kernels.attend(qb, keys.transpose(-1, -2), mask)
+        return kernels.Partial(p.out.flatten(1, 2)[:, :n], p.m.flatten(1, 2)[:, :n], p.s.flatten(1, 2)[:, :n])
+
+    def _visible(self, comp, coord, positions, q_doc, r0, r1) -> tuple[int, torch.Tensor | None]:
+        """How many leading entries any query of [r0, r1) can see, and the visibility mask [B or 1, Q, that]."""
+        tlim = int((comp.end <= coord[..., r0:r1].max()).sum(-1).max())
+        if tlim == 0:
+            return 0, None
+        return tlim, visible_entries(positions[..., r0:r1], comp.local[:, :tlim], self.rate,
+                                     q_doc[:, r0:r1] if q_doc is not None else None,
+                                     comp.doc[:, :tlim] if comp.doc is not None else None)
+
+    def _entries_part(self, qs, comp, coord, positions, q_doc, r0, r1) -> kernels.Partial:
+        """Every visible compressed entry (HCA; CSA in the dense phase), for queries [r0, r1)."""
+        tlim, visible = self._visible(comp, coord, positions, q_doc, r0, r1)
+        if tlim == 0:
+            return kernels.Partial.empty(qs[:, r0:r1])
+        return kernels.attend(qs[:, r0:r1], comp.kv[:, :tlim].float(), visible)
+
+    def _csa_parts(self, qs, comp, index_keys, qi, wi, coord, positions, q_doc, g0, g1, keep):
+        """CSA for queries [g0, g1), by blocks of ``chunk``: index scores, top-k, and a gather of the chosen entries
+        (one for every head) for ``gather_rows`` queries at a time; in the dense phase (``sparse`` off) every
+        visible entry. Yields (r0, r1, Partial of rows [r0, r1), their index scores and entry mask)."""
+        b = qs.shape[0]
+        entries = comp.kv.float()
+        t = entries.shape[1]
+        flat = entries.reshape(b * t, entries.shape[-1])
+        for r0 in range(g0, g1, self.chunk):
+            r1 = min(g1, r0 + self.chunk)
+            qb = qs[:, r0:r1]
+            tlim, visible = self._visible(comp, coord, positions, q_doc, r0, r1)
+            if tlim == 0:
+                yield r0, r1, kernels.Partial.empty(qb), None, None
+                continue
+            scores = chunk_scores(qi[:, r0:r1], wi[:, r0:r1], index_keys[:, :tlim])
+            if not self.sparse:
+                yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
+                continue
+            scores = scores.masked_fill(~visible, float("-inf"))
+            idx = topk_lower_index(scores, min(self.indexer.topk, tlim))  # [B, Q, k]
+            cmask = visible.expand(b, -1, -1).gather(-1, idx)
+            scores = scores.gather(-1, idx)
+            rows = idx + (torch.arange(b, device=idx.device) * t).view(b, 1, 1)
+            for a in range(0, r1 - r0, self.gather_rows):  # gathered keys [B, rows, k, c] stay in cache
+                z = min(r1 - r0, a + self.gather_rows)
+                ck = flat.index_select(0, rows[:, a:z].flatten()).view(b, z - a, idx.shape[-1], -1)
+                yield r0 + a, r0 + z, kernels.attend(qb[:, a:z], ck, cmask[:, a:z], keep), scores[:, a:z], \
+                    cmask[:, a:z]
+
+    def _indexer_stats(self, stats: IndexerStats, probs, scores, cmask) -> None:
+        """Add the indexer's KL loss (and in the dense phase its recall) over some queries; ``probs`` [B, Q, H, K]
+        are the main attention's probabilities of their candidate entries."""
+        probs = probs.sum(2)  # heads summed [B, Q, K]
+        kl, cnt = indexer_kl(probs, scores, cmask)
+        stats.kl_sum, stats.kl_count = stats.kl_sum + kl, stats.kl_count + cnt
+        if not self.sparse:
+            hits, cnt = indexer_recall(probs, scores, cmask, self.indexer.topk)
+            stats.hits, stats.recall_count = stats.hits + hits, stats.recall_count + cnt
 
     def dense_baseline(self, q, kv, cache, packing) -> torch.Tensor:
         """Causal MQA over every past token with PyTorch's SDPA; the cache keeps every K=V vector. Not V4: the

@@ -1,10 +1,14 @@
-"""Attention math. The reference path: plain, dense, masked; written to be read, not to be fast.
+"""Attention math: one softmax over every key a query may use (window keys and compressed entries alike) plus a
+per-head sink logit that adds to the denominator only (spec 2.2.6).
 
-One softmax over every key a query may use (window keys and compressed entries alike) plus a per-head sink logit
-that adds to the denominator only (spec 2.2.6).
+``reference_attention``: plain, dense, masked; written to be read, not to be fast. The fast path splits a query's keys
+into sets (its window band, its compressed entries), computes each set's unnormalized ``Partial`` with ``attend`` and
+joins them with ``merge``: the same softmax, assembled as flash attention does, without concatenating keys.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,46 +26,77 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
     return torch.einsum("bhsk,bkc->bshc", probs, keys.float()).to(q.dtype)
 
 
-_MASKED = -1e30  # a finite "minus infinity": a fully masked key set then weighs exactly 0, and backward stays finite
+_MASKED = -1e30  # a finite "minus infinity" for masked logits: a fully masked key set then weighs exactly 0
+# exp(x) for x below about -87 is a float32 denormal, which the vectorized exp of x86 CPUs computes ~30x slower than
+# a normal value; the fast path clamps its exp arguments here (weights below e^-80 = 1.8e-35 relative are dropped)
+_EXP_FLOOR = -80.0
 
 
-def sparse_attention_chunk(q: torch.Tensor, window_keys: torch.Tensor, window_mask: torch.Tensor,
-                           comp_keys: torch.Tensor | None, comp_mask: torch.Tensor | None, sinks: torch.Tensor,
-                           scale: float, comp_probs: list | None = None) -> torch.Tensor:
-    """Attention of a chunk of queries over its own keys only; the fast path's core.
+@dataclass
+class Partial:
+    """Attention of Q queries over one key set, before normalization (flash attention's running state).
 
-    q [B, Q, H, c]; window_keys [B, Kw, c] with window_mask [B or 1, Q, Kw];
-    comp_keys either shared by the chunk [B, Kc, c] (HCA) or gathered per query [B, Q, Kc, c] (CSA top-k), with
-    comp_mask [B or 1, Q, Kc]. One softmax over window keys, compressed keys and the sink, assembled from the
-    log-sum-exp of each key set (no concatenation): p_j = exp(z_j - L), L = log(sum_w e^z + sum_c e^z + e^sink).
-    Returns [B, Q, H, c]; logits and softmax in float32. With a ``comp_probs`` list, the probabilities of the
-    compressed keys summed over heads [B, Q, Kc] are appended to it (the indexer's training target).
+    out [..., Q, H, c] = sum_j e_j v_j; s [..., Q, H] = sum_j e_j; with e_j = exp(z_j - m) for the scaled logits
+    z_j of the unmasked keys (0 for masked ones) and m [..., Q, H] their maximum (``_MASKED`` for an empty set),
+    detached: the result of ``merge`` does not depend on it. ``e`` [..., Q, H, K] is kept on request (the indexer's
+    training target needs the main attention's probabilities).
     """
-    b, nq, h, c = q.shape
-    qf = q.float()
-    flat = qf.reshape(b, nq * h, c)
-    wk = window_keys.float()
-    lw = (torch.matmul(flat, wk.transpose(1, 2)).view(b, nq, h, -1) * scale)
-    lw = lw.masked_fill(~window_mask.unsqueeze(2), _MASKED)
-    total = torch.logaddexp(torch.logsumexp(lw, dim=-1), sinks.float().view(1, 1, h))
-    lc = None
-    if comp_keys is not None and comp_keys.shape[-2] > 0:
-        ck = comp_keys.float()
-        if ck.dim() == 3:
-            lc = torch.matmul(flat, ck.transpose(1, 2)).view(b, nq, h, -1)
-        else:
-            lc = torch.matmul(qf, ck.transpose(-1, -2))  # [B, Q, H, Kc]
-        lc = (lc * scale).masked_fill(~comp_mask.unsqueeze(2), _MASKED)
-        total = torch.logaddexp(total, torch.logsumexp(lc, dim=-1))
-    total = total.unsqueeze(-1)
-    pw = torch.exp(lw - total)
-    out = torch.matmul(pw.view(b, nq * h, -1), wk).view(b, nq, h, c)
-    if lc is not None:
-        pc = torch.exp(lc - total)
-        if comp_probs is not None:
-            comp_probs.append(pc.detach().sum(2))
-        if ck.dim() == 3:
-            out = out + torch.matmul(pc.view(b, nq * h, -1), ck).view(b, nq, h, c)
-        else:
-            out = out + torch.matmul(pc, ck)
-    return out.to(q.dtype)
+
+    out: torch.Tensor
+    m: torch.Tensor
+    s: torch.Tensor
+    e: torch.Tensor | None = None
+
+    @staticmethod
+    def empty(q: torch.Tensor) -> "Partial":
+        """A key set with no key for any of these queries [..., Q, H, c]."""
+        m = q.new_full(q.shape[:-1], _MASKED)
+        return Partial(torch.zeros_like(q), m, torch.zeros_like(m))
+
+    def rows(self, a: int, z: int) -> Partial:
+        """The queries [a, z) of the query axis (dim 1: [B, Q, ...])."""
+        return Partial(self.out[:, a:z], self.m[:, a:z], self.s[:, a:z], None if self.e is None else self.e[:, a:z])
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, keep: bool = False) -> Partial:
+    """One key set's ``Partial`` for queries q [..., Q, H, c] (float32, already scaled by 1/sqrt(c)).
+
+    keys (K = V, one head shared by every query head): [..., K, c] shared by the Q queries, or [..., Q, K, c] per
+    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K]. K must be > 0.
+    """
+    shared = keys.dim() == q.dim() - 1
+    *lead, nq, h, c = q.shape
+    if shared:
+        z = torch.matmul(q.reshape(*lead, nq * h, c), keys.transpose(-1, -2)).view(*lead, nq, h, -1)
+    else:
+        z = torch.matmul(q, keys.transpose(-1, -2))
+    drop = ~mask.unsqueeze(-2)
+    z = z.masked_fill_(drop, _MASKED)  # in place: z is a fresh matmul result, not needed by its backward
+    m = z.amax(-1).detach()
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        e = torch.exp((z - m.unsqueeze(-1)).clamp_min(_EXP_FLOOR)).masked_fill(drop, 0.0)
+    else:  # the same in place: no allocation of [..., Q, H, K] temporaries
+        e = z.sub_(m.unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(drop, 0.0)
+    if shared:
+        out = torch.matmul(e.view(*lead, nq * h, -1), keys).view(*lead, nq, h, c)
+    else:
+        out = torch.matmul(e, keys)
+    return Partial(out, m, e.sum(-1), e if keep else None)
+
+
+def merge(parts: list[Partial], sinks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One softmax over every key set of ``parts`` plus the per-head sink logit: the normalized output
+    [..., Q, H, c] and, per part, the factor [..., Q, H] that turns its ``e`` into probabilities."""
+    sink = sinks.float()
+    shift = sink.detach().expand_as(parts[0].m)
+    for p in parts:
+        shift = torch.maximum(shift, p.m)
+    den = torch.exp(sink - shift)
+    num = 0.0
+    factors = []
+    for p in parts:
+        w = torch.exp((p.m - shift).clamp_min(_EXP_FLOOR))
+        num = num + p.out * w.unsqueeze(-1)
+        den = den + p.s * w
+        factors.append(w)
+    return num / den.unsqueeze(-1), [w / den for w in factors]
