@@ -61,3 +61,27 @@ def test_cache_bytes_match_the_cost_model():
             model(torch.randint(0, 64, (1, 1024)), cache=cache, last_only=True)
     predicted = kv_cache_bytes(cfg, 4096, 4)
     assert abs(cache.nbytes() - predicted) <= 0.01 * predicted, (cache.nbytes(), predicted)
+
+
+def test_dense_baseline_decodes_like_one_call():
+    """The dense baseline's growing cache: chunks and single tokens give the logits of one full call."""
+    import torch
+
+    from dsv4 import Transformer
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval().set_attention("dense")
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1)
+        parts = [model(ids[:, :17], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(17, 40)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.nbytes() == 40 * cfg.head_dim * 4 * cfg.num_hidden_layers
+
+
+def test_decode_reports_ratios(capsys):
+    r = run_json(capsys, "bench", "decode", "--preset", "tiny", "--context", "300", "--tokens", "2",
+                 "--repeats", "1", "--json")
+    assert r["speedup_vs_dense"] > 0 and r["cache_ratio_vs_dense"] > 1
+    assert r["dense_cache_bytes"] == r["dense_kv_bytes"] + 2 * 64 * 4 * 4  # context, then 2 decoded tokens

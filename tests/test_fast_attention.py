@@ -123,3 +123,17 @@ def test_attend_and_merge_equal_one_softmax(spread):
         mask = torch.cat([wmask[:, i:i + 1].expand(b, 1, kw), cmask[:, i:i + 1]], dim=-1)
         ref = kernels.reference_attention(q[:, i:i + 1], keys, mask, sinks, 1.0)
         torch.testing.assert_close(out[:, i:i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_lower_index_equals_the_exact_rule_on_tied_rows():
+    """The float top-k with tie repair against the exact int64-key top-k, on rows with and without boundary ties
+    (scores are - 0.0 free, as the indexer makes them)."""
+    from dsv4.model.indexer import _topk_exact
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 6, (64, 40), generator=g).float() + 0.0  # heavy ties
+    x[::2] = torch.randn(32, 40, generator=g)  # tie-free rows
+    x[5, 30:] = float("-inf")
+    for k in (1, 7, 20, 40):
+        got, want = topk_lower_index(x, k).sort(-1).values, _topk_exact(x, k).sort(-1).values
+        assert torch.equal(got, want), k

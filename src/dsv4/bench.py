@@ -170,6 +170,19 @@ def _boundary_ties(model, ids) -> int:
     return ties
 
 
+def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int):
+    """A decode cache of the dense baseline holding ``context`` random K=V vectors per layer, with space for
+    ``room`` more: what a dense prefill would leave, without its quadratic cost (a decode step's cost does not
+    depend on the vectors' values)."""
+    cache = model.new_cache(1)
+    for layer in cache.layers:
+        layer.kv = torch.empty(1, context + room, model.config.head_dim, dtype=dtype)
+        layer.kv[:, :context] = torch.randn(1, context, model.config.head_dim, generator=generator).to(dtype)
+        layer.dense_len = context
+    cache.seen = context
+    return cache
+
+
 def bench_decode(args) -> dict:
     from dsv4.cost import v4_cost
 
@@ -182,7 +195,10 @@ def bench_decode(args) -> dict:
     def per_token(context: int, impl: str) -> tuple[float, int]:
         model.set_attention(impl, args.block)
         ids = torch.randint(0, config.vocab_size, (1, context + args.tokens), generator=g)
-        cache, _ = prefill(model, ids[:, :context], args.chunk)
+        if impl == "dense":
+            cache = dense_cache(model, context, dtype, g, args.tokens)
+        else:
+            cache, _ = prefill(model, ids[:, :context], args.chunk)
         times = []
         with torch.no_grad():
             for i in range(args.tokens):

@@ -47,6 +47,7 @@ class LayerCache:
     pos: torch.Tensor | None = None  # [window] absolute position held in each slot, -1 when empty
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+    dense_len: int = 0  # the dense baseline only: rows of ``kv`` in use (see ``append_dense``)
 
     def window_keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.kv, self.pos
@@ -61,8 +62,24 @@ class LayerCache:
         self.kv[:, slots] = kv.detach().to(self.kv.dtype)
         self.pos[slots] = positions
 
+    def append_dense(self, kv: torch.Tensor) -> torch.Tensor:
+        """The dense baseline's cache (not V4's): append K=V vectors [B, S, c] to every earlier one and return them
+        all. ``kv`` is then a buffer whose capacity doubles when full (no copy of the whole past per token);
+        ``dense_len`` of its rows are filled."""
+        n = self.dense_len + kv.shape[1]
+        if self.kv is None or self.kv.shape[1] < n:
+            grown = kv.new_empty(kv.shape[0], max(n, 2 * (0 if self.kv is None else self.kv.shape[1])), kv.shape[-1])
+            if self.dense_len:
+                grown[:, :self.dense_len] = self.kv[:, :self.dense_len]
+            self.kv = grown
+        self.kv[:, self.dense_len:n] = kv.detach()
+        self.dense_len = n
+        return self.kv[:, :n]
+
     def nbytes(self) -> int:
         # the K=V ring plus the compressed entries and partial blocks; positions are bookkeeping, not KV
+        if self.dense_len:  # the dense baseline: the filled rows of its buffer
+            return self.dense_len * self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
         n = _nbytes(self.kv)
         for s in (self.compressor, self.indexer):
             if s is not None:

@@ -258,13 +258,14 @@ class Attention(nn.Module):
             raise ValueError("the dense baseline does not take packed documents")
         keys = kv
         if cache is not None:
-            keys = kv if cache.kv is None else torch.cat([cache.kv, kv], dim=1)
-            cache.kv = keys.detach()
+            keys = cache.append_dense(kv)
         b, s, h, c = q.shape
         k = keys.unsqueeze(1).expand(b, h, keys.shape[1], c)
         qh = q.transpose(1, 2)
         if s == keys.shape[1]:
             out = F.scaled_dot_product_attention(qh, k, k, is_causal=True, scale=self.scale)
+        elif s == 1:  # decoding: the one query sees every key
+            out = F.scaled_dot_product_attention(qh, k, k, scale=self.scale)
         else:  # queries are the last s of the keys
             t = torch.arange(keys.shape[1] - s, keys.shape[1], device=q.device)
             mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)

@@ -102,9 +102,21 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.
 def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., k] of the k largest scores, ties broken toward the lower index, exactly (fast path).
 
-    Each float32 score maps to an order-preserving int32; the int64 key (score bits, then the reversed index)
-    orders by score and, among equal scores, by lower index, so one ``topk`` gives the reference path's choice.
+    One float ``topk``; rows where it had to choose among scores equal to its k-th (a finite tie at the boundary,
+    rare) are chosen again by ``_topk_exact``. Ties among -inf (fewer than k visible) are not fixed: those picks are
+    masked out by the caller whichever they are.
     """
+    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+    kth = vals.amin(-1, keepdim=True)
+    ties = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth.squeeze(-1))
+    if ties.any():
+        idx[ties] = _topk_exact(scores[ties], k)
+    return idx
+
+
+def _topk_exact(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_lower_index`` for every row: each float32 score maps to an order-preserving int32, and the int64 key
+    (score bits, then the reversed index) orders by score and, among equal scores, by lower index."""
     bits = scores.contiguous().view(torch.int32).long()
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits
     n = scores.shape[-1]
