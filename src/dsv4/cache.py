@@ -29,8 +29,24 @@ class CompressorState:
     entries: torch.Tensor | None = None  # [B, T, dim] compressed entries emitted so far
     count: int = 0  # entries emitted so far; entry i covers source tokens [i*rate, (i+1)*rate)
 
+    _room: torch.Tensor | None = None  # buffer whose leading rows are ``entries`` (capacity doubles when full)
+
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        self.entries = new if self.entries is None else torch.cat([self.entries, new], dim=1)
+        """Add newly emitted entries [B, n, dim]; returns all entries so far. Without autograd they go to a buffer
+        that doubles when full, so decoding does not copy every entry each time one is emitted."""
+        if new.requires_grad or (self.entries is not None and self.entries.requires_grad):
+            self.entries = new if self.entries is None else torch.cat([self.entries, new], dim=1)
+            self._room = None
+        else:
+            have = 0 if self.entries is None else self.entries.shape[1]
+            n = have + new.shape[1]
+            if self._room is None or self._room.shape[1] < n or self._room.dtype != new.dtype:
+                room = new.new_empty(new.shape[0], max(n, 2 * have), new.shape[-1])
+                if have:
+                    room[:, :have] = self.entries
+                self._room = room
+            self._room[:, have:n] = new
+            self.entries = self._room[:, :n]
         self.count += new.shape[1]
         return self.entries
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.norm import rms_normalize
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -26,6 +25,13 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     return comb
+
+
+def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.linear(rms_normalize(x), weight)`` without the normalized copy of x: a row's scale factors out of the
+    linear map, so the few outputs are scaled instead of the n d inputs."""
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+    return F.linear(x, weight) * inv_rms
 
 
 class HyperConnection(nn.Module):
@@ -45,7 +51,7 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, d] -> (collapsed [B, S, d] float32, post [B, S, n], comb [B, S, n, n])."""
         n = self.n
-        mix = F.linear(rms_normalize(streams.flatten(-2), self.norm_eps), self.fn.float())
+        mix = normed_linear(streams.flatten(-2).float(), self.fn.float(), self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
         s = self.scale.float()
@@ -75,6 +81,6 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mix = F.linear(rms_normalize(streams.flatten(-2), self.norm_eps), self.fn.float())
+        mix = normed_linear(streams.flatten(-2).float(), self.fn.float(), self.norm_eps)
         pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
         return (pre.unsqueeze(-1) * streams.float()).sum(dim=-2)

@@ -96,7 +96,8 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.
     """
     b, nq, h, c = q.shape
     dots = torch.matmul(q.reshape(b, nq * h, c), keys.float().transpose(1, 2)).view(b, nq, h, -1)
-    return torch.matmul(w.unsqueeze(-2), F.relu(dots)).squeeze(-2) + 0.0
+    # in place: a fresh matmul result, which the matmul's backward does not need (relu's uses its own output)
+    return torch.matmul(w.unsqueeze(-2), dots.relu_()).squeeze(-2) + 0.0
 
 
 def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
