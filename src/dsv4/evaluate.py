@@ -10,9 +10,9 @@ run directory's own ``shards/`` when they match, else a cache folder (``--cache`
 of ``--batch-size`` rows of ``--seq-len`` tokens packed with document boundaries (``--batches`` caps the count).
 
 Figures: next-token cross-entropy in nats per token and bits per byte.
-* ``val_loss``: the model as it was trained: float32 masters, through the FP4 QAT forward (``dsv4.train.qat``) when
-  it was trained with QAT. That is read from the model's ``training.json`` (written by ``dsv4 train``, copied by
-  ``dsv4 convert``); ``--qat on|off`` overrides it.
+* ``val_loss``: the model as it was trained: float32 masters, through the FP4 QAT forward (``dsv4.train.qat``: FP4
+  experts and the indexers' FP4 query / key path) when it was trained with QAT. That is read from the model's
+  ``training.json`` (written by ``dsv4 train``, copied by ``dsv4 convert``); ``--qat on|off`` overrides it.
 * with ``--fp4``, ``fp4_val_loss``: the routed experts' weights replaced by real FP4 (MXFP4 quantized and
   dequantized once: what an official FP4 checkpoint of this model holds), and ``fp4_rel_diff`` = fp4 / as trained
   - 1 (the same for bits per byte). For a QAT model the masters without quantization are reported too
@@ -119,21 +119,34 @@ def validation_batches(shards, *, seq_len: int, batch_size: int, max_batches: in
 # ------------------------------------------------------------------------------------------------- the figures
 def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, qat: bool = False,
                    fp4: bool = False) -> dict:
-    """``val_loss`` / ``val_bits_per_byte`` of ``model`` as trained (with the FP4 QAT forward when ``qat``); with
+    """``val_loss`` / ``val_bits_per_byte`` of ``model`` as trained (with the FP4 QAT forward when ``qat``: FP4
+    experts and the indexers' FP4 query / key path, as ``dsv4 train --fp4-qat`` runs them); with
     ``fp4`` also ``fp4_val_loss`` / ``fp4_val_bits_per_byte`` with real FP4 routed experts and ``fp4_rel_diff``,
-    and for a QAT model ``float_val_loss`` / ``float_val_bits_per_byte`` of the unquantized masters. The model's
-    QAT switches are left as they were."""
+    and for a QAT model ``float_val_loss`` / ``float_val_bits_per_byte`` of the unquantized masters (FP4 nowhere).
+    Without ``qat`` nothing but the routed experts is ever quantized. The model's QAT switches are left as they
+    were."""
+    from dsv4.model.indexer import Indexer
     from dsv4.train.loop import evaluate
-    from dsv4.train.qat import enable_fp4_qat, expert_modules, real_fp4_experts
+    from dsv4.train.qat import (
+        enable_fp4_qat,
+        enable_indexer_fp4,
+        expert_modules,
+        real_fp4_experts,
+    )
 
     flags = [m.fp4_qat for m in expert_modules(model)]
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+    indexer_flags = [m.fp4_qk for m in indexers]
     out: dict = {}
     try:
-        if qat:
+        if qat:  # what `dsv4 train --fp4-qat` ran: FP4 experts and the indexers' FP4 query / key path
             enable_fp4_qat(model, True)
+            enable_indexer_fp4(model, True)
         else:
             for m in expert_modules(model):
                 m.fp4_qat = False
+            for m in indexers:
+                m.fp4_qk = False
         out["val_loss"], out["val_bits_per_byte"] = evaluate(model, batches, token_bytes)
         if fp4:
             with real_fp4_experts(model):
@@ -141,10 +154,13 @@ def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, q
             out["fp4_rel_diff"] = out["fp4_val_loss"] / out["val_loss"] - 1
             if qat:
                 enable_fp4_qat(model, False)
+                enable_indexer_fp4(model, False)
                 out["float_val_loss"], out["float_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
     finally:
         for m, f in zip(expert_modules(model), flags):
             m.fp4_qat = f
+        for m, f in zip(indexers, indexer_flags):
+            m.fp4_qk = f
     return out
 
 
