@@ -133,19 +133,23 @@ def _vs_transformers(model, ids, repeats: int, t_v4: float) -> dict:
         t_hf, ref = timed(lambda: hf(ids).logits.float(), repeats)
         t_ours, ours = timed(lambda: model(ids), repeats)
     diff = (ours - ref).abs().amax(-1)[0]
+    ties, first = _boundary_ties(model, ids)
     return {"hf_eager_seconds": t_hf, "speedup_vs_hf_eager": t_hf / t_ours, "one_call_seconds": t_ours,
             "max_abs_logit_diff_vs_hf": float(diff.max()),
             "positions_within_1e-4_of_hf": float((diff <= 1e-4).float().mean()),
-            "indexer_boundary_ties": _boundary_ties(model, ids)}
+            "indexer_boundary_ties": ties, "first_tie_position": first,
+            # attention is causal: the logits before the first tie cannot depend on how ties are broken
+            "max_abs_logit_diff_vs_hf_before_first_tie": float(diff[:first].max()) if first > 0 else None}
 
 
 @torch.no_grad()
-def _boundary_ties(model, ids) -> int:
+def _boundary_ties(model, ids) -> tuple[int, int]:
     """Queries whose k-th and (k+1)-th best visible index scores are equal: there transformers' top-k breaks the
-    tie arbitrarily and dsv4 toward the lower index, so their logits may differ (by design, not by error)."""
+    tie arbitrarily and dsv4 toward the lower index, so their logits may differ (by design, not by error).
+    Returns their count (over CSA layers) and the first such position (the sequence length when there is none)."""
     from dsv4.model.indexer import visible_entries
 
-    ties = 0
+    ties, first = 0, ids.shape[1]
     for layer in model.layers:
         att = layer.attn
         if att.indexer is None:
@@ -166,8 +170,11 @@ def _boundary_ties(model, ids) -> int:
         rows = visible.sum(-1) > k
         if rows.any() and k < masked.shape[-1]:
             top = masked.topk(k + 1, dim=-1).values
-            ties += int(((top[..., k - 1] == top[..., k]) & rows).sum())
-    return ties
+            tied = (top[..., k - 1] == top[..., k]) & rows
+            ties += int(tied.sum())
+            if tied.any():
+                first = min(first, int(tied.any(0).nonzero()[0]))
+    return ties, first
 
 
 def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int):
