@@ -175,9 +175,9 @@ class Attention(nn.Module):
     def _window_part(self, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Partial:
         """The window band of queries [g0, g1): block i of ``chunk`` queries sees the ``chunk + window - 1`` keys
         ending at its last query; every block's logits in one batched matmul."""
-        nq, w = self.chunk, self.window
         b, _, h, c = qs.shape
         n = g1 - g0
+        nq, w = min(self.chunk, n), self.window  # a short call (decoding: one query) is one block of its own size
         nb = -(-n // nq)
         width = nq + w - 1
         lo, need = offset + g0 - (w - 1), nb * nq + w - 1  # key rows [lo, lo + need) of wk, zero-padded outside
