@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv4.cache import CompressorState, LayerCache
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
@@ -22,6 +23,13 @@ from dsv4.model.indexer import (Indexer, IndexerStats, chunk_scores, indexer_kl,
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
+
+
+def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
+    """CSA's core for a few queries q [B, Q, H, c]: gather each query's chosen entries (rows [B, Q, k] of the
+    flattened entries [B T, c]; one gather serves every head) and attend to them."""
+    keys = entries.index_select(0, rows.flatten()).view(*rows.shape, entries.shape[-1])
+    return kernels.attend(q, keys, mask, keep)
 
 
 class Attention(nn.Module):
@@ -235,11 +243,14 @@ class Attention(nn.Module):
             cmask = visible.expand(b, -1, -1).gather(-1, idx)
             scores = scores.gather(-1, idx)
             rows = idx + (torch.arange(b, device=idx.device) * t).view(b, 1, 1)
+            # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
+            recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
             for a in range(0, r1 - r0, self.gather_rows):  # gathered keys [B, rows, k, c] stay in cache
                 z = min(r1 - r0, a + self.gather_rows)
-                ck = flat.index_select(0, rows[:, a:z].flatten()).view(b, z - a, idx.shape[-1], -1)
-                yield r0 + a, r0 + z, kernels.attend(qb[:, a:z], ck, cmask[:, a:z], keep), scores[:, a:z], \
-                    cmask[:, a:z]
+                args = (qb[:, a:z], flat, rows[:, a:z], cmask[:, a:z], keep)
+                part = checkpoint(_gathered_attend, *args, use_reentrant=False) if recompute \
+                    else _gathered_attend(*args)
+                yield r0 + a, r0 + z, part, scores[:, a:z], cmask[:, a:z]
 
     def _indexer_stats(self, stats: IndexerStats, probs, scores, cmask) -> None:
         """Add the indexer's KL loss (and in the dense phase its recall) over some queries; ``probs`` [B, Q, H, K]
