@@ -62,26 +62,73 @@ def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, keep: bool =
     """One key set's ``Partial`` for queries q [..., Q, H, c] (float32, already scaled by 1/sqrt(c)).
 
     keys (K = V, one head shared by every query head): [..., K, c] shared by the Q queries, or [..., Q, K, c] per
-    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K]. K must be > 0.
+    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K]. K must be > 0. Differentiable in q and
+    keys; backward recomputes the weights (flash attention's trade), so no [..., Q, H, K] tensor is stored.
     """
-    shared = keys.dim() == q.dim() - 1
-    *lead, nq, h, c = q.shape
+    out, m, s, e = _Attend.apply(q, keys, mask, keys.dim() == q.dim() - 1)
+    return Partial(out, m, s, e if keep else None)
+
+
+def _logits(q: torch.Tensor, keys: torch.Tensor, shared: bool) -> torch.Tensor:
     if shared:
-        z = torch.matmul(q.reshape(*lead, nq * h, c), keys.transpose(-1, -2)).view(*lead, nq, h, -1)
-    else:
-        z = torch.matmul(q, keys.transpose(-1, -2))
+        *lead, nq, h, c = q.shape
+        return torch.matmul(q.reshape(*lead, nq * h, c), keys.transpose(-1, -2)).view(*lead, nq, h, -1)
+    return torch.matmul(q, keys.transpose(-1, -2))
+
+
+def _weighted(w: torch.Tensor, keys: torch.Tensor, shared: bool) -> torch.Tensor:
+    """sum_j w[..., j] keys[j]: w [..., Q, H, K] -> [..., Q, H, c]."""
+    if shared:
+        *lead, nq, h, k = w.shape
+        return torch.matmul(w.reshape(*lead, nq * h, k), keys).view(*lead, nq, h, -1)
+    return torch.matmul(w, keys)
+
+
+def _keys_grad(w: torch.Tensor, x: torch.Tensor, shared: bool) -> torch.Tensor:
+    """sum over queries (and heads) of w[..., j] x: w [..., Q, H, K], x [..., Q, H, c] -> the keys' shape."""
+    if shared:
+        *lead, nq, h, k = w.shape
+        return torch.matmul(w.reshape(*lead, nq * h, k).transpose(-1, -2), x.reshape(*lead, nq * h, -1))
+    return torch.matmul(w.transpose(-1, -2), x)
+
+
+def _weights(q, keys, mask, m, shared):
+    """e = exp(z - m) of the unmasked keys (0 for masked ones), its argument floored at ``_EXP_FLOOR``."""
     drop = ~mask.unsqueeze(-2)
-    z = z.masked_fill_(drop, _MASKED)  # in place: z is a fresh matmul result, not needed by its backward
-    m = z.amax(-1).detach()
-    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
-        e = torch.exp((z - m.unsqueeze(-1)).clamp_min(_EXP_FLOOR)).masked_fill(drop, 0.0)
-    else:  # the same in place: no allocation of [..., Q, H, K] temporaries
-        e = z.sub_(m.unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(drop, 0.0)
-    if shared:
-        out = torch.matmul(e.view(*lead, nq * h, -1), keys).view(*lead, nq, h, c)
-    else:
-        out = torch.matmul(e, keys)
-    return Partial(out, m, e.sum(-1), e if keep else None)
+    z = _logits(q, keys, shared).masked_fill_(drop, _MASKED)
+    if m is None:
+        m = z.amax(-1)
+    return z.sub_(m.unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(drop, 0.0), m
+
+
+class _Attend(torch.autograd.Function):
+    """attend's math with a recomputing backward: saves q, keys, mask and the shift m; returns (out, m, s, e),
+    m and e without gradient (e only for the indexer's target)."""
+
+    @staticmethod
+    def forward(ctx, q, keys, mask, shared):
+        e, m = _weights(q, keys, mask, None, shared)
+        out = _weighted(e, keys, shared)
+        ctx.save_for_backward(q, keys, mask, m)
+        ctx.shared = shared
+        ctx.mark_non_differentiable(m, e)
+        return out, m, e.sum(-1), e
+
+    @staticmethod
+    def backward(ctx, d_out, d_m, d_s, d_e):
+        q, keys, mask, m = ctx.saved_tensors
+        shared = ctx.shared
+        e, _ = _weights(q, keys, mask, m, shared)
+        # out = sum_j e_j v_j, s = sum_j e_j, e_j = exp(z_j - m) with z_j = q . k_j (m a constant)
+        d_w = _logits(d_out, keys, shared)  # d out / d e_j = v_j
+        if d_s is not None:
+            d_w = d_w + d_s.unsqueeze(-1)
+        d_z = d_w.mul_(e)  # masked keys have e = 0
+        d_q = _weighted(d_z, keys, shared) if ctx.needs_input_grad[0] else None
+        d_keys = None
+        if ctx.needs_input_grad[1]:
+            d_keys = _keys_grad(d_z, q, shared) + _keys_grad(e, d_out, shared)  # as keys, then as values
+        return d_q, d_keys, None, None
 
 
 def merge(parts: list[Partial], sinks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
