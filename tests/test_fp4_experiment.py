@@ -1,7 +1,56 @@
 """dsv4 eval's figures for a QAT model; benchmarks/fp4_qat.py's summary and the docs row benchmarks/run_all.py makes
 of it (no training here)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _seed(seed, qat_diff, plain_diff, qat_val=4.0, plain_val=4.1):
+    return {"seed": seed,
+            "qat": {"val_loss": qat_val, "fp4_val_loss": qat_val * (1 + qat_diff), "fp4_rel_diff": qat_diff,
+                    "training_val_loss": qat_val},
+            "no_qat": {"val_loss": plain_val, "fp4_val_loss": plain_val * (1 + plain_diff),
+                       "fp4_rel_diff": plain_diff}}
+
+
+def test_summary_needs_every_seed_positive_and_above_the_qat_difference():
+    fp4 = _load("fp4_qat")
+    s = fp4.summarize([_seed(0, 0.0, 0.004), _seed(1, -0.0002, 0.002)])
+    assert s["seeds"] == 2 and s["qat_within_1pct"] and s["non_qat_measurably_worse"]
+    assert s["no_qat_fp4_rel_diff_mean"] == pytest.approx(0.003)
+    assert s["no_qat_fp4_rel_diff_min"] == pytest.approx(0.002)
+    assert s["qat_fp4_rel_diff_abs_max"] == pytest.approx(0.0002)
+    assert s["fp4_val_loss_qat_minus_no_qat_mean"] < 0
+    assert not fp4.summarize([_seed(0, 0.0, 0.0011), _seed(1, 0.0, -0.0013)])["non_qat_measurably_worse"]
+    assert not fp4.summarize([_seed(0, 0.003, 0.002)])["non_qat_measurably_worse"]  # not above QAT's |diff|
+    assert not fp4.summarize([_seed(0, 0.02, 0.05)])["qat_within_1pct"]
+
+
+def test_docs_row_joins_the_seeds_in_order():
+    fp4, run_all = _load("fp4_qat"), _load("run_all")
+    seeds = [_seed(3, 0.0, 0.0042), _seed(4, 0.0, 0.0017)]
+    result = {"experiment": "fp4_qat", "command": "python benchmarks/fp4_qat.py --seeds 3,4", "steps": 10,
+              "lr": 0.01, "per_seed": seeds, **fp4.summarize(seeds)}
+    row = run_all._fp4_row(result)
+    assert row["seeds"] == "3, 4" and row["worse"] == "yes"
+    assert row["plain_diff"] == "+0.420% / +0.170%" and row["qat_diff"] == "+0.000% / +0.000%"
+    assert row["plain_val"] == "4.1000 / 4.1000" and row["plain_second"] == "-"
+    for s, second in zip(seeds, (0.0003, -0.0001)):
+        s["no_qat"]["decomposition"] = {"first_order_rel": 0.0, "second_order_rel": second}
+    assert run_all._fp4_row(result)["plain_second"] == "+0.030% / -0.010%"
+    lines = run_all._table("## FP4", [row], [("no QAT diff", "plain_diff")])
+    assert lines[-2] == "| +0.420% / +0.170% | `python benchmarks/fp4_qat.py --seeds 3,4` |"
 
 
 def test_eval_as_trained_runs_the_indexer_fp4_path_that_training_with_qat_ran():
