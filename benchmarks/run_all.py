@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # run everything listed in PLAN (long on a 2-core CPU), then write docs
     python benchmarks/run_all.py --quick    # small contexts only, minutes
     python benchmarks/run_all.py --docs     # only rewrite docs/benchmarks.md + plots from benchmarks/results/
+    python benchmarks/run_all.py --only "decode"   # only the plan's commands containing this text, then docs
 
 Each measurement runs as its own process (``python -m dsv4 bench ... --json``) so that its peak RSS is its own.
 Results go to ``benchmarks/results/<machine>.jsonl``, one JSON object per line, with the command that produced it.
@@ -25,12 +26,10 @@ DOCS = ROOT / "docs"
 
 PLAN = [
     ["prefill", "--preset", "small", "--context", "4096"],
-    ["prefill", "--preset", "small", "--context", "16384", "--repeats", "1"],
-    ["prefill", "--preset", "small", "--context", "32768", "--repeats", "1"],
+    ["prefill", "--preset", "small", "--context", "32768", "--repeats", "2"],
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
-    ["decode", "--preset", "small", "--context", "16384"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
-    ["train", "--preset", "small", "--context", "1024", "--batch-size", "8"],
+    ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
 ]
 QUICK = [
     ["prefill", "--preset", "small", "--context", "2048", "--repeats", "1"],
@@ -206,11 +205,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--docs", action="store_true", help="only regenerate the docs from saved results")
+    p.add_argument("--only", action="append", default=[], metavar="TEXT",
+                   help="run only the plan's commands containing TEXT (e.g. 'prefill --preset small --context "
+                        "4096'); repeatable")
     args = p.parse_args()
     if not args.docs:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{machine_name()}.jsonl"
-        for bench in (QUICK if args.quick else PLAN):
+        plan = QUICK if args.quick else PLAN
+        if args.only:
+            plan = [b for b in plan if any(text in " ".join(b) for text in args.only)]
+            if not plan:
+                p.error(f"no benchmark of the plan matches {args.only}")
+        for bench in plan:
             print("running dsv4 bench", " ".join(bench), flush=True)
             result = run_one(bench)
             with open(out, "a") as f:
