@@ -149,7 +149,7 @@ class Attention(nn.Module):
                 cache.write_window(kv, positions)
         offset = wk.shape[1] - s
         wk = wk.float()
-        comp = index_keys = qi = wi = None
+        comp = keys_t = qi = wi = None
         if self.compressor is not None:
             comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
         if self.indexer is not None:
@@ -157,6 +157,7 @@ class Attention(nn.Module):
             xd, qd = x.detach(), q_latent.detach()
             index_keys = self.indexer.keys(xd, self.rotary, cache.indexer if cache is not None else None, packing)
             qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
+            keys_t = index_keys.float().transpose(1, 2).contiguous()  # [B, c, T]: blocks' scores read a prefix
         # in training mode only: validation and generation never pay for the indexer's loss
         stats = IndexerStats() if self.indexer is not None and self.indexer_training and self.training else None
         self.indexer_stats = stats
@@ -172,7 +173,7 @@ class Attention(nn.Module):
                 entries = self._entries_part(qs, comp, coord, positions, q_doc, g0, g1)
                 outs.append(kernels.merge([window, entries], self.attn_sink)[0])
             else:
-                for r0, r1, part, scores, cmask in self._csa_parts(qs, comp, index_keys, qi, wi, coord, positions,
+                for r0, r1, part, scores, cmask in self._csa_parts(qs, comp, keys_t, qi, wi, coord, positions,
                                                                    q_doc, g0, g1, stats is not None):
                     out, factors = kernels.merge([window.rows(r0 - g0, r1 - g0), part], self.attn_sink)
                     outs.append(out)
@@ -219,7 +220,7 @@ class Attention(nn.Module):
             return kernels.Partial.empty(qs[:, r0:r1])
         return kernels.attend(qs[:, r0:r1], comp.kv[:, :tlim].float(), visible)
 
-    def _csa_parts(self, qs, comp, index_keys, qi, wi, coord, positions, q_doc, g0, g1, keep):
+    def _csa_parts(self, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, keep):
         """CSA for queries [g0, g1), by blocks of ``chunk``: index scores, top-k, and a gather of the chosen entries
         (one for every head) for ``gather_rows`` queries at a time; in the dense phase (``sparse`` off) every
         visible entry. Yields (r0, r1, Partial of rows [r0, r1), their index scores and entry mask)."""
@@ -230,18 +231,26 @@ class Attention(nn.Module):
         for r0 in range(g0, g1, self.chunk):
             r1 = min(g1, r0 + self.chunk)
             qb = qs[:, r0:r1]
-            tlim, visible = self._visible(comp, coord, positions, q_doc, r0, r1)
+            if self.sparse and comp.doc is None:
+                tlim, visible = min(t, int(positions[r1 - 1] + 1) // self.rate), None
+            else:
+                tlim, visible = self._visible(comp, coord, positions, q_doc, r0, r1)
             if tlim == 0:
                 yield r0, r1, kernels.Partial.empty(qb), None, None
                 continue
-            scores = chunk_scores(qi[:, r0:r1], wi[:, r0:r1], index_keys[:, :tlim])
+            scores = chunk_scores(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim])
             if not self.sparse:
                 yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
                 continue
-            scores = scores.masked_fill(~visible, float("-inf"))
+            if visible is None:  # one document: only the block's last entries are visible to some queries only
+                first = min(tlim, int(positions[r0] + 1) // self.rate)
+                tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], self.rate)
+                scores[..., first:tlim].masked_fill_(~tail, float("-inf"))
+            else:
+                scores = scores.masked_fill(~visible, float("-inf"))
             idx = topk_lower_index(scores, min(self.indexer.topk, tlim))  # [B, Q, k]
-            cmask = visible.expand(b, -1, -1).gather(-1, idx)
             scores = scores.gather(-1, idx)
+            cmask = scores > float("-inf")  # the picks that are visible (fewer than k visible: the rest are not)
             rows = idx + (torch.arange(b, device=idx.device) * t).view(b, 1, 1)
             # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
             recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)

@@ -89,13 +89,18 @@ class Indexer(nn.Module):
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
 
 
-def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Index scores of a chunk of queries: q [B, Q, h, c], w [B, Q, h], keys [B, T, c] -> [B, Q, T] float32.
+def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+    """Index scores of a chunk of queries: q [B, Q, h, c], w [B, Q, h], keys transposed keys_t [B, c, T]
+    -> [B, Q, T] float32.
 
-    One matmul for all heads ([B, Q h, c] x [B, c, T]), ReLU, then the weighted head sum as a batched matmul.
+    One matmul for all heads ([B, Q h, c] x [B, c, T]; keys given transposed so that a prefix of the entries is a
+    plain strided operand), ReLU, then the weighted head sum as a batched matmul.
     """
     b, nq, h, c = q.shape
-    dots = torch.matmul(q.reshape(b, nq * h, c), keys.float().transpose(1, 2)).view(b, nq, h, -1)
+    if b == 1:
+        dots = torch.mm(q.reshape(nq * h, c), keys_t[0].float()).view(1, nq, h, -1)
+    else:
+        dots = torch.matmul(q.reshape(b, nq * h, c), keys_t.float()).view(b, nq, h, -1)
     # in place: a fresh matmul result, which the matmul's backward does not need (relu's uses its own output)
     return torch.matmul(w.unsqueeze(-2), dots.relu_()).squeeze(-2) + 0.0
 
