@@ -26,7 +26,9 @@ DOCS = ROOT / "docs"
 
 PLAN = [
     ["prefill", "--preset", "small", "--context", "4096"],
+    ["prefill", "--preset", "small", "--context", "4096", "--threads", "1"],
     ["prefill", "--preset", "small", "--context", "32768", "--repeats", "2"],
+    ["prefill", "--preset", "small", "--context", "32768", "--repeats", "1", "--threads", "1"],
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
@@ -76,6 +78,8 @@ def load_results() -> dict[str, list[dict]]:
 
 
 def _fmt(x, digits=3):
+    if x is None:
+        return "-"
     if isinstance(x, float):
         return f"{x:,.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
     return f"{x:,}" if isinstance(x, int) else str(x)
@@ -100,19 +104,22 @@ def write_docs(results: dict[str, list[dict]]) -> None:
         lines += [f"## {machine}", ""]
         pre = sorted((r for r in rows if r["bench"] == "prefill"), key=lambda r: r["context"])
         lines += _table("### Prefill", pre, [
-            ("context", "context"), ("V4 s", "seconds"), ("dense s", "dense_seconds"),
+            ("context", "context"), ("threads", "threads"), ("V4 s", "seconds"), ("dense s", "dense_seconds"),
             ("speedup vs dense", "speedup_vs_dense"), ("vs HF eager", "speedup_vs_hf_eager"),
+            ("logit diff vs HF before 1st tie", "max_abs_logit_diff_vs_hf_before_first_tie"),
             ("peak RSS GiB", "peak_rss_gib"), ("MFU", "mfu"), ("cache bytes", "kv_bytes"),
             ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
             ("load", "load_average_at_start")])
         dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
         lines += _table("### Decode", dec, [
-            ("context", "context"), ("ms/token", "ms_per_token"), ("dense ms/token", "dense_ms_per_token"),
+            ("context", "context"), ("threads", "threads"), ("ms/token", "ms_per_token"),
+            ("dense ms/token", "dense_ms_per_token"),
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
             ("load", "load_average_at_start")])
         lines += _table("### Training", [r for r in rows if r["bench"] == "train"], [
-            ("preset", "preset"), ("seq", "seq_len"), ("batch", "batch_size"), ("tokens/s", "tokens_per_s"),
+            ("preset", "preset"), ("threads", "threads"), ("seq", "seq_len"), ("batch", "batch_size"),
+            ("tokens/s", "tokens_per_s"),
             ("MFU", "mfu"), ("load", "load_average_at_start")])
         if pre or dec:
             plot = DOCS / f"bench-{machine}.png"

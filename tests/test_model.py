@@ -136,3 +136,17 @@ def test_generate_is_deterministic_with_a_seed():
     greedy = generate(model, prompt, 4, temperature=0)
     with torch.no_grad():
         assert greedy[0, 10] == model(prompt)[0, -1].argmax()
+
+
+def test_small_sinkhorn_equals_the_tensor_path():
+    """Decoding's numpy Sinkhorn (a few matrices, no autograd) gives the tensor path's doubly-stochastic matrices."""
+    from dsv4.model import hyper
+
+    g = torch.Generator().manual_seed(2)
+    for shape in [(1, 1, 4, 4), (2, 3, 4, 4)]:
+        logits = torch.randn(*shape, generator=g) * 3
+        with torch.no_grad():
+            small = hyper.sinkhorn(logits, 20, 1e-6)
+        ref = hyper.sinkhorn(logits.clone().requires_grad_(), 20, 1e-6).detach()
+        torch.testing.assert_close(small, ref, atol=1e-6, rtol=1e-5)
+        assert small.dtype == torch.float32 and small.shape == logits.shape

@@ -288,12 +288,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.context < 1:
         raise ValueError(f"--context must be >= 1, got {args.context}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     result = {"prefill": bench_prefill, "decode": bench_decode, "train": bench_train}[args.what](args)
     if args.json:
         print(json.dumps(result))

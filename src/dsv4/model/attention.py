@@ -157,7 +157,9 @@ class Attention(nn.Module):
             xd, qd = x.detach(), q_latent.detach()
             index_keys = self.indexer.keys(xd, self.rotary, cache.indexer if cache is not None else None, packing)
             qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
-            keys_t = index_keys.float().transpose(1, 2).contiguous()  # [B, c, T]: blocks' scores read a prefix
+            keys_t = index_keys.float().transpose(1, 2)  # [B, c, T]: each block's scores read a prefix
+            if s > self.chunk:  # several blocks: one contiguous copy makes every prefix a plain strided operand
+                keys_t = keys_t.contiguous()
         # in training mode only: validation and generation never pay for the indexer's loss
         stats = IndexerStats() if self.indexer is not None and self.indexer_training and self.training else None
         self.indexer_stats = stats

@@ -10,6 +10,7 @@ logits split [pre | post | comb], and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,12 +20,31 @@ from dsv4.config import ModelConfig
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix."""
+    if logits.device.type == "cpu" and logits[..., 0, 0].numel() <= _SMALL and \
+            not (torch.is_grad_enabled() and logits.requires_grad):
+        return _sinkhorn_small(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     return comb
+
+
+_SMALL = 8  # matrices: decoding a few tokens
+
+
+def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """``sinkhorn`` for a few matrices without autograd, in numpy float32: decoding runs it once per token and
+    mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic."""
+    x = logits.detach().float().numpy()
+    comb = np.exp(x - x.max(-1, keepdims=True))
+    comb = comb / comb.sum(-1, keepdims=True) + np.float32(eps)
+    comb = comb / (comb.sum(-2, keepdims=True) + np.float32(eps))
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdims=True) + np.float32(eps))
+        comb = comb / (comb.sum(-2, keepdims=True) + np.float32(eps))
+    return torch.from_numpy(np.ascontiguousarray(comb, dtype=np.float32))
 
 
 def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
