@@ -61,6 +61,9 @@ def run_one(args: list[str]) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["command"] = "dsv4 bench " + " ".join(args) + " --json"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                          check=False)
+    result["commit"] = head.stdout.strip() or None  # the code that was measured
     result["date"] = time.strftime("%Y-%m-%d", time.gmtime(t))
     result["load_average_at_start"] = load
     return result
