@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported by tests too, not only run as a script
+from run_all import report_experiment  # noqa: E402
+
 
 def summarize(seeds: list[dict]) -> dict:
     """Over the per-seed records: the non-QAT models' post-hoc FP4 relative differences (mean, min, max), the QAT
@@ -166,11 +169,7 @@ def main() -> int:
         "preset": "tiny", "data": "stdlib", "steps": args.steps, "lr": args.lr, "seq_len": args.seq_len,
         "batch_size": args.batch_size, "bias_speed": args.bias_speed, "per_seed": per_seed,
         **summarize(per_seed), "seconds": time.perf_counter() - t0}
-    print(json.dumps(result))
-    if args.save:  # into benchmarks/results, where benchmarks/run_all.py --docs finds it
-        results = Path(__file__).resolve().parent / "results"
-        results.mkdir(exist_ok=True)
-        (results / f"experiment-fp4-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result))
+    report_experiment(result, "fp4", args.save)
     return 0
 
 

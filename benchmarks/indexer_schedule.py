@@ -14,8 +14,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported by tests too, not only run as a script
+from run_all import report_experiment  # noqa: E402
 
 
 def main() -> int:
@@ -53,11 +55,7 @@ def main() -> int:
         "recall_end_of_warmup": recall.get(args.dense + args.warmup),
         "val_loss_sparse": sparse[0], "val_loss_dense_attention": dense[0],
         "sparse_vs_dense": sparse[0] / dense[0] - 1, "val_bits_per_byte": sparse[1], "train": train}
-    print(json.dumps(result))
-    if args.save:  # into benchmarks/results, where benchmarks/run_all.py --docs finds it
-        results = Path(__file__).resolve().parent / "results"
-        results.mkdir(exist_ok=True)
-        (results / f"experiment-indexer-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result))
+    report_experiment(result, "indexer", args.save)
     return 0
 
 

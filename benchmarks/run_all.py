@@ -88,6 +88,15 @@ def _fmt(x, digits=3):
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def report_experiment(result: dict, kind: str, save: bool) -> None:
+    """Print an experiment's JSON (benchmarks/indexer_schedule.py, fp4_qat.py); with ``save`` also write it to
+    ``benchmarks/results/experiment-<kind>-<time>.json``, where ``--docs`` finds it."""
+    print(json.dumps(result))
+    if save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"experiment-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result))
+
+
 def experiments() -> list[dict]:
     """Results of the training experiments (benchmarks/indexer_schedule.py ... --save), newest first."""
     found = []

@@ -35,15 +35,15 @@ _SMALL = 8  # matrices: decoding a few tokens
 
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``sinkhorn`` for a few matrices without autograd, in numpy float32: decoding runs it once per token and
-    mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic."""
-    x = logits.detach().float().numpy()
+    """``sinkhorn`` for a few matrices without autograd, in numpy float64 (then float32): decoding runs it once per
+    token and mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic."""
+    x = logits.detach().double().numpy()
     comb = np.exp(x - x.max(-1, keepdims=True))
-    comb = comb / comb.sum(-1, keepdims=True) + np.float32(eps)
-    comb = comb / (comb.sum(-2, keepdims=True) + np.float32(eps))
+    comb = comb / comb.sum(-1, keepdims=True) + eps
+    comb = comb / (comb.sum(-2, keepdims=True) + eps)
     for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdims=True) + np.float32(eps))
-        comb = comb / (comb.sum(-2, keepdims=True) + np.float32(eps))
+        comb = comb / (comb.sum(-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(-2, keepdims=True) + eps)
     return torch.from_numpy(np.ascontiguousarray(comb, dtype=np.float32))
 
 
