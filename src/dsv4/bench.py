@@ -184,9 +184,7 @@ def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Genera
     depend on the vectors' values)."""
     cache = model.new_cache(1)
     for layer in cache.layers:
-        layer.kv = torch.empty(1, context + room, model.config.head_dim, dtype=dtype)
-        layer.kv[:, :context] = torch.randn(1, context, model.config.head_dim, generator=generator).to(dtype)
-        layer.dense_len = context
+        layer.append_dense(torch.randn(1, context, model.config.head_dim, generator=generator).to(dtype), room)
     cache.seen = context
     return cache
 

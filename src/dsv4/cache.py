@@ -18,6 +18,20 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def append_rows(buffer: torch.Tensor | None, filled: int, new: torch.Tensor, room: int = 0) -> torch.Tensor:
+    """Write ``new`` [B, n, c] after the first ``filled`` rows (dim 1) of ``buffer`` and return the buffer: the same
+    one while it has space, else a new one of at least twice the size (plus ``room`` spare rows) holding the old
+    rows. Appending one row at a time then copies the past O(log n) times, not n times."""
+    n = filled + new.shape[1]
+    if buffer is None or buffer.shape[1] < n or buffer.dtype != new.dtype:
+        grown = new.new_empty(new.shape[0], max(n + room, 2 * filled), new.shape[-1])
+        if filled:
+            grown[:, :filled] = buffer[:, :filled]
+        buffer = grown
+    buffer[:, filled:n] = new
+    return buffer
+
+
 @dataclass
 class CompressorState:
     """State of one compressor across calls."""
@@ -39,14 +53,8 @@ class CompressorState:
             self._room = None
         else:
             have = 0 if self.entries is None else self.entries.shape[1]
-            n = have + new.shape[1]
-            if self._room is None or self._room.shape[1] < n or self._room.dtype != new.dtype:
-                room = new.new_empty(new.shape[0], max(n, 2 * have), new.shape[-1])
-                if have:
-                    room[:, :have] = self.entries
-                self._room = room
-            self._room[:, have:n] = new
-            self.entries = self._room[:, :n]
+            self._room = append_rows(self._room, have, new)
+            self.entries = self._room[:, :have + new.shape[1]]
         self.count += new.shape[1]
         return self.entries
 
@@ -78,19 +86,13 @@ class LayerCache:
         self.kv[:, slots] = kv.detach().to(self.kv.dtype)
         self.pos[slots] = positions
 
-    def append_dense(self, kv: torch.Tensor) -> torch.Tensor:
+    def append_dense(self, kv: torch.Tensor, room: int = 0) -> torch.Tensor:
         """The dense baseline's cache (not V4's): append K=V vectors [B, S, c] to every earlier one and return them
-        all. ``kv`` is then a buffer whose capacity doubles when full (no copy of the whole past per token);
-        ``dense_len`` of its rows are filled."""
-        n = self.dense_len + kv.shape[1]
-        if self.kv is None or self.kv.shape[1] < n:
-            grown = kv.new_empty(kv.shape[0], max(n, 2 * (0 if self.kv is None else self.kv.shape[1])), kv.shape[-1])
-            if self.dense_len:
-                grown[:, :self.dense_len] = self.kv[:, :self.dense_len]
-            self.kv = grown
-        self.kv[:, self.dense_len:n] = kv.detach()
-        self.dense_len = n
-        return self.kv[:, :n]
+        all. ``kv`` is then a buffer that grows by doubling (``append_rows``; ``room`` spare rows when it is
+        allocated), of which ``dense_len`` rows are filled."""
+        self.kv = append_rows(self.kv, self.dense_len, kv.detach(), room)
+        self.dense_len += kv.shape[1]
+        return self.kv[:, :self.dense_len]
 
     def nbytes(self) -> int:
         # the K=V ring plus the compressed entries and partial blocks; positions are bookkeeping, not KV
