@@ -50,7 +50,7 @@ from torch import nn
 
 from dsv4.model.moe import Experts
 from dsv4.train.loop import Trainer, lm_losses
-from dsv4.train.optim import HybridOptimizer, Muon, build_optimizer
+from dsv4.train.optim import HybridOptimizer, Muon, build_optimizer, closure_loss
 
 __all__ = ["DistributedError", "Parallel", "DistributedMuon", "DistributedTrainer", "expert_parallel",
            "all_to_all_rows", "add_arguments", "from_args", "is_distributed_checkpoint", "make_trainer", "main_first",
@@ -172,10 +172,7 @@ class DistributedMuon(Muon):
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             params, views = group["params"], group["views"]

@@ -185,6 +185,14 @@ def param_groups(model: nn.Module, o_groups: int | None = None
 
 # ------------------------------------------------------------------------------------------------------- Muon
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """The ``closure`` argument of ``Optimizer.step``: re-evaluate the loss with gradients on, if one is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon with Nesterov momentum, hybrid Newton-Schulz orthogonalization, RMS matching and decoupled weight decay.
 
@@ -236,10 +244,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p, view in zip(group["params"], group["views"]):
@@ -306,10 +311,7 @@ class HybridOptimizer:
             group["lr"] = lr
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for opt in self.optimizers:
             opt.step()
         return loss
