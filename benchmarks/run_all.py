@@ -201,23 +201,27 @@ def _plot(pre: list[dict], dec: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if pre:
-        a.loglog([r["context"] for r in pre], [r["seconds"] for r in pre], "o-", label="V4 (fast paths)")
-        dense = [r for r in pre if "dense_seconds" in r]
-        a.loglog([r["context"] for r in dense], [r["dense_seconds"] for r in dense], "s--", label="dense SDPA")
-    a.set_xlabel("prompt tokens")
-    a.set_ylabel("prefill seconds")
-    a.legend()
-    if dec:
-        b.semilogx([r["context"] for r in dec], [r["ms_per_token"] for r in dec], "o-", label="V4")
-        dense = [r for r in dec if "dense_ms_per_token" in r]
-        b.semilogx([r["context"] for r in dense], [r["dense_ms_per_token"] for r in dense], "s--", label="dense")
-    b.set_xlabel("context tokens")
-    b.set_ylabel("ms per generated token")
-    b.legend()
+    _panel(a, pre, "seconds", "dense_seconds", "prompt tokens", "prefill seconds", "log")
+    _panel(b, dec, "ms_per_token", "dense_ms_per_token", "context tokens", "ms per generated token", "linear")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _panel(ax, rows: list[dict], v4: str, dense: str, xlabel: str, ylabel: str, yscale: str) -> None:
+    """V4 and dense against context, one pair of lines per thread count (runs at other counts are not comparable)."""
+    for threads in sorted({r.get("threads") for r in rows}, key=str):
+        runs = sorted((r for r in rows if r.get("threads") == threads), key=lambda r: r["context"])
+        tag = f", {threads} thread{'s' if threads != 1 else ''}" if threads is not None else ""
+        ax.plot([r["context"] for r in runs], [r[v4] for r in runs], "o-", label="V4" + tag)
+        with_dense = [r for r in runs if dense in r]
+        ax.plot([r["context"] for r in with_dense], [r[dense] for r in with_dense], "s--", label="dense" + tag)
+    ax.set_xscale("log")
+    ax.set_yscale(yscale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if rows:
+        ax.legend()
 
 
 def main() -> int:
