@@ -151,15 +151,16 @@ def _boundary_ties(model, ids) -> tuple[int, int]:
     from dsv4.model.indexer import visible_entries
 
     ties, first = 0, ids.shape[1]
-    for layer in model.layers:
-        att = layer.attn
-        if att.indexer is None:
-            continue
-        captured = {}
-        hook = att.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
+    csa = [layer.attn for layer in model.layers if layer.attn.indexer is not None]
+    inputs = {}  # every CSA layer's normed input, from one forward
+    hooks = [att.register_forward_hook(lambda m, a, o: inputs.setdefault(m, a[0])) for att in csa]
+    try:
         model(ids)
-        hook.remove()
-        x = captured["x"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for att in csa:
+        x = inputs[att]
         positions = torch.arange(ids.shape[1])
         q_latent = att.q_norm(att.wq_a(x))
         keys = att.indexer.keys(x, att.rotary, None)
