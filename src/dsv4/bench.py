@@ -153,7 +153,10 @@ def _boundary_ties(model, ids) -> tuple[int, int]:
     ties, first = 0, ids.shape[1]
     csa = [layer.attn for layer in model.layers if layer.attn.indexer is not None]
     inputs = {}  # every CSA layer's normed input, from one forward
-    hooks = [att.register_forward_hook(lambda m, a, o: inputs.setdefault(m, a[0])) for att in csa]
+    def keep_input(module, args, output) -> None:  # returns None: the layer's output stays as it is
+        inputs[module] = args[0]
+
+    hooks = [att.register_forward_hook(keep_input) for att in csa]
     try:
         model(ids)
     finally:
