@@ -19,18 +19,20 @@ def model_for(seed=0, **changes):
     return lively(model)
 
 
-def set_impl(model, impl, chunk=None):
+def set_impl(model, impl, chunk=None, window_block=None):
     for m in model.modules():
         if isinstance(m, Attention):
             m.impl = impl
             if chunk:
                 m.chunk = chunk
+            if window_block:
+                m.window_block = window_block
 
 
-def run_both(model, ids, doc_ids=None, chunk=16):
+def run_both(model, ids, doc_ids=None, chunk=16, window_block=None):
     out = {}
     for impl in ("reference", "fast"):
-        set_impl(model, impl, chunk)
+        set_impl(model, impl, chunk, window_block)
         model.zero_grad(set_to_none=True)
         res = model.forward_train(ids, doc_ids=doc_ids)
         loss = (res.logits.square().mean() + res.mtp_logits[0].square().mean()) if res.mtp_logits \
@@ -48,6 +50,8 @@ CASES = {
     "sparse": dict(seq=97, changes=dict(index_topk=3)),
     "batch-3": dict(seq=50, batch=3),
     "hca-rate-above-window": dict(seq=90, changes=dict(sliding_window=8)),
+    "window-blocks-of-5": dict(seq=61, window_block=5),
+    "window-blocks-above-window": dict(seq=70, window_block=40),
 }
 
 
@@ -57,7 +61,7 @@ def test_fast_equals_reference(case):
     model = model_for(**spec.get("changes", {}))
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 211, (spec.get("batch", 2), spec["seq"]), generator=g)
-    res = run_both(model, ids, chunk=spec.get("chunk", 16))
+    res = run_both(model, ids, chunk=spec.get("chunk", 16), window_block=spec.get("window_block"))
     ref_logits, ref_grads = res["reference"]
     fast_logits, fast_grads = res["fast"]
     torch.testing.assert_close(fast_logits, ref_logits, atol=1e-5, rtol=0)
@@ -72,7 +76,7 @@ def test_fast_equals_reference_with_documents():
     ids = torch.randint(0, 211, (2, 83), generator=g)
     doc_ids = torch.stack([(torch.arange(83) >= 30).long() + (torch.arange(83) >= 34).long(),
                            (torch.arange(83) >= 61).long()])
-    res = run_both(model, ids, doc_ids, chunk=16)
+    res = run_both(model, ids, doc_ids, chunk=16, window_block=7)
     torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
     for name, grad in res["reference"][1].items():
         torch.testing.assert_close(res["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -137,3 +141,41 @@ def test_topk_lower_index_equals_the_exact_rule_on_tied_rows():
     for k in (1, 7, 20, 40):
         got, want = topk_lower_index(x, k).sort(-1).values, _topk_exact(x, k).sort(-1).values
         assert torch.equal(got, want), k
+
+
+def test_attend_without_mask_equals_an_all_visible_mask():
+    """mask=None (every query sees every key, CSA past its first k entries) gives the masked path's values and
+    gradients, for shared and per-query keys."""
+    from dsv4.model import kernels
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 3, 8, generator=g, requires_grad=True)
+    for keys in (torch.randn(2, 6, 8, generator=g), torch.randn(2, 4, 6, 8, generator=g)):
+        keys.requires_grad_(True)
+        results = []
+        for mask in (None, torch.ones(2, 4, 6, dtype=torch.bool)):
+            p = kernels.attend(q, keys, mask, keep=True)
+            grads = torch.autograd.grad((p.out.sin().sum() + p.s.cos().sum()), (q, keys))
+            results.append((p.out, p.m, p.s, p.e, *grads))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_chunk_scores_by_tiles_equal_the_einsum_scores():
+    """Beyond 4 tiles of entries chunk_scores scores tile by tile; values and gradients equal the reference's
+    einsum (Indexer.scores), for batch 1 and 2."""
+    from dsv4.model.indexer import _SCORE_TILE, chunk_scores
+
+    g = torch.Generator().manual_seed(6)
+    t = 4 * _SCORE_TILE + 37
+    for b in (1, 2):
+        q = torch.randn(b, 3, 2, 4, generator=g, requires_grad=True)
+        w = torch.randn(b, 3, 2, generator=g, requires_grad=True)
+        keys = torch.randn(b, t, 4, generator=g, requires_grad=True)
+        got = chunk_scores(q, w, keys.transpose(1, 2))
+        want = torch.einsum("bsht,bsh->bst", torch.relu(torch.einsum("bshc,btc->bsht", q, keys)), w)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        up = torch.randn(got.shape, generator=g)
+        for a, z in zip(torch.autograd.grad((got * up).sum(), (q, w, keys)),
+                        torch.autograd.grad((want * up).sum(), (q, w, keys))):
+            torch.testing.assert_close(a, z, atol=1e-4, rtol=1e-5)

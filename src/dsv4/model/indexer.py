@@ -89,20 +89,32 @@ class Indexer(nn.Module):
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
 
 
+_SCORE_TILE = 512  # entries per matmul of a long chunk_scores call: a tile's [Q h, tile] dots stay in cache
+
+
 def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
     """Index scores of a chunk of queries: q [B, Q, h, c], w [B, Q, h], keys transposed keys_t [B, c, T]
     -> [B, Q, T] float32.
 
     One matmul for all heads ([B, Q h, c] x [B, c, T]; keys given transposed so that a prefix of the entries is a
-    plain strided operand), ReLU, then the weighted head sum as a batched matmul.
+    plain strided operand), ReLU, then the weighted head sum as a batched matmul; beyond 4 tiles of entries, tile by
+    tile (about 1.4x at 8K entries: the dots are read back from cache instead of memory).
     """
     b, nq, h, c = q.shape
-    if b == 1:
-        dots = torch.mm(q.reshape(nq * h, c), keys_t[0].float()).view(1, nq, h, -1)
-    else:
-        dots = torch.matmul(q.reshape(b, nq * h, c), keys_t.float()).view(b, nq, h, -1)
-    # in place: a fresh matmul result, which the matmul's backward does not need (relu's uses its own output)
-    return torch.matmul(w.unsqueeze(-2), dots.relu_()).squeeze(-2) + 0.0
+    qf, wf = q.reshape(b, nq * h, c), w.unsqueeze(-2)
+
+    def scores(kt: torch.Tensor) -> torch.Tensor:
+        if b == 1:
+            dots = torch.mm(qf[0], kt[0].float()).view(1, nq, h, -1)
+        else:
+            dots = torch.matmul(qf, kt.float()).view(b, nq, h, -1)
+        # in place: a fresh matmul result, which the matmul's backward does not need (relu's uses its own output)
+        return torch.matmul(wf, dots.relu_()).squeeze(-2)
+
+    t = keys_t.shape[-1]
+    if t <= 4 * _SCORE_TILE:
+        return scores(keys_t) + 0.0  # + 0.0: -0.0 becomes +0.0 (the tie rule compares bits)
+    return torch.cat([scores(keys_t[..., a:a + _SCORE_TILE]) for a in range(0, t, _SCORE_TILE)], -1) + 0.0
 
 
 def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -58,12 +58,13 @@ class Partial:
         return Partial(self.out[:, a:z], self.m[:, a:z], self.s[:, a:z], None if self.e is None else self.e[:, a:z])
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, keep: bool = False) -> Partial:
+def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, keep: bool = False) -> Partial:
     """One key set's ``Partial`` for queries q [..., Q, H, c] (float32, already scaled by 1/sqrt(c)).
 
     keys (K = V, one head shared by every query head): [..., K, c] shared by the Q queries, or [..., Q, K, c] per
-    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K]. K must be > 0. Differentiable in q and
-    keys; backward recomputes the weights (flash attention's trade), so no [..., Q, H, K] tensor is stored.
+    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K], or None when every query sees every key
+    (two masking passes saved). K must be > 0. Differentiable in q and keys; backward recomputes the weights (flash
+    attention's trade), so no [..., Q, H, K] tensor is stored.
     """
     out, m, s, e = _Attend.apply(q, keys, mask, keys.dim() == q.dim() - 1)
     return Partial(out, m, s, e if keep else None)
@@ -94,11 +95,14 @@ def _keys_grad(w: torch.Tensor, x: torch.Tensor, shared: bool) -> torch.Tensor:
 
 def _weights(q, keys, mask, m, shared):
     """e = exp(z - m) of the unmasked keys (0 for masked ones), its argument floored at ``_EXP_FLOOR``."""
-    drop = ~mask.unsqueeze(-2)
-    z = _logits(q, keys, shared).masked_fill_(drop, _MASKED)
+    z = _logits(q, keys, shared)
+    drop = None if mask is None else ~mask.unsqueeze(-2)
+    if drop is not None:
+        z.masked_fill_(drop, _MASKED)
     if m is None:
         m = z.amax(-1)
-    return z.sub_(m.unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_().masked_fill_(drop, 0.0), m
+    e = z.sub_(m.unsqueeze(-1)).clamp_min_(_EXP_FLOOR).exp_()
+    return (e if drop is None else e.masked_fill_(drop, 0.0)), m
 
 
 class _Attend(torch.autograd.Function):
