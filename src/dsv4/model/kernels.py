@@ -70,11 +70,18 @@ def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, keep:
     return Partial(out, m, s, e if keep else None)
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., m, k] @ b [..., k, n] with equal leading dims, as one 3-d ``bmm`` (for the many small products of
+    per-query keys, about 1.4x faster on CPU than ``matmul``'s 4-d path)."""
+    lead = a.shape[:-2]
+    return torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])).view(*lead, a.shape[-2], -1)
+
+
 def _logits(q: torch.Tensor, keys: torch.Tensor, shared: bool) -> torch.Tensor:
     if shared:
         *lead, nq, h, c = q.shape
         return torch.matmul(q.reshape(*lead, nq * h, c), keys.transpose(-1, -2)).view(*lead, nq, h, -1)
-    return torch.matmul(q, keys.transpose(-1, -2))
+    return _bmm(q, keys.transpose(-1, -2))
 
 
 def _weighted(w: torch.Tensor, keys: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -82,7 +89,7 @@ def _weighted(w: torch.Tensor, keys: torch.Tensor, shared: bool) -> torch.Tensor
     if shared:
         *lead, nq, h, k = w.shape
         return torch.matmul(w.reshape(*lead, nq * h, k), keys).view(*lead, nq, h, -1)
-    return torch.matmul(w, keys)
+    return _bmm(w, keys)
 
 
 def _keys_grad(w: torch.Tensor, x: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -90,7 +97,7 @@ def _keys_grad(w: torch.Tensor, x: torch.Tensor, shared: bool) -> torch.Tensor:
     if shared:
         *lead, nq, h, k = w.shape
         return torch.matmul(w.reshape(*lead, nq * h, k).transpose(-1, -2), x.reshape(*lead, nq * h, -1))
-    return torch.matmul(w.transpose(-1, -2), x)
+    return _bmm(w.transpose(-1, -2), x)
 
 
 def _weights(q, keys, mask, m, shared):

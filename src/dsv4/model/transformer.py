@@ -198,7 +198,8 @@ class Transformer(nn.Module):
         positions = self._positions(input_ids, cache)
         packing = self._packing(input_ids, doc_ids, cache)
         x = self.embed(input_ids)
-        streams = x.float().unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1)
+        # materialized: the first unit flattens the streams anyway, and products with a stride-0 axis are slow
+        streams = x.float().unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         routes = []
         for i, layer in enumerate(self.layers):
             streams, route = layer(streams, positions, input_ids,
