@@ -470,5 +470,62 @@ def test_dsv4_train_command_on_two_ranks_equals_one_process(two_rank_run, tmp_pa
     assert shapes(exported) == shapes(single)
 
 
+# ------------------------------------------------------------------------- one rank in this process: bad checkpoints
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-rank gloo process group in the pytest process, ended afterwards."""
+    import torch.distributed as dist
+
+    from dsv4.train.distributed import Parallel
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    Parallel.init(timeout_s=PG_TIMEOUT_S, backend="gloo")
+    try:
+        yield lambda: Parallel(timeout_s=PG_TIMEOUT_S)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_another_model_or_a_truncated_one_is_a_clear_error(one_rank_group, tmp_path):
+    """DCP's own errors are CheckpointExceptions, BaseExceptions that no `except ValueError` sees, each a traceback
+    per rank; the load names the mis-shaped tensor, or the checkpoint, in a ValueError instead."""
+    par = one_rank_group()
+    model = par.parallelize(new_model())
+    ckpt = par.save_checkpoint(tmp_path, 1, model, par.build_optimizer(model), {})
+    other = one_rank_group()
+    torch.manual_seed(0)
+    wider = other.parallelize(Transformer(tiny_config().replace(vocab_size=2 * VOCAB)))
+    with pytest.raises(ValueError, match=r"mis-shaped tensor\(s\): embed\.weight: checkpoint \(128, \d+\) vs "
+                                         r"model \(256, \d+\)"):
+        other.load_checkpoint(ckpt, wider, other.build_optimizer(wider))
+    for f in ckpt.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    same = one_rank_group()
+    fresh = same.parallelize(new_model())
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt} could not be read: "):
+        same.load_checkpoint(ckpt, fresh, same.build_optimizer(fresh))
+
+
+def test_a_failing_checkpoint_write_stops_the_run_with_a_clear_error(one_rank_group, tmp_path, monkeypatch, capsys):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from dsv4.train.distributed import DistributedError
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    par = one_rank_group()
+    model = par.parallelize(new_model())
+    trainer = distributed_trainer(par, model, Source(), train_config(steps=1, ckpt_every=1), tmp_path)
+    with pytest.raises(DistributedError, match="while writing the checkpoint of step 1: .*No space left on device"):
+        trainer.run(tokens_per_step=SEQ * GLOBAL_BATCH, progress=False)
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list((tmp_path / "checkpoints").glob("step-*"))
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

@@ -590,6 +590,7 @@ class Parallel:
         optimizer; returns its ``meta`` (with ``step``, ``skipped``, ``data``). ``extra``: tensors to fill from
         the checkpoint's ``trainer.<name>`` entries (distributed checkpoints)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         path = Path(path)
         if not (path / "meta.json").exists():
@@ -598,22 +599,33 @@ class Parallel:
             return self._load_single_process(path, model, optimizer)
         try:
             meta = json.loads((path / "meta.json").read_text())
-            keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         except (json.JSONDecodeError, OSError, EOFError, RuntimeError, ValueError) as e:
             raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from None
+        keys = set(saved)
         state, install = self._checkpoint_state(model, optimizer, keys)
         missing = sorted(k for k in state if k.startswith("model.") and k not in keys)
         unexpected = sorted(k for k in keys if k.startswith("model.") and k not in state)
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:10]}, "
                              f"unexpected {unexpected[:10]}")
+        # checked here: DCP's own size error is a CheckpointException (a BaseException) with a traceback per rank
+        shapes = [f"{k[len('model.'):]}: checkpoint {tuple(saved[k].size)} vs model {tuple(v.shape)}"
+                  for k, v in state.items() if k.startswith("model.") and hasattr(saved[k], "size")
+                  and tuple(saved[k].size) != tuple(v.shape)]
+        if shapes:
+            raise ValueError(f"checkpoint {path} does not match the model: mis-shaped tensor(s): "
+                             + "; ".join(shapes[:10]))
         if "trainer.rng" not in keys:
             state.pop("trainer.rng")
         for k, v in (extra or {}).items():
             if f"trainer.{k}" not in keys:
                 raise ValueError(f"checkpoint {path} lacks trainer.{k}")
             state[f"trainer.{k}"] = v
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except CheckpointException as e:  # a BaseException: no handler for errors would see it
+            raise ValueError(f"checkpoint {path} could not be read: {_checkpoint_failure(e)}") from None
         for opt, p, k, v in install:
             opt.state[p][k] = v
         if "trainer.rng" in state:
@@ -689,6 +701,14 @@ class Parallel:
             target.copy_(full[rank * n:(rank + 1) * n])
         else:
             target.copy_(full)
+
+
+def _checkpoint_failure(e) -> str:
+    """The first rank's error of a DCP ``CheckpointException``, on one line (its str is a traceback per rank)."""
+    for rank, (exc, _) in sorted(e.failures.items()):
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first} (rank {rank})"
+    return str(e).strip().splitlines()[0]
 
 
 class _FullModel:
@@ -810,9 +830,11 @@ class DistributedTrainer(Trainer):
         return self.step
 
     def run(self, tokens_per_step: int, progress: bool = True) -> dict:
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             return super().run(tokens_per_step * self.parallel.world, progress=progress and self.parallel.is_main)
-        except (RuntimeError, dist.DistError) as e:
+        except (RuntimeError, dist.DistError, CheckpointException) as e:  # CheckpointException: a failed dcp.save
             if isinstance(e, DistributedError):
                 raise
             from dsv4.train.checkpoint import list_checkpoints
@@ -821,7 +843,10 @@ class DistributedTrainer(Trainer):
             last = str(done[-1]) if done else "none"
             where = (f"while writing the checkpoint of step {self.step}" if self._saving
                      else f"in step {self.step + 1}")
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if isinstance(e, CheckpointException):
+                first = _checkpoint_failure(e)
+            else:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             lost = isinstance(e, dist.DistError) or any(w in first.lower() for w in (
                 "connection", "peer", "timeout", "timed out", "nccl", "gloo", "socket"))
             msg = (f"rank {self.parallel.rank}/{self.parallel.world}: training stopped {where}: "
