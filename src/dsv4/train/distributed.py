@@ -569,16 +569,22 @@ class Parallel:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        state, _ = self._checkpoint_state(model, optimizer)
-        state.update({f"trainer.{k}": v for k, v in (extra or {}).items()})
-        dcp.save(state, checkpoint_id=str(tmp))
-        dist.barrier()  # every rank's files are written
+        try:
+            state, _ = self._checkpoint_state(model, optimizer)
+            state.update({f"trainer.{k}": v for k, v in (extra or {}).items()})
+            dcp.save(state, checkpoint_id=str(tmp))
+            dist.barrier()  # every rank's files are written
+            if self.is_main:
+                (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "format": "dcp",
+                                                           "layout": self.layout()}, indent=2))  # last: the marker
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:  # a failed write (or a lost rank) leaves no half-written directory behind
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.is_main:
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "format": "dcp",
-                                                       "layout": self.layout()}, indent=2))  # last: the marker
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
