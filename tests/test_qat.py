@@ -95,6 +95,15 @@ def test_qat_weights_are_e2m1_times_per_block_powers_of_two():
             assert torch.equal(w.detach(), quant.mxfp4_dequant(*quant.mxfp4_quant(master.detach())))
 
 
+def test_fp4_to_fp8_cast_is_exact_for_scales_within_2_to_14_of_the_block_max():
+    """The claim of dsv4.train.qat's docstring: E2M1 value x 1x32 scale, divided by the FP8 block scale (the largest
+    1x32 scale / 2^6), is an E4M3 number while the 1x32 scale is at least 2^-14 times the largest."""
+    grid = torch.tensor(quant.E2M1_VALUES[1:])
+    for k in range(20):
+        x = grid * 2.0 ** (6 - k)
+        assert torch.equal(x.to(torch.float8_e4m3fn).float(), x) == (k <= 14), k
+
+
 def test_qat_forward_equals_a_model_with_fake_quantized_experts():
     model = make_model()
     reference = with_fake_quant_experts(model)
@@ -117,7 +126,8 @@ def test_gradients_go_straight_through_to_the_masters():
         m.train()
         out = m.forward_train(x)
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()) \
-            + sum(torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 2:].flatten()) for lg in out.mtp_logits)
+            + sum(torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), x[:, 2:].flatten())
+                  for lg in out.mtp_logits)
         loss.backward()
     got = dict(model.named_parameters())
     n_experts = 0
@@ -297,6 +307,9 @@ def test_indexer_fp4_path_quantizes_rotated_queries_and_keys_with_straight_throu
         scale = torch.where(scale > 0, 2 ** torch.ceil(torch.log2(scale)), torch.ones_like(scale))
         v = (t / scale).abs().unsqueeze(-1)
         assert torch.isclose(v, grid).any(-1).all()
+    # both are rotated, then quantized: q . k keeps its meaning only if queries and keys get the same rotation
+    assert torch.equal(q, quant.fake_quant_fp4(hadamard(q_plain)))
+    assert torch.equal(keys, quant.fake_quant_fp4(hadamard(keys_plain)))
     # the rotation is orthogonal: quantization is the only change to the dot products
     assert (hadamard(q_plain) - q).abs().max() < 0.5 * q_plain.abs().max()
     assert torch.allclose((hadamard(q_plain) * hadamard(q_plain)).sum(-1), (q_plain * q_plain).sum(-1), atol=1e-4)

@@ -11,10 +11,11 @@ the gradient of those quantized weights straight through to the masters, which t
     ... train ...
     save_official(model, path)       # FP4 experts = exactly the weights the QAT forward used
 
-The official recipe dequantizes the FP4 weights losslessly to FP8 (128x128 blocks) and runs an FP8 GEMM; that cast
-is exact whenever the 1x32 scales of a 128x128 block span fewer than 2^6 binades (what the official converter
-assumes), so simulating the FP4 rounding alone gives the same weights. Only the routed experts are covered here;
-the report's second QAT target, the CSA indexer's QK path, belongs to the indexer.
+The official recipe dequantizes the FP4 weights losslessly to FP8 (128x128 blocks) and runs an FP8 GEMM; with the
+official converter's FP8 block scale (the block's largest 1x32 scale / 2^6) that cast is exact whenever every 1x32
+scale of a 128x128 block is at least 2^-14 times the largest (what the official converter assumes), so simulating
+the FP4 rounding alone gives the same weights. ``enable_indexer_fp4`` switches the report's second QAT target, the
+CSA indexer's QK path (Hadamard rotation, then MXFP4), which the indexer itself implements.
 
 ``real_fp4_experts(model)`` is the inference side: the masters replaced, in place and for the duration of a
 ``with`` block, by their MXFP4 quantize-dequantize, which is what an official FP4 checkpoint holds.
