@@ -150,3 +150,23 @@ def test_small_sinkhorn_equals_the_tensor_path():
         ref = hyper.sinkhorn(logits.clone().requires_grad_(), 20, 1e-6).detach()
         torch.testing.assert_close(small, ref, atol=1e-6, rtol=1e-5)
         assert small.dtype == torch.float32 and small.shape == logits.shape
+
+
+def test_apply_rope_rotates_interleaved_trailing_pairs():
+    """apply_rope against the rotation written out pair by pair: the leading channels untouched, each trailing
+    pair (a, b) -> (a cos - b sin, a sin + b cos), the inverse undoing it; gradients flow, bf16 stays bf16."""
+    from dsv4.model.rope import apply_rope
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 10, generator=g, requires_grad=True)
+    ang = torch.randn(5, 1, 3, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    y = apply_rope(x, cos, sin)
+    a, b = x[..., 4::2], x[..., 5::2]
+    want = torch.cat([x[..., :4], torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)], -1)
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x, atol=1e-6, rtol=1e-6)
+    up = torch.randn(y.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad((y * up).sum(), x)[0],
+                               torch.autograd.grad((want * up).sum(), x)[0], atol=1e-6, rtol=1e-6)
+    assert apply_rope(x.detach().bfloat16(), cos, sin).dtype == torch.bfloat16
