@@ -43,8 +43,10 @@ DEFAULTS = {"seq_len": 256, "batch_size": 8, "val_fraction": 0.02, "seed": 0}  #
 def write_training_meta(model_dir: str | Path, **fields) -> Path:
     """Write ``training.json`` beside a saved model: how it was trained (``fp4_qat``, ``seq_len``, ``batch_size``,
     ``data``, ``val_fraction``, ``seed``, ``val_loss``, ...), which ``dsv4 eval`` reads for its defaults."""
+    from dsv4.train.loop import strict_json
+
     path = Path(model_dir) / TRAINING_META
-    fields = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+    fields = strict_json(fields)  # NaN / inf -> null
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
