@@ -37,7 +37,8 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Learned routing (top-k of score + bias) or hash routing (``tid2eid[token]``); gate values from unbiased scores."""
+    """Learned routing (top-k of score + bias) or hash routing (``tid2eid[token]``); gate values from unbiased
+    scores."""
 
     def __init__(self, config: ModelConfig, layer_idx: int | None, hashed: bool):
         super().__init__()
@@ -124,7 +125,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
         xs = x[token]
         gate_w = weights.reshape(-1)[order]
-        outs = []
+        out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -132,11 +133,8 @@ class Experts(nn.Module):
             xe = xs[start:start + c]
             h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), self.limit)
             h = h * gate_w[start:start + c, None].to(h.dtype)  # routing weight multiplied in before w2 (spec 4)
-            outs.append(F.linear(h, w2[e]))
+            out.index_add_(0, token[start:start + c], F.linear(h, w2[e]).to(x.dtype))  # no concatenation
             start += c
-        out = torch.zeros_like(x)
-        if outs:
-            out.index_add_(0, token, torch.cat(outs).to(x.dtype))
         return out
 
 
