@@ -228,7 +228,8 @@ class Attention(nn.Module):
     def _csa_parts(self, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, keep):
         """CSA for queries [g0, g1), by blocks of ``chunk``: index scores, top-k, and a gather of the chosen entries
         (one for every head) for ``gather_rows`` queries at a time; in the dense phase (``sparse`` off) every
-        visible entry. Yields (r0, r1, Partial of rows [r0, r1), their index scores and entry mask)."""
+        visible entry. Yields (r0, r1, Partial of rows [r0, r1), their index scores and entry mask): per block, or
+        with ``keep`` (the indexer's target) per gather."""
         b = qs.shape[0]
         entries = comp.kv.float()
         t = entries.shape[1]
@@ -260,12 +261,18 @@ class Attention(nn.Module):
             amask = None if bool(cmask.all()) else cmask  # past the first k entries every pick is visible
             # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
             recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
+            parts = []
             for a in range(0, r1 - r0, self.gather_rows):  # gathered keys [B, rows, k, c] stay in cache
                 z = min(r1 - r0, a + self.gather_rows)
                 args = (qb[:, a:z], flat, rows[:, a:z], None if amask is None else amask[:, a:z], keep)
                 part = checkpoint(_gathered_attend, *args, use_reentrant=False) if recompute \
                     else _gathered_attend(*args)
-                yield r0 + a, r0 + z, part, scores[:, a:z], cmask[:, a:z]
+                if keep:  # the indexer's target needs each part's probabilities
+                    yield r0 + a, r0 + z, part, scores[:, a:z], cmask[:, a:z]
+                else:
+                    parts.append(part)
+            if parts:  # one merge per block: a merge is some twenty small ops
+                yield r0, r1, kernels.Partial.cat(parts), scores, cmask
 
     def _indexer_stats(self, stats: IndexerStats, probs, scores, cmask) -> None:
         """Add the indexer's KL loss (and in the dense phase its recall) over some queries; ``probs`` [B, Q, H, K]

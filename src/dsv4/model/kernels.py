@@ -53,6 +53,11 @@ class Partial:
         m = q.new_full(q.shape[:-1], _MASKED)
         return Partial(torch.zeros_like(q), m, torch.zeros_like(m))
 
+    @staticmethod
+    def cat(parts: list["Partial"]) -> "Partial":
+        """Partials of consecutive query rows (dim 1) as one, without their ``e``."""
+        return Partial(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("out", "m", "s")))
+
     def rows(self, a: int, z: int) -> Partial:
         """The queries [a, z) of the query axis (dim 1: [B, Q, ...])."""
         return Partial(self.out[:, a:z], self.m[:, a:z], self.s[:, a:z], None if self.e is None else self.e[:, a:z])
