@@ -126,7 +126,8 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.amin(-1, keepdim=True)
-    ties = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth.squeeze(-1))
+    # the k picks are >= kth and the rest <= kth: more than k scores >= kth means one left out equals kth
+    ties = ((scores >= kth).sum(-1, dtype=torch.int32) > k) & torch.isfinite(kth.squeeze(-1))
     if ties.any():
         idx[ties] = _topk_exact(scores[ties], k)
     return idx
