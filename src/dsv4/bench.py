@@ -1,8 +1,9 @@
 """``dsv4 bench prefill | decode``: V4 attention against dense attention, measured in one process.
 
 prefill: the prompt goes through the model in chunks with the decode cache (V4's fast paths), against the same model
-shape with dense causal MQA over every past token (PyTorch SDPA), and, up to 4,096 tokens, against HF transformers'
-eager implementation on the same weights (logits compared). decode: per-token latency at the asked context and at
+shape with dense causal MQA over every past token (PyTorch SDPA, the whole prompt in one ``is_causal`` call: its
+fastest form, about 1.4x faster at 32K than chunks, which need an explicit mask), and, up to 4,096 tokens, against HF
+transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked context and at
 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process.
 """
@@ -113,8 +114,8 @@ def bench_prefill(args) -> dict:
     out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak})
     if not args.no_dense:
         model.set_attention("dense")
-        t_dense, _ = timed(lambda: prefill(model, ids, args.chunk), args.repeats)
-        out.update({"dense_seconds": t_dense, "speedup_vs_dense": t_dense / t_v4})
+        t_dense, _ = timed(lambda: prefill(model, ids, n), args.repeats)  # one causal call: dense at its best
+        out.update({"dense_seconds": t_dense, "dense_chunk": n, "speedup_vs_dense": t_dense / t_v4})
         model.set_attention("fast", args.block)
     if n <= 4096 and not args.no_hf:
         out.update(_vs_transformers(model, ids, args.repeats, t_v4))
