@@ -162,15 +162,15 @@ def test_attend_without_mask_equals_an_all_visible_mask():
 
 
 def test_chunk_scores_by_tiles_equal_the_einsum_scores():
-    """Beyond 4 tiles of entries chunk_scores scores tile by tile; values and gradients equal the reference's
-    einsum (Indexer.scores), for batch 1 and 2."""
+    """For 64 queries or more, beyond 4 tiles of entries, chunk_scores scores tile by tile (a few queries in one
+    product); values and gradients equal the reference's einsum (Indexer.scores), for batch 1 and 2."""
     from dsv4.model.indexer import _SCORE_TILE, chunk_scores
 
     g = torch.Generator().manual_seed(6)
     t = 4 * _SCORE_TILE + 37
-    for b in (1, 2):
-        q = torch.randn(b, 3, 2, 4, generator=g, requires_grad=True)
-        w = torch.randn(b, 3, 2, generator=g, requires_grad=True)
+    for b, nq in ((1, 64), (2, 64), (1, 3)):
+        q = torch.randn(b, nq, 2, 4, generator=g, requires_grad=True)
+        w = torch.randn(b, nq, 2, generator=g, requires_grad=True)
         keys = torch.randn(b, t, 4, generator=g, requires_grad=True)
         got = chunk_scores(q, w, keys.transpose(1, 2))
         want = torch.einsum("bsht,bsh->bst", torch.relu(torch.einsum("bshc,btc->bsht", q, keys)), w)
@@ -178,4 +178,4 @@ def test_chunk_scores_by_tiles_equal_the_einsum_scores():
         up = torch.randn(got.shape, generator=g)
         for a, z in zip(torch.autograd.grad((got * up).sum(), (q, w, keys)),
                         torch.autograd.grad((want * up).sum(), (q, w, keys))):
-            torch.testing.assert_close(a, z, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(a, z, atol=1e-4, rtol=1e-4)

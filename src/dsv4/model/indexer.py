@@ -97,8 +97,9 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
     -> [B, Q, T] float32.
 
     One matmul for all heads ([B, Q h, c] x [B, c, T]; keys given transposed so that a prefix of the entries is a
-    plain strided operand), ReLU, then the weighted head sum as a batched matmul; beyond 4 tiles of entries, tile by
-    tile (about 1.4x at 8K entries: the dots are read back from cache instead of memory).
+    plain strided operand), ReLU, then the weighted head sum as a batched matmul; for a block of 64 or more queries
+    beyond 4 tiles of entries, tile by tile (about 1.4x at 8K entries: the dots are read back from cache instead of
+    memory; a few queries, as in decoding, are faster in one product).
     """
     b, nq, h, c = q.shape
     qf, wf = q.reshape(b, nq * h, c), w.unsqueeze(-2)
@@ -112,7 +113,7 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
         return torch.matmul(wf, dots.relu_()).squeeze(-2)
 
     t = keys_t.shape[-1]
-    if t <= 4 * _SCORE_TILE:
+    if t <= 4 * _SCORE_TILE or nq < 64:
         return scores(keys_t) + 0.0  # + 0.0: -0.0 becomes +0.0 (the tie rule compares bits)
     return torch.cat([scores(keys_t[..., a:a + _SCORE_TILE]) for a in range(0, t, _SCORE_TILE)], -1) + 0.0
 
