@@ -284,7 +284,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per call through the cache)")
     p.add_argument("--block", type=int, default=128, help="queries per block inside the fast attention path")
-    p.add_argument("--tokens", type=int, default=8, help="decode: tokens timed per context")
+    p.add_argument("--tokens", type=int, default=32, help="decode: tokens timed per context (the median counts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=2, help="train: sequences per step (--context is their length)")
