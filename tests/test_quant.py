@@ -310,3 +310,17 @@ def test_errors():
         fp8_block_dequant(q.float(), s)
     with pytest.raises(ValueError, match="power of two, got size 12"):
         hadamard(torch.zeros(2, 12))
+
+
+def test_non_finite_weights_are_not_rounded_into_fp4():
+    """A diverged weight must not disappear into FP4: export refuses NaN / inf with the count, and the QAT fake
+    quantizer returns NaN for the blocks that hold them (rounding would make inf a 6) and the usual values elsewhere."""
+    w = torch.randn(2, 64)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        v = w.clone()
+        v[1, 40] = bad
+        with pytest.raises(ValueError, match="1 non-finite value"):
+            mxfp4_quant(v)
+        fq = fake_quant_fp4(v)
+        assert torch.isnan(fq[1, 32:]).all()
+        assert torch.equal(fq[0], fake_quant_fp4(w)[0]) and torch.equal(fq[1, :32], fake_quant_fp4(w)[1, :32])

@@ -312,7 +312,11 @@ def mxfp4_quant(w: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
     Returns ``(packed int8 [..., in/2], scale [..., in/block])``: one power-of-two scale
     ``2^ceil(log2(amax/6))`` per 1 x ``block`` tile along the last (input) dim, amax floored at 6·2^-126; each
     ``w / scale`` rounded to the nearest E2M1 value with ties to the even code. Scale dtype: SCALE_DTYPE.
+    A NaN or infinite value is an error: FP4 has no code for it, and rounding it would hide a diverged weight.
     """
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"mxfp4_quant: w holds {bad} non-finite value(s) (NaN or inf), which FP4 cannot represent")
     codes, scale = _mxfp4_codes(w, block)
     return fp4_pack(codes), _to_scale_dtype(scale)
 
@@ -345,7 +349,9 @@ class _FakeQuantFP4(torch.autograd.Function):
         codes, scale = _mxfp4_codes(w, block)
         # decode(code) * 2^k is exact in float32 and in bf16/fp16 ranges of interest; the final cast is to w's dtype.
         deq = fp4_decode(codes).unflatten(-1, (-1, block)) * scale.unsqueeze(-1)
-        return deq.flatten(-2).to(w.dtype)
+        # a block holding NaN or inf comes out NaN (rounding would turn inf into 6 and hide a diverged weight)
+        finite = torch.isfinite(w.unflatten(-1, (-1, block)).abs().amax(-1, keepdim=True))
+        return deq.where(finite, float("nan")).flatten(-2).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -366,8 +372,9 @@ class _FakeQuantFP8(torch.autograd.Function):
 def fake_quant_fp4(w: Tensor, block: int = 32) -> Tensor:
     """MXFP4 quantize-dequantize of ``w [..., in]`` (1 x block tiles along the last dim), returned in ``w.dtype``.
 
-    Forward equals ``mxfp4_dequant(*mxfp4_quant(w, block), block)``; backward is straight-through (the incoming
-    gradient is passed to ``w`` unchanged).
+    Forward equals ``mxfp4_dequant(*mxfp4_quant(w, block), block)``, except that a block holding NaN or inf comes out
+    NaN (``mxfp4_quant`` refuses it); backward is straight-through (the incoming gradient is passed to ``w``
+    unchanged).
     """
     return _FakeQuantFP4.apply(w, block)
 
