@@ -315,3 +315,18 @@ def test_indexer_fp4_path_quantizes_rotated_queries_and_keys_with_straight_throu
     assert torch.allclose((hadamard(q_plain) * hadamard(q_plain)).sum(-1), (q_plain * q_plain).sum(-1), atol=1e-4)
     q.sum().backward()
     assert att.indexer.wq_b.weight.grad is not None and att.indexer.wq_b.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("field, value, message", [("seq_len", True, "--seq-len must be a positive integer"),
+                                                   ("batch_size", 0, "--batch-size must be a positive integer"),
+                                                   ("val_fraction", None, "--val-fraction must be in (0, 1)"),
+                                                   ("val_fraction", True, "--val-fraction must be in (0, 1)")])
+def test_eval_rejects_bad_training_meta_clearly(trained_dir, tmp_path, capsys, field, value, message):
+    """A hand-edited training.json with a boolean size or a null fraction is a clear error, not a TypeError."""
+    model = make_model()
+    model.save_pretrained(tmp_path / "m")
+    meta = dict(seq_len=32, batch_size=8, val_fraction=0.1, seed=0)
+    meta[field] = value
+    write_training_meta(tmp_path / "m", **meta)
+    assert run_cli("dsv4.evaluate", ["--model", str(tmp_path / "m"), "--data", str(trained_dir / "corpus")]) == 2
+    assert message in capsys.readouterr().err

@@ -208,11 +208,12 @@ def run(args: argparse.Namespace) -> int:
     meta = read_training_meta(path)
     pick = {k: getattr(args, k) if getattr(args, k) is not None else meta.get(k, DEFAULTS[k]) for k in DEFAULTS}
     for k in ("seq_len", "batch_size"):
-        if not isinstance(pick[k], int) or pick[k] < 1:
+        if not isinstance(pick[k], int) or isinstance(pick[k], bool) or pick[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be a positive integer, got {pick[k]!r}")
     if args.batches is not None and args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    if not 0 < pick["val_fraction"] < 1:
+    frac = pick["val_fraction"]
+    if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {pick['val_fraction']}")
     data = args.data or meta.get("data")
     if not data:
