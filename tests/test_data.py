@@ -366,3 +366,18 @@ def test_corpus_too_small_for_one_sequence(shards):
     assert loader.rows_in_epoch(0) == 1
     b = next(loader)
     assert torch.equal(b.tokens[0], b.tokens[1])  # an epoch is one row: the next epoch repeats it
+
+
+def test_write_atomically_keeps_the_old_file_and_no_temporary_when_the_write_fails(tmp_path):
+    from dsv4.runtime import write_atomically
+
+    path = tmp_path / "training.json"
+    write_atomically(path, lambda tmp: tmp.write_text("old"))
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, fails)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["training.json"]

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from dsv4.runtime import write_atomically
+
 TRAINING_META = "training.json"
 DEFAULTS = {"seq_len": 256, "batch_size": 8, "val_fraction": 0.02, "seed": 0}  # dsv4 train's
 
@@ -47,10 +49,8 @@ def write_training_meta(model_dir: str | Path, **fields) -> Path:
 
     path = Path(model_dir) / TRAINING_META
     fields = strict_json(fields)  # NaN / inf -> null
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(fields, indent=2, sort_keys=True) + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def read_training_meta(model_dir: str | Path) -> dict:

@@ -37,6 +37,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from dsv4.data.corpus import Corpus, open_corpus
+from dsv4.runtime import write_atomically
 
 BOS_TOKEN = "<|begin_of_sentence|>"
 EOS_TOKEN = "<|end_of_sentence|>"
@@ -108,10 +109,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        self.backend.save(str(tmp))
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, lambda tmp: self.backend.save(str(tmp)))
 
     def token_bytes(self) -> torch.Tensor:
         """LongTensor [vocab_size]: how many UTF-8 bytes each id stands for; 0 for special tokens."""
