@@ -3,8 +3,8 @@
 prefill: the prompt goes through the model in chunks with the decode cache (V4's fast paths), against the same model
 shape with dense causal MQA over every past token (PyTorch SDPA, the whole prompt in one ``is_causal`` call: its
 fastest form, about 1.4x faster at 32K than chunks, which need an explicit mask), and, up to 4,096 tokens, against HF
-transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked context and at
-4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
+transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked
+context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process.
 """
 

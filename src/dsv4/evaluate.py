@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     frac = pick["val_fraction"]
     if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {pick['val_fraction']}")
+        raise ValueError(f"--val-fraction must be in (0, 1), got {frac!r}")
     data = args.data or meta.get("data")
     if not data:
         raise ValueError("--data is required (the model's training.json does not name its corpus)")
