@@ -292,8 +292,9 @@ def fp4_unpack(packed: Tensor) -> Tensor:
     return fp4_decode(_fp4_unpack_codes(packed))
 
 
-def _mxfp4_codes(w: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Core MXFP4 quantizer: returns (codes uint8 [..., n], float32 scale [..., n/block])."""
+def _mxfp4_codes(w: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Core MXFP4 quantizer: returns (codes uint8 [..., n], float32 scale [..., n/block], each block's largest
+    |value| [..., n/block]: NaN or inf where the block holds one)."""
     _check_block(block)
     if not w.is_floating_point():
         raise ValueError(f"mxfp4_quant: w must be a floating tensor, got {w.dtype}")
@@ -301,9 +302,10 @@ def _mxfp4_codes(w: Tensor, block: int) -> tuple[Tensor, Tensor]:
     if block % 2 != 0:
         raise ValueError(f"mxfp4_quant: block must be even so tiles pack into whole bytes, got {block}")
     tiles = w.to(torch.float32).unflatten(-1, (-1, block))
-    scale = power_of_two_scale(tiles.abs().amax(dim=-1), FP4_E2M1_MAX)
+    amax = tiles.abs().amax(dim=-1)
+    scale = power_of_two_scale(amax, FP4_E2M1_MAX)
     codes = fp4_encode(tiles / scale.unsqueeze(-1))  # |tiles/scale| <= 6 by construction (saturation absorbs ulps)
-    return codes.flatten(-2), scale
+    return codes.flatten(-2), scale, amax
 
 
 def mxfp4_quant(w: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
@@ -314,10 +316,10 @@ def mxfp4_quant(w: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
     ``w / scale`` rounded to the nearest E2M1 value with ties to the even code. Scale dtype: SCALE_DTYPE.
     A NaN or infinite value is an error: FP4 has no code for it, and rounding it would hide a diverged weight.
     """
-    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+    codes, scale, amax = _mxfp4_codes(w, block)
+    if not bool(torch.isfinite(amax).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"mxfp4_quant: w holds {bad} non-finite value(s) (NaN or inf), which FP4 cannot represent")
-    codes, scale = _mxfp4_codes(w, block)
     return fp4_pack(codes), _to_scale_dtype(scale)
 
 
@@ -346,12 +348,11 @@ def mxfp4_dequant(packed: Tensor, scale: Tensor, block: int = 32) -> Tensor:
 class _FakeQuantFP4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, block: int) -> Tensor:
-        codes, scale = _mxfp4_codes(w, block)
+        codes, scale, amax = _mxfp4_codes(w, block)
         # decode(code) * 2^k is exact in float32 and in bf16/fp16 ranges of interest; the final cast is to w's dtype.
         deq = fp4_decode(codes).unflatten(-1, (-1, block)) * scale.unsqueeze(-1)
         # a block holding NaN or inf comes out NaN (rounding would turn inf into 6 and hide a diverged weight)
-        finite = torch.isfinite(w.unflatten(-1, (-1, block)).abs().amax(-1, keepdim=True))
-        return deq.where(finite, float("nan")).flatten(-2).to(w.dtype)
+        return deq.where(torch.isfinite(amax).unsqueeze(-1), float("nan")).flatten(-2).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
