@@ -283,7 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per call through the cache)")
-    p.add_argument("--block", type=int, default=128, help="queries per block inside the fast attention path")
+    p.add_argument("--block", type=int, default=None,
+                   help="CSA queries per block inside the fast attention path (default: the model's)")
     p.add_argument("--tokens", type=int, default=32, help="decode: tokens timed per context (the median counts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
