@@ -5,7 +5,6 @@ import torch
 
 from dsv4 import ModelConfig, Transformer
 from lively import lively
-from dsv4.model.attention import Attention
 from dsv4.model.indexer import topk_lower_index
 
 
@@ -19,20 +18,10 @@ def model_for(seed=0, **changes):
     return lively(model)
 
 
-def set_impl(model, impl, chunk=None, window_block=None):
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.impl = impl
-            if chunk:
-                m.chunk = chunk
-            if window_block:
-                m.window_block = window_block
-
-
 def run_both(model, ids, doc_ids=None, chunk=16, window_block=None):
     out = {}
     for impl in ("reference", "fast"):
-        set_impl(model, impl, chunk, window_block)
+        model.set_attention(impl, chunk, window_block)
         model.zero_grad(set_to_none=True)
         res = model.forward_train(ids, doc_ids=doc_ids)
         loss = (res.logits.square().mean() + res.mtp_logits[0].square().mean()) if res.mtp_logits \
@@ -87,9 +76,9 @@ def test_fast_cached_decoding_matches_reference_full(chunk):
     model = model_for(index_topk=5).eval()
     ids = torch.randint(0, 211, (2, 70))
     with torch.no_grad():
-        set_impl(model, "reference")
+        model.set_attention("reference")
         ref = model(ids)
-        set_impl(model, "fast", chunk)
+        model.set_attention("fast", chunk)
         cache = model.new_cache(2)
         parts = [model(ids[:, :33], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(33, 70)]
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=0)

@@ -132,8 +132,9 @@ class Transformer(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
 
-    def set_attention(self, impl: str, chunk: int | None = None) -> "Transformer":
-        """Choose the attention path of every layer: "fast" (default), "reference", or "dense" (the baseline)."""
+    def set_attention(self, impl: str, chunk: int | None = None, window_block: int | None = None) -> "Transformer":
+        """Choose the attention path of every layer: "fast" (default), "reference", or "dense" (the baseline);
+        optionally the fast path's CSA block (``chunk``) and window block sizes."""
         if impl not in ("fast", "reference", "dense"):
             raise ValueError(f"attention implementation must be 'fast', 'reference' or 'dense', got {impl!r}")
         for module in self.modules():
@@ -141,6 +142,8 @@ class Transformer(nn.Module):
                 module.impl = impl
                 if chunk is not None:
                     module.chunk = chunk
+                if window_block is not None:
+                    module.window_block = window_block
         return self
 
     def set_indexer_phase(self, sparse: bool, train_indexer: bool) -> "Transformer":
