@@ -84,6 +84,35 @@ def test_fast_cached_decoding_matches_reference_full(chunk):
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_decode_step_token_by_token_matches_reference_full(sparse):
+    # from the first token on: a ring not yet full, no entries, fewer entries than top-k, then more; the ring wraps
+    model = model_for(index_topk=3).eval().set_indexer_phase(sparse, False)
+    ids = torch.randint(0, 211, (2, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.set_attention("reference")(ids)
+        model.set_attention("fast")
+        cache = model.new_cache(2)
+        steps = [model(ids[:, i:i + 1], cache=cache) for i in range(60)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=0)
+
+
+def test_decode_step_is_differentiable_like_the_reference():
+    model = model_for(index_topk=3)
+    ids = torch.randint(0, 211, (1, 30), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for impl in ("reference", "fast"):
+        model.set_attention(impl).zero_grad(set_to_none=True)
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(ids[:, :29], cache=cache)
+        model(ids[:, 29:], cache=cache).square().mean().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["fast"].keys() == grads["reference"].keys()
+    for name, grad in grads["reference"].items():
+        torch.testing.assert_close(grads["fast"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_topk_lower_index_breaks_ties_toward_lower_index():
     scores = torch.tensor([[0.0, 1.0, 0.0, 1.0, -0.0, 2.0, float("-inf"), 0.0]])
     assert sorted(topk_lower_index(scores + 0.0, 4)[0].tolist()) == [0, 1, 3, 5]

@@ -103,6 +103,8 @@ class Attention(nn.Module):
             out = self.reference(x, q, kv, q_latent, positions, cache, packing)
         elif self.impl == "dense":
             out = self.dense_baseline(q, kv, cache, packing)
+        elif s == 1 and cache is not None and not self._tracks_indexer():
+            out = self.decode(x, q, kv, q_latent, positions, cache)
         else:
             out = self.fast(x, q, kv, q_latent, positions, cache, packing)
         out = apply_rope(out, cos_h, sin_h, inverse=True)
@@ -120,8 +122,9 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 index_keys = self.indexer.keys(x, self.rotary, cache.indexer if cache is not None else None,
                                                packing)
-                scores = self.indexer.scores(x, q_latent, positions, index_keys, self.rotary)
-                comp_mask = topk_mask(scores, comp_mask, self.indexer.topk)
+                if self.sparse:  # the dense phase attends to every visible entry
+                    scores = self.indexer.scores(x, q_latent, positions, index_keys, self.rotary)
+                    comp_mask = topk_mask(scores, comp_mask, self.indexer.topk)
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             rows = max(mask.shape[0], comp_mask.shape[0])
             mask = torch.cat([mask.expand(rows, -1, -1), comp_mask.expand(rows, -1, -1)], dim=-1)
@@ -164,7 +167,7 @@ class Attention(nn.Module):
             if s > self.chunk:  # several blocks: one contiguous copy makes every prefix a plain strided operand
                 keys_t = keys_t.contiguous()
         # in training mode only: validation and generation never pay for the indexer's loss
-        stats = IndexerStats() if self.indexer is not None and self.indexer_training and self.training else None
+        stats = IndexerStats() if self._tracks_indexer() else None
         self.indexer_stats = stats
         q_doc = packing.doc if packing is not None else None
         span = max(self.chunk, self.span // self.chunk * self.chunk)
@@ -185,6 +188,42 @@ class Attention(nn.Module):
                     if stats is not None and part.e is not None:
                         self._indexer_stats(stats, part.e * factors[1].unsqueeze(-1), scores, cmask)
         return torch.cat(outs, dim=1).to(q.dtype)
+
+    def _tracks_indexer(self) -> bool:
+        """Whether a forward now reports the indexer's KL loss and recall (CSA, indexer training, training mode)."""
+        return self.indexer is not None and self.indexer_training and self.training
+
+    def decode(self, x, q, kv, q_latent, positions, cache: LayerCache) -> torch.Tensor:
+        """The fast path for one new token per row with a cache (decoding) in a few batched ops, where the general
+        one spends some hundred small ops on blocks, masks and merges. Every entry emitted so far is visible, so HCA
+        (and CSA's dense phase) takes them all and CSA its indexer's top-k; one softmax joins the window (the ring,
+        less the slot this token overwrites, plus this token), the entries and the sink. Tests hold it to the
+        reference path, outputs and gradients."""
+        b, _, h, c = q.shape
+        ring, ring_pos = cache.window_keys()  # [B, W, c] before this token's write; slot order does not matter
+        keys, dropped = kv.float(), None
+        if ring is not None:  # the slot this token overwrites (and empty slots) are outside the window
+            keys = torch.cat([ring.float(), keys], dim=1)
+            dropped = (ring_pos <= positions[0] - self.window) | (ring_pos < 0)
+        cache.write_window(kv, positions)
+        if self.compressor is not None:
+            entries = self.compressor.entries(x, self.rotary, cache.compressor).kv.float()  # [B, T, c]
+            t = entries.shape[1]
+            if self.indexer is not None:  # its keys advance even when unused (dense phase, no entry yet)
+                xd, qd = x.detach(), q_latent.detach()
+                index_keys = self.indexer.keys(xd, self.rotary, cache.indexer)
+                if self.sparse and t > self.indexer.topk:
+                    qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
+                    scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, 1, T]
+                    idx = topk_lower_index(scores, self.indexer.topk)[:, 0]  # [B, k]
+                    entries = entries.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+            keys = torch.cat([keys, entries], dim=1)
+        logits = torch.bmm(q.float().view(b, h, c) * self.scale, keys.transpose(1, 2))  # [B, H, W + K]
+        if dropped is not None:
+            logits[..., :dropped.shape[0]].masked_fill_(dropped, float("-inf"))
+        sink = self.attn_sink.float().view(1, h, 1).expand(b, h, 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        return torch.bmm(probs, keys).view(b, 1, h, c).to(q.dtype)
 
     def _window_part(self, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Partial:
         """The window band of queries [g0, g1): block i of ``window_block`` queries sees the
