@@ -139,11 +139,12 @@ def test_generate_is_deterministic_with_a_seed():
 
 
 def test_small_sinkhorn_equals_the_tensor_path():
-    """Decoding's numpy Sinkhorn (a few matrices, no autograd) gives the tensor path's doubly-stochastic matrices."""
+    """Decoding's Sinkhorn (no autograd; one matrix in plain Python, a few in numpy) gives the tensor path's
+    doubly-stochastic matrices."""
     from dsv4.model import hyper
 
     g = torch.Generator().manual_seed(2)
-    for shape in [(1, 1, 4, 4), (2, 3, 4, 4)]:
+    for shape in [(1, 1, 4, 4), (4, 4), (1, 3, 3), (2, 3, 4, 4)]:
         logits = torch.randn(*shape, generator=g) * 3
         with torch.no_grad():
             small = hyper.sinkhorn(logits, 20, 1e-6)

@@ -10,6 +10,9 @@ logits split [pre | post | comb], and
 
 from __future__ import annotations
 
+import math
+import operator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,8 +38,12 @@ _SMALL = 8  # matrices: decoding a few tokens
 
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``sinkhorn`` for a few matrices without autograd, in numpy float64 (then float32): decoding runs it once per
-    token and mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic."""
+    """``sinkhorn`` for a few matrices without autograd, in float64 (then float32): decoding runs it once per token
+    and mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. One matrix (a
+    decoding row) in plain Python, about 2x faster than numpy; several in numpy, batched."""
+    if logits[..., 0, 0].numel() == 1:
+        comb = _sinkhorn_one(logits.detach().double().reshape(logits.shape[-2:]).tolist(), iters, eps)
+        return torch.tensor(comb, dtype=torch.float32).view(logits.shape)
     x = logits.detach().double().numpy()
     comb = np.exp(x - x.max(-1, keepdims=True))
     comb = comb / comb.sum(-1, keepdims=True) + eps
@@ -45,6 +52,24 @@ def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tenso
         comb = comb / (comb.sum(-1, keepdims=True) + eps)
         comb = comb / (comb.sum(-2, keepdims=True) + eps)
     return torch.from_numpy(np.ascontiguousarray(comb, dtype=np.float32))
+
+
+def _sinkhorn_one(logits: list[list[float]], iters: int, eps: float) -> list[list[float]]:
+    """``sinkhorn`` of one matrix as Python floats, kept as diag(r) K diag(c) with K = softmax + eps: a row
+    normalization divides row i by r_i (K c)_i + eps, which is r_i <- r_i / (r_i (K c)_i + eps); columns alike."""
+    k = []
+    for row in logits:
+        top = max(row)
+        e = [math.exp(v - top) for v in row]
+        total = sum(e)
+        k.append([v / total + eps for v in e])
+    kt = [list(col) for col in zip(*k)]
+    c = [1.0 / (sum(col) + eps) for col in kt]  # the first column normalization (r = 1)
+    r = [1.0] * len(k)
+    for _ in range(iters - 1):
+        r = [ri / (ri * sum(map(operator.mul, row, c)) + eps) for ri, row in zip(r, k)]
+        c = [cj / (cj * sum(map(operator.mul, col, r)) + eps) for cj, col in zip(c, kt)]
+    return [[ri * kij * cj for kij, cj in zip(row, c)] for ri, row in zip(r, k)]
 
 
 def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
