@@ -216,7 +216,8 @@ class Attention(nn.Module):
                     qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
                     scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, 1, T]
                     idx = topk_lower_index(scores, self.indexer.topk)[:, 0]  # [B, k]
-                    entries = entries.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+                    rows = idx + (torch.arange(b, device=idx.device) * t).unsqueeze(-1)
+                    entries = entries.reshape(b * t, c).index_select(0, rows.flatten()).view(b, -1, c)
             keys = torch.cat([keys, entries], dim=1)
         logits = torch.bmm(q.float().view(b, h, c) * self.scale, keys.transpose(1, 2))  # [B, H, W + K]
         if dropped is not None:
