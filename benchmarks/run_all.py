@@ -128,6 +128,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("dense ms/token", "dense_ms_per_token"),
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
+            ("roofline ms/token", "roofline_ms_per_token"), ("roofline ratio vs 4K", "roofline_ratio_vs_4k"),
             ("load", "load_average_at_start")])
         lines += _table("### Training", [r for r in rows if r["bench"] == "train"], [
             ("preset", "preset"), ("threads", "threads"), ("seq", "seq_len"), ("batch", "batch_size"),

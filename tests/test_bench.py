@@ -87,3 +87,7 @@ def test_decode_reports_ratios(capsys):
                  "--repeats", "1", "--json")
     assert r["speedup_vs_dense"] > 0 and r["cache_ratio_vs_dense"] > 1
     assert r["dense_cache_bytes"] == r["dense_kv_bytes"] + 2 * 64 * 4 * 4  # context, then 2 decoded tokens
+    # the roofline: a share of the measured step, growing with the context as its bytes and FLOPs do
+    assert 0 < r["roofline_ms_per_token"] and 0 < r["roofline_ms_per_token_4k"]
+    assert r["roofline_ratio_vs_4k"] == pytest.approx(r["roofline_ms_per_token"] / r["roofline_ms_per_token_4k"])
+    assert r["bandwidth_bytes_per_s"] > 1e8 and r["matmul_peak_flops"] > 1e8

@@ -7,8 +7,8 @@ import pytest
 from dsv4 import cli
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.cost import (
-    check_context, cost_report, entry_bytes, gqa8_cost, indexer_key_bytes, kv_cache_bytes, layer_kv_bytes,
-    matmul_parameters, parse_context, v3_cost, v32_cost, v4_cost, v4_layer_costs,
+    check_context, cost_report, decode_read_bytes, decode_roofline_seconds, entry_bytes, gqa8_cost, indexer_key_bytes,
+    kv_cache_bytes, layer_kv_bytes, matmul_parameters, parse_context, v3_cost, v32_cost, v4_cost, v4_layer_costs,
 )
 
 M = 1 << 20
@@ -88,6 +88,23 @@ def test_uniform_kv_bytes_accepts_dtype():
     tiny = ModelConfig.preset("tiny")
     assert kv_cache_bytes(tiny, 77, torch.bfloat16) == kv_cache_bytes(tiny, 77, 2)
     assert kv_cache_bytes(tiny, 77, torch.float32) == _tiny_uniform(77, 4)
+
+
+def test_decode_read_bytes_tiny():
+    tiny = ModelConfig.preset("tiny")  # top-k 8
+    L = 100  # window 16; CSA: 25 entries (8 read) and 25 indexer keys; HCA: 6 entries
+    read = decode_read_bytes(tiny, L, 2)
+    assert read["weights"] == 2 * matmul_parameters(tiny)
+    assert read["attention"] == 2 * (4 * 16 * 64 + 2 * (8 * 64 + 25 * 32) + 6 * 64)
+
+
+def test_decode_roofline_takes_the_longer_of_flops_and_bytes():
+    tiny = ModelConfig.preset("tiny")
+    cost, read = v4_cost(tiny, 100), decode_read_bytes(tiny, 100, 4)
+    attn_flops = cost.core_attention_flops + cost.indexer_flops
+    # bytes-bound at 1 byte/s, FLOPs-bound at 1 FLOP/s
+    assert decode_roofline_seconds(tiny, 100, 4, 1e30, 1.0) == read["weights"] + read["attention"]
+    assert decode_roofline_seconds(tiny, 100, 4, 1.0, 1e30) == cost.other_matmul_flops + attn_flops
 
 
 def test_report_layout_kv_tiny():

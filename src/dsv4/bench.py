@@ -183,6 +183,20 @@ def _boundary_ties(model, ids) -> tuple[int, int]:
     return ties, first
 
 
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: the best of ``repeats`` copies of ``nbytes`` (each reads and writes them), after
+    one untimed copy that faults the pages in."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
 def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int):
     """A decode cache of the dense baseline holding ``context`` random K=V vectors per layer, with space for
     ``room`` more: what a dense prefill would leave, without its quadratic cost (a decode step's cost does not
@@ -195,7 +209,8 @@ def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Genera
 
 
 def bench_decode(args) -> dict:
-    from dsv4.cost import v4_cost
+    from dsv4.cost import decode_roofline_seconds, v4_cost
+    from dsv4.train.flops import matmul_peak_flops
 
     dtype = getattr(torch, args.dtype)
     config, model = build(args.preset, args.seed, dtype)
@@ -220,9 +235,15 @@ def bench_decode(args) -> dict:
 
     ms, kv = per_token(args.context, "fast")
     ms_4k, _ = per_token(4096, "fast")
+    peak, bandwidth = matmul_peak_flops(dtype), copy_bandwidth()
+    roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth) * 1e3 for n in (args.context, 4096))
     out = {"bench": "decode", "preset": args.preset, "context": args.context, "dtype": args.dtype,
            "ms_per_token": ms, "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
            "predicted_ratio_vs_4k": v4_cost(config, args.context).flops / v4_cost(config, 4096).flops,
+           # the hardware's share by the roofline (FLOPs at the matmul peak, bytes at the copy bandwidth, both
+           # measured here): what the step would cost without per-op overhead, and how that grows with context
+           "matmul_peak_flops": peak, "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
+           "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k,
            "kv_bytes": kv, "dense_kv_bytes": dense_kv_bytes(config, args.context, esize),
            "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
     if not args.no_dense:

@@ -309,6 +309,38 @@ def gqa8_cost(config: ModelConfig, context: int, activated_params: int | None = 
                 indexer_flops=0, other_matmul_flops=2 * params)
 
 
+# ----------------------------------------------------------------------------------------- bytes read per token
+def decode_read_bytes(config: ModelConfig, context: int, dtype_bytes) -> dict[str, int]:
+    """Bytes one decoded token reads at batch 1 when every stored element takes ``dtype_bytes``:
+    ``weights`` (each activated matmul weight once, ``matmul_parameters``) and ``attention`` (the cache its attention
+    uses: every layer's window, for CSA every indexer key, which the indexer scans, and the top-k entries, for HCA
+    every entry).
+
+    At batch 1 a decode step's matmuls are matrix-vector products, bound by these bytes on most hardware rather
+    than by their FLOPs; ``decode_roofline_seconds`` weighs both.
+    """
+    context = check_context(context)
+    b = _check_dtype_bytes(dtype_bytes)
+    cache = 0
+    for lt in config.layer_types:
+        n = layer_kv_entries(config, lt, context)
+        used = min(config.index_topk, n["compressed"]) if lt == CSA else n["compressed"]
+        cache += (n["window"] + used) * config.head_dim + n["indexer"] * config.index_head_dim
+    return {"weights": matmul_parameters(config) * b, "attention": cache * b}
+
+
+def decode_roofline_seconds(config: ModelConfig, context: int, dtype_bytes, flops_per_s: float,
+                            bytes_per_s: float) -> float:
+    """A roofline estimate of one decode step at batch 1: the parameter matmuls and the attention (core and
+    indexer) each take the longer of their FLOPs at ``flops_per_s`` and their bytes (``decode_read_bytes``) at
+    ``bytes_per_s``. The hardware's share of the step; a framework's per-op overhead is not in it."""
+    cost = v4_cost(config, context)
+    read = decode_read_bytes(config, context, dtype_bytes)
+    attention_flops = cost.core_attention_flops + cost.indexer_flops
+    return (max(cost.other_matmul_flops / flops_per_s, read["weights"] / bytes_per_s)
+            + max(attention_flops / flops_per_s, read["attention"] / bytes_per_s))
+
+
 # ------------------------------------------------------------------------------------------------------- report
 def cost_report(config: ModelConfig, context: int, preset: str | None = None, config_path: str | None = None,
                 activated_params: int | None = None) -> dict:
