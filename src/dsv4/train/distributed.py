@@ -548,7 +548,7 @@ class Parallel:
                             v = torch.zeros((), dtype=torch.float32)
                         else:
                             v = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                        state[full] = self._as_global(v) if name in names else v
+                        state[full] = self._as_global(v) if name in names and v.dim() else v  # as saved
                         install.append((opt, p, k, v))
         state["trainer.rng"] = torch.get_rng_state()
         return state, install
