@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick    # small contexts only, minutes
     python benchmarks/run_all.py --docs     # only rewrite docs/benchmarks.md + plots from benchmarks/results/
     python benchmarks/run_all.py --only "decode"   # only the plan's commands containing this text, then docs
+    python benchmarks/run_all.py --gpu      # the GPU plan (see benchmarks/gpu.sh, which runs it on a lent GPU)
 
 Each measurement runs as its own process (``python -m dsv4 bench ... --json``) so that its peak RSS is its own.
 Results go to ``benchmarks/results/<machine>.jsonl``, one JSON object per line, with the command that produced it.
@@ -32,6 +33,14 @@ PLAN = [
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
+]
+# the same benchmarks on a GPU (benchmarks/gpu.sh runs them on a lent machine); no transformers comparison there
+GPU_PLAN = [
+    ["prefill", "--preset", "small", "--context", "4096", "--device", "cuda", "--no-hf"],
+    ["prefill", "--preset", "small", "--context", "32768", "--device", "cuda"],
+    ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--device", "cuda"],
+    ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--device", "cuda"],
+    ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "3", "--device", "cuda"],
 ]
 QUICK = [
     ["prefill", "--preset", "small", "--context", "2048", "--repeats", "1"],
@@ -229,6 +238,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--docs", action="store_true", help="only regenerate the docs from saved results")
+    p.add_argument("--gpu", action="store_true", help="run GPU_PLAN (--device cuda) instead of the CPU plan")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="run only the plan's commands containing TEXT (e.g. 'prefill --preset small --context "
                         "4096'); repeatable")
@@ -236,7 +246,7 @@ def main() -> int:
     if not args.docs:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{machine_name()}.jsonl"
-        plan = QUICK if args.quick else PLAN
+        plan = GPU_PLAN if args.gpu else QUICK if args.quick else PLAN
         if args.only:
             plan = [b for b in plan if any(text in " ".join(b) for text in args.only)]
             if not plan:

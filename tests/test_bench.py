@@ -17,7 +17,9 @@ def run_json(capsys, *argv):
 
 
 def test_prefill_reports_speed_memory_cache_and_parity(capsys):
-    r = run_json(capsys, "bench", "prefill", "--preset", "tiny", "--context", "256", "--repeats", "1", "--json")
+    r = run_json(capsys, "bench", "prefill", "--preset", "tiny", "--context", "256", "--repeats", "1", "--device",
+                 "cpu", "--json")
+    assert r["device"] == "cpu" and "peak_gpu_mem_gib" not in r
     for key in ("seconds", "dense_seconds", "speedup_vs_dense", "peak_rss_gib", "mfu", "kv_bytes",
                 "dense_kv_bytes", "cost_model_kv_bytes", "speedup_vs_hf_eager", "max_abs_logit_diff_vs_hf"):
         assert key in r, key
@@ -91,3 +93,26 @@ def test_decode_reports_ratios(capsys):
     assert 0 < r["roofline_ms_per_token"] and 0 < r["roofline_ms_per_token_4k"]
     assert r["roofline_ratio_vs_4k"] == pytest.approx(r["roofline_ms_per_token"] / r["roofline_ms_per_token_4k"])
     assert r["bandwidth_bytes_per_s"] > 1e8 and r["matmul_peak_flops"] > 1e8
+
+
+@pytest.mark.parametrize("device, message", [("mps", "cpu or cuda"), ("gpu:x", "not a device"),
+                                             ("cuda:64", "CUDA device")])
+def test_bad_device_is_refused_with_the_reason(device, message):
+    from dsv4.bench import resolve_device
+
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)
+
+
+def test_gpu_check_passes_on_the_cpu():
+    # benchmarks/gpu_check.py is the GPU session's first step; here it runs its checks with the CPU as the device
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gpu_check import check
+
+    result = check(torch.device("cpu"), seq=120)
+    assert result["ok"], result

@@ -5,7 +5,8 @@ shape with dense causal MQA over every past token (PyTorch SDPA, the whole promp
 fastest form, about 1.4x faster at 32K than chunks, which need an explicit mask), and, up to 4,096 tokens, against HF
 transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked
 context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
-Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process.
+Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process. ``--device cuda`` runs
+all of it on a GPU (timers wait for the device; ``peak_gpu_mem_gib`` beside the host's ``peak_rss_gib``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,40 @@ import time
 import torch
 
 from dsv4.config import CSA, HCA, ModelConfig
+from dsv4.train.flops import synchronize
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-def available_memory_bytes() -> int:
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "cpu", "cuda" or "cuda:N", refused with the reason when this machine cannot run it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {name!r} is not a device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak host RSS, and on a GPU the peak of PyTorch's allocations there, in GiB."""
+    out = {"peak_rss_gib": peak_rss_gib()}
+    if device.type == "cuda":
+        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def available_memory_bytes(device: torch.device | None = None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -38,7 +66,8 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bool = False) -> None:
+def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bool = False,
+                  device: torch.device | None = None) -> None:
     """Refuse contexts the model or this machine cannot take, naming the figure."""
     from dsv4.cost import kv_cache_bytes
 
@@ -50,18 +79,18 @@ def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bo
     need = kv_cache_bytes(config, context, dtype_bytes)
     if dense:
         need = max(need, context * config.head_dim * dtype_bytes * config.num_hidden_layers)
-    avail = available_memory_bytes()
+    avail = available_memory_bytes(device)
     if need > 0.8 * avail:
         raise ValueError(f"a cache for {context} tokens needs {need / 2**30:.2f} GiB, more than this machine can "
                          f"spare ({avail / 2**30:.2f} GiB available)")
 
 
-def build(preset: str, seed: int, dtype: torch.dtype):
+def build(preset: str, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
     from dsv4.model import Transformer
 
     config = ModelConfig.preset(preset)
     torch.manual_seed(seed)
-    model = Transformer(config).eval().to(dtype)
+    model = Transformer(config).eval().to(device=device, dtype=dtype)
     return config, model
 
 
@@ -74,11 +103,16 @@ def prefill(model, ids: torch.Tensor, chunk: int):
     return cache, logits
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int, device: torch.device | None = None) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls of ``fn`` (each waits for the device's work), and the last result."""
     times, result = [], None
     for _ in range(repeats):
+        if device is not None:
+            synchronize(device)
         t = time.perf_counter()
         result = fn()
+        if device is not None:
+            synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), result
 
@@ -91,30 +125,30 @@ def bench_prefill(args) -> dict:
     from dsv4.cost import kv_cache_bytes, v4_cost
     from dsv4.train.flops import matmul_peak_flops
 
-    dtype = getattr(torch, args.dtype)
-    config, model = build(args.preset, args.seed, dtype)
+    dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
+    config, model = build(args.preset, args.seed, dtype, device)
     n = args.context
     esize = torch.finfo(dtype).bits // 8
-    check_context(config, n, esize, dense=not args.no_dense)
-    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(args.seed))
+    check_context(config, n, esize, dense=not args.no_dense, device=device)
+    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(args.seed)).to(device)
     model.set_attention("fast", args.block)
-    peak = matmul_peak_flops(dtype)  # before and after the runs: the higher counts (a busy moment reads low)
-    t_v4, (cache, _) = timed(lambda: prefill(model, ids, args.chunk), args.repeats)
-    rss_v4 = peak_rss_gib()
-    out = {"bench": "prefill", "preset": args.preset, "context": n, "dtype": args.dtype, "chunk": args.chunk,
-           "seconds": t_v4, "tokens_per_s": n / t_v4, "peak_rss_gib": rss_v4, "kv_bytes": cache.nbytes(),
-           "cost_model_kv_bytes": kv_cache_bytes(config, n, esize), "dense_kv_bytes": dense_kv_bytes(config, n, esize),
-           "threads": torch.get_num_threads()}
+    # before and after the runs: the higher counts (a busy moment reads low)
+    peak = matmul_peak_flops(dtype, device=device)
+    t_v4, (cache, _) = timed(lambda: prefill(model, ids, args.chunk), args.repeats, device)
+    out = {"bench": "prefill", "preset": args.preset, "context": n, "dtype": args.dtype, "device": str(device),
+           "chunk": args.chunk, "seconds": t_v4, "tokens_per_s": n / t_v4, **peak_memory(device),
+           "kv_bytes": cache.nbytes(), "cost_model_kv_bytes": kv_cache_bytes(config, n, esize),
+           "dense_kv_bytes": dense_kv_bytes(config, n, esize), "threads": torch.get_num_threads()}
     # useful FLOPs of the prefill: the cost model's per-token decode FLOPs summed over the positions
     points = sorted({max(1, n * i // 16) for i in range(1, 17)})
     per_token = statistics.mean(v4_cost(config, p).flops for p in points)
     head = 2 * config.vocab_size * config.hidden_size  # prefill computes the lm head for the last position only
     useful = (per_token - head) * n + head
-    peak = max(peak, matmul_peak_flops(dtype))
+    peak = max(peak, matmul_peak_flops(dtype, device=device))
     out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak})
     if not args.no_dense:
         model.set_attention("dense")
-        t_dense, _ = timed(lambda: prefill(model, ids, n), args.repeats)  # one causal call: dense at its best
+        t_dense, _ = timed(lambda: prefill(model, ids, n), args.repeats, device)  # one causal call: dense at its best
         out.update({"dense_seconds": t_dense, "dense_chunk": n, "speedup_vs_dense": t_dense / t_v4})
         model.set_attention("fast", args.block)
     if n <= 4096 and not args.no_hf:
@@ -129,11 +163,11 @@ def _vs_transformers(model, ids, repeats: int, t_v4: float) -> dict:
         return {"transformers": "not installed"}
     with tempfile.TemporaryDirectory() as d:
         model.float().save_pretrained(d)
-        hf = DeepseekV4ForCausalLM.from_pretrained(d).float().eval()
+        hf = DeepseekV4ForCausalLM.from_pretrained(d).float().eval().to(ids.device)
     model.float()
     with torch.no_grad():
-        t_hf, ref = timed(lambda: hf(ids).logits.float(), repeats)
-        t_ours, ours = timed(lambda: model(ids), repeats)
+        t_hf, ref = timed(lambda: hf(ids).logits.float(), repeats, ids.device)
+        t_ours, ours = timed(lambda: model(ids), repeats, ids.device)
     diff = (ours - ref).abs().amax(-1)[0]
     ties, first = _boundary_ties(model, ids)
     return {"hf_eager_seconds": t_hf, "speedup_vs_hf_eager": t_hf / t_ours, "one_call_seconds": t_ours,
@@ -165,11 +199,11 @@ def _boundary_ties(model, ids) -> tuple[int, int]:
             hook.remove()
     for att in csa:
         x = inputs[att]
-        positions = torch.arange(ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=ids.device)
         q_latent = att.q_norm(att.wq_a(x))
         keys = att.indexer.keys(x, att.rotary, None)
         scores = att.indexer.scores(x, q_latent, positions, keys, att.rotary)
-        local = torch.arange(keys.shape[1]).unsqueeze(0)
+        local = torch.arange(keys.shape[1], device=ids.device).unsqueeze(0)
         visible = visible_entries(positions, local, att.rate)
         k = att.indexer.topk
         masked = scores.masked_fill(~visible, float("-inf"))
@@ -183,16 +217,19 @@ def _boundary_ties(model, ids) -> tuple[int, int]:
     return ties, first
 
 
-def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Memory bandwidth in bytes/s: the best of ``repeats`` copies of ``nbytes`` (each reads and writes them), after
-    one untimed copy that faults the pages in."""
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Memory bandwidth in bytes/s on ``device``: the best of ``repeats`` copies of ``nbytes`` (each reads and writes
+    them), after one untimed copy that faults the pages in."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
 
@@ -203,7 +240,8 @@ def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Genera
     depend on the vectors' values)."""
     cache = model.new_cache(1)
     for layer in cache.layers:
-        layer.append_dense(torch.randn(1, context, model.config.head_dim, generator=generator).to(dtype), room)
+        kv = torch.randn(1, context, model.config.head_dim, generator=generator)
+        layer.append_dense(kv.to(device=model.device, dtype=dtype), room)
     cache.seen = context
     return cache
 
@@ -212,40 +250,37 @@ def bench_decode(args) -> dict:
     from dsv4.cost import decode_roofline_seconds, v4_cost
     from dsv4.train.flops import matmul_peak_flops
 
-    dtype = getattr(torch, args.dtype)
-    config, model = build(args.preset, args.seed, dtype)
+    dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
+    config, model = build(args.preset, args.seed, dtype, device)
     esize = torch.finfo(dtype).bits // 8
-    check_context(config, args.context, esize, dense=not args.no_dense)
+    check_context(config, args.context, esize, dense=not args.no_dense, device=device)
     g = torch.Generator().manual_seed(args.seed)
 
     def per_token(context: int, impl: str) -> tuple[float, int]:
         model.set_attention(impl, args.block)
-        ids = torch.randint(0, config.vocab_size, (1, context + args.tokens), generator=g)
+        ids = torch.randint(0, config.vocab_size, (1, context + args.tokens), generator=g).to(device)
         if impl == "dense":
             cache = dense_cache(model, context, dtype, g, args.tokens)
         else:
             cache, _ = prefill(model, ids[:, :context], args.chunk)
-        times = []
         with torch.no_grad():
-            for i in range(args.tokens):
-                t = time.perf_counter()
-                model(ids[:, context + i:context + i + 1], cache=cache)
-                times.append(time.perf_counter() - t)
+            times = [timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1, device)[0]
+                     for i in range(args.tokens)]
         return statistics.median(times) * 1e3, cache.nbytes()
 
     ms, kv = per_token(args.context, "fast")
     ms_4k, _ = per_token(4096, "fast")
-    peak, bandwidth = matmul_peak_flops(dtype), copy_bandwidth()
+    peak, bandwidth = matmul_peak_flops(dtype, device=device), copy_bandwidth(device=device)
     roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth) * 1e3 for n in (args.context, 4096))
     out = {"bench": "decode", "preset": args.preset, "context": args.context, "dtype": args.dtype,
-           "ms_per_token": ms, "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
+           "device": str(device), "ms_per_token": ms, "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
            "predicted_ratio_vs_4k": v4_cost(config, args.context).flops / v4_cost(config, 4096).flops,
            # the hardware's share by the roofline (FLOPs at the matmul peak, bytes at the copy bandwidth, both
            # measured here): what the step would cost without per-op overhead, and how that grows with context
            "matmul_peak_flops": peak, "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
            "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k,
            "kv_bytes": kv, "dense_kv_bytes": dense_kv_bytes(config, args.context, esize),
-           "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
+           **peak_memory(device), "threads": torch.get_num_threads()}
     if not args.no_dense:
         dense_ms, dense_kv = per_token(args.context, "dense")
         out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
@@ -260,7 +295,8 @@ def bench_train(args) -> dict:
     from dsv4.train.flops import matmul_peak_flops, train_flops_per_token
     from dsv4.train.loop import TrainConfig, Trainer
 
-    config, model = build(args.preset, args.seed, torch.float32)
+    device = resolve_device(args.device)
+    config, model = build(args.preset, args.seed, torch.float32, device)
     seq, bsz = args.context, args.batch_size
     g = torch.Generator().manual_seed(args.seed)
 
@@ -268,7 +304,7 @@ def bench_train(args) -> dict:
         def __next__(self):
             tokens = torch.randint(0, config.vocab_size, (bsz, seq + 1), generator=g)
             docs = (torch.arange(seq + 1) >= seq // 2).long().expand(bsz, -1)  # two documents per row
-            return Batch(tokens, docs, torch.zeros_like(tokens))
+            return Batch(tokens, docs, torch.zeros_like(tokens)).to(device)
 
         def state_dict(self):
             return {}
@@ -283,18 +319,13 @@ def bench_train(args) -> dict:
         trainer = Trainer(model, Synthetic(), cfg, d)
         for _ in range(args.warmup_steps):
             trainer.train_step()
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
+        step_s, _ = timed(trainer.train_step, args.steps, device)
     tps = bsz * seq / step_s
-    peak = matmul_peak_flops(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    peak = matmul_peak_flops(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32, device=device)
     fpt = train_flops_per_token(config, seq)
     return {"bench": "train", "preset": args.preset, "seq_len": seq, "batch_size": bsz, "dtype": args.dtype,
-            "seconds_per_step": step_s, "tokens_per_s": tps, "train_flops_per_token": fpt,
-            "matmul_peak_flops": peak, "mfu": tps * fpt / peak, "peak_rss_gib": peak_rss_gib(),
+            "device": str(device), "seconds_per_step": step_s, "tokens_per_s": tps, "train_flops_per_token": fpt,
+            "matmul_peak_flops": peak, "mfu": tps * fpt / peak, **peak_memory(device),
             "threads": torch.get_num_threads()}
 
 
@@ -315,6 +346,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timers wait for the device)")
     p.add_argument("--json", action="store_true")
 
 

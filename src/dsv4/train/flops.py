@@ -9,7 +9,8 @@ import torch
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU. Timers read the clock after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -31,7 +32,7 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats
     end = time.perf_counter() + warmup_s
     while True:  # at least one untimed call
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         if time.perf_counter() >= end:
             break
     best = float("inf")
@@ -39,7 +40,7 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
         if time.perf_counter() - start > budget_s:
             break

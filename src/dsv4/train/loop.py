@@ -244,7 +244,7 @@ class Trainer:
         model.set_indexer_phase(sparse=phase == "sparse", train_indexer=cfg.train_indexer)
         if self.anticipatory is not None:
             self.anticipatory.before_step()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
             losses = self.losses(batch)
         lm, mtp, balance, loads = losses
         kl = losses.indexer_kl
