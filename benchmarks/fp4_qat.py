@@ -13,7 +13,9 @@ as trained; the non-QAT model measurably worse after post-hoc quantization (posi
 QAT model's largest |difference|).
 
 For the non-QAT model the FP4 change is also split (``decompose``) into a first-order part, whose sign is set by the
-run, and the second-order cost of an error that size, with the loss without routed experts for scale.
+run, and the second-order cost of an error that size, with the loss without routed experts for scale. Each model's
+``fp4_kl`` / ``fp4_top1_agreement`` say how far real FP4 moves its predictions from the model as trained (zero and 1
+for a QAT model, whose forward already ran the FP4 weights).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def summarize(seeds: list[dict]) -> dict:
         # the non-QAT FP4 change split into its first-order part (sign set by the run) and its second-order cost
         **({"no_qat_first_order_rel": [d["first_order_rel"] for d in decomp],
             "no_qat_second_order_rel": [d["second_order_rel"] for d in decomp]} if decomp else {}),
+        # how far real FP4 moves each model's predictions from the model as trained (KL per token, top-1 kept)
+        **({"qat_fp4_kl_max": max(s["qat"]["fp4_kl"] for s in seeds),
+            "no_qat_fp4_kl": [s["no_qat"]["fp4_kl"] for s in seeds],
+            "no_qat_fp4_top1_agreement": [s["no_qat"]["fp4_top1_agreement"] for s in seeds]}
+           if all("fp4_kl" in s[m] for s in seeds for m in ("qat", "no_qat")) else {}),
         "fp4_val_loss_qat_minus_no_qat_mean": sum(s["qat"]["fp4_val_loss"] - s["no_qat"]["fp4_val_loss"]
                                                   for s in seeds) / len(seeds),
     }
@@ -152,6 +159,7 @@ def main() -> int:
                             *(["--batches", str(args.eval_batches)] if args.eval_batches else [])])
             fig = {"training_val_loss": train["val_loss"], "val_loss": ev["val_loss"],
                    "fp4_val_loss": ev["fp4_val_loss"], "fp4_rel_diff": ev["fp4_rel_diff"],
+                   "fp4_kl": ev["fp4_kl"], "fp4_top1_agreement": ev["fp4_top1_agreement"],
                    "val_bits_per_byte": ev["val_bits_per_byte"], "fp4_val_bits_per_byte": ev["fp4_val_bits_per_byte"],
                    "eval_tokens": ev["tokens"], "train_seconds": train["seconds"],
                    "final_train_loss": train.get("final_loss")}

@@ -163,11 +163,13 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                     "FP4 experts. Without QAT: the float model against the same model quantized afterwards, that\n"
                     "difference split into a first-order part (its sign set by the run) and the second-order cost of\n"
                     "an error that size (from the loss at the masters minus the FP4 error). Relative differences, one\n"
-                    "per seed; the validation split depends on the seed.",
+                    "per seed; the validation split depends on the seed. KL: the mean per token of KL(model as\n"
+                    "trained || real FP4), in nats; top-1 kept: tokens whose most likely next token stays.",
                     fp4, [("steps", "steps"), ("lr", "lr"), ("seeds", "seeds"), ("QAT val loss", "qat_val"),
                           ("QAT, real FP4", "qat_fp4"), ("QAT diff", "qat_diff"), ("no QAT val loss", "plain_val"),
                           ("no QAT, real FP4", "plain_fp4"), ("no QAT diff", "plain_diff"),
                           ("of which 1st order", "plain_first"), ("2nd order", "plain_second"),
+                          ("QAT KL", "qat_kl"), ("no QAT KL", "plain_kl"), ("no QAT top-1 kept", "plain_top1"),
                           ("no QAT worse", "worse")])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
@@ -178,6 +180,11 @@ def _fp4_row(e: dict) -> dict:
 
     def join(mode: str, key: str, pct: bool = False) -> str:
         return " / ".join(f"{100 * s[mode][key]:+.3f}%" if pct else f"{s[mode][key]:.4f}" for s in per)
+
+    def shift(mode: str, key: str, fmt: str) -> str:
+        if not all("fp4_kl" in s[mode] for s in per):
+            return "-"
+        return " / ".join(format(s[mode][key], fmt) for s in per)
 
     def decomp(key: str) -> str:
         if not all("decomposition" in s["no_qat"] for s in per):
@@ -190,6 +197,8 @@ def _fp4_row(e: dict) -> dict:
             "qat_diff": join("qat", "fp4_rel_diff", True), "plain_val": join("no_qat", "val_loss"),
             "plain_fp4": join("no_qat", "fp4_val_loss"), "plain_diff": join("no_qat", "fp4_rel_diff", True),
             "plain_first": decomp("first_order_rel"), "plain_second": decomp("second_order_rel"),
+            "qat_kl": shift("qat", "fp4_kl", ".1e"), "plain_kl": shift("no_qat", "fp4_kl", ".1e"),
+            "plain_top1": shift("no_qat", "fp4_top1_agreement", ".2%"),
             "worse": "yes" if e["non_qat_measurably_worse"] else "no"}
 
 

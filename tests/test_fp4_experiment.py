@@ -1,6 +1,7 @@
 """dsv4 eval's figures for a QAT model; benchmarks/fp4_qat.py's summary and the docs row benchmarks/run_all.py makes
 of it (no training here)."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def test_docs_row_joins_the_seeds_in_order():
     for s, second in zip(seeds, (0.0003, -0.0001)):
         s["no_qat"]["decomposition"] = {"first_order_rel": 0.0, "second_order_rel": second}
     assert run_all._fp4_row(result)["plain_second"] == "+0.030% / -0.010%"
+    assert run_all._fp4_row(result)["plain_kl"] == "-"  # results from before the KL was measured
+    for s, kl in zip(seeds, (1.5e-4, 2.25e-4)):
+        s["qat"].update(fp4_kl=0.0, fp4_top1_agreement=1.0)
+        s["no_qat"].update(fp4_kl=kl, fp4_top1_agreement=0.987)
+    row = run_all._fp4_row({**result, **fp4.summarize(seeds)})
+    assert (row["qat_kl"], row["plain_kl"]) == ("0.0e+00 / 0.0e+00", "1.5e-04 / 2.2e-04")
+    assert row["plain_top1"] == "98.70% / 98.70%"
+    assert fp4.summarize(seeds)["no_qat_fp4_kl"] == [1.5e-4, 2.25e-4]
     lines = run_all._table("## FP4", [row], [("no QAT diff", "plain_diff")])
     assert lines[-2] == "| +0.420% / +0.170% | `python benchmarks/fp4_qat.py --seeds 3,4` |"
 
@@ -80,3 +89,34 @@ def test_eval_as_trained_runs_the_indexer_fp4_path_that_training_with_qat_ran():
     enable_fp4_qat(model, False)
     enable_indexer_fp4(model, False)
     assert got["float_val_loss"] == pytest.approx(evaluate(model, batches)[0], rel=1e-6)
+
+
+def test_prediction_shift_is_kl_and_top1_agreement():
+    import torch
+
+    import dsv4
+    from dsv4.data import Batch
+    from dsv4.evaluate import prediction_shift
+
+    torch.manual_seed(0)
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny").replace(vocab_size=100))
+    tokens = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    batches = [Batch(tokens, torch.zeros_like(tokens), torch.arange(40).expand(2, -1))]
+
+    class Scaled:  # a change that sharpens every prediction: the head's weights doubled within the block
+        def __init__(self, m):
+            self.m = m
+
+        def __enter__(self):
+            self.m.head.weight.data.mul_(2)
+
+        def __exit__(self, *exc):
+            self.m.head.weight.data.div_(2)
+
+    with torch.no_grad():
+        logits = model(tokens)[:, :-1].flatten(0, 1)
+    p, q = torch.log_softmax(logits, -1), torch.log_softmax(2 * logits, -1)
+    kl, agree = prediction_shift(model, batches, Scaled)
+    assert kl == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
+    assert agree == 1.0  # doubling the logits keeps every argmax
+    assert prediction_shift(model, batches, lambda m: contextlib.nullcontext())[0] == 0.0

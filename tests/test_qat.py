@@ -263,12 +263,14 @@ def test_eval_json_reports_both_figures(trained_dir, capsys):
     assert record["tokens"] > 0 and record["batches"] >= 1
     for k in ("val_loss", "val_bits_per_byte", "fp4_val_loss", "fp4_val_bits_per_byte", "float_val_loss"):
         assert 0 < record[k] < 20, k
-    # trained with QAT: the real FP4 experts are the weights the QAT forward used
+    # trained with QAT: the real FP4 experts are the weights the QAT forward used, every prediction stays
     assert abs(record["fp4_rel_diff"]) < 1e-6
+    assert record["fp4_kl"] == pytest.approx(0, abs=1e-9) and record["fp4_top1_agreement"] == 1.0
     # the same model taken as a float model and quantized afterwards: FP4 changes its loss
     assert run_cli("dsv4.evaluate", argv + ["--qat", "off"]) == 0
     post = json.loads(capsys.readouterr().out)
     assert post["fp4_qat"] is False and abs(post["fp4_rel_diff"]) > 1e-4
+    assert post["fp4_kl"] > 1e-6 and post["fp4_top1_agreement"] <= 1.0  # the predictions moved
     assert post["val_loss"] == pytest.approx(record["float_val_loss"], rel=1e-6)
     assert post["fp4_val_loss"] == pytest.approx(record["fp4_val_loss"], rel=1e-6)
     assert post["tokens"] == record["tokens"]

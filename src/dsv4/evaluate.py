@@ -15,8 +15,9 @@ Figures: next-token cross-entropy in nats per token and bits per byte.
   ``training.json`` (written by ``dsv4 train``, copied by ``dsv4 convert``); ``--qat on|off`` overrides it.
 * with ``--fp4``, ``fp4_val_loss``: the routed experts' weights replaced by real FP4 (MXFP4 quantized and
   dequantized once: what an official FP4 checkpoint of this model holds), and ``fp4_rel_diff`` = fp4 / as trained
-  - 1 (the same for bits per byte). For a QAT model the masters without quantization are reported too
-  (``float_val_loss``).
+  - 1 (the same for bits per byte); and how far real FP4 moves the predictions of the model as trained:
+  ``fp4_kl`` (mean KL(as trained || real FP4) per token, nats) and ``fp4_top1_agreement`` (tokens whose most likely
+  next token stays). For a QAT model the masters without quantization are reported too (``float_val_loss``).
 
 ``seq_len``, ``batch_size``, ``val_fraction``, ``seed`` and ``data`` default to the values in ``training.json``,
 else 256, 8, 0.02, 0 and (``--data`` required).
@@ -154,6 +155,7 @@ def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, q
             with real_fp4_experts(model):
                 out["fp4_val_loss"], out["fp4_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
             out["fp4_rel_diff"] = out["fp4_val_loss"] / out["val_loss"] - 1
+            out["fp4_kl"], out["fp4_top1_agreement"] = prediction_shift(model, batches, real_fp4_experts)
             if qat:
                 enable_fp4_qat(model, False)
                 enable_indexer_fp4(model, False)
@@ -164,6 +166,37 @@ def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, q
         for m, f in zip(indexers, indexer_flags):
             m.fp4_qk = f
     return out
+
+
+@torch.no_grad()
+def prediction_shift(model, batches, change) -> tuple[float, float]:
+    """How far ``change`` (a context manager taking the model, e.g. ``real_fp4_experts``) moves the model's
+    next-token distributions over ``batches``: the mean per predicted token of KL(p as is || p changed) in nats, and
+    the fraction of tokens whose most likely next token stays the same.
+
+    The KL is zero only for a change that leaves every prediction as it was, and second order in a small change, so
+    it shows what a loss difference cannot: a loss is first order in the change, with a sign set by the run."""
+    from dsv4.data import IGNORE_INDEX
+    from dsv4.train.loop import shifted_targets
+
+    was_training = model.training
+    model.eval()
+    kl, same, count = 0.0, 0, 0
+    try:
+        for batch in batches:
+            keep = (shifted_targets(batch, 1) != IGNORE_INDEX).flatten()
+            before = model(batch.inputs, doc_ids=batch.input_doc_ids).flatten(0, 1)[keep]
+            with change(model):
+                after = model(batch.inputs, doc_ids=batch.input_doc_ids).flatten(0, 1)[keep]
+            logp, logq = torch.log_softmax(before.float(), -1), torch.log_softmax(after.float(), -1)
+            kl += float((logp.exp() * (logp - logq)).sum())
+            same += int((before.argmax(-1) == after.argmax(-1)).sum())
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return float("nan"), float("nan")
+    return kl / count, same / count
 
 
 def _count_targets(batches) -> int:
@@ -253,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fp4:
         say(f"{'real FP4 experts':<32} {figures['fp4_val_loss']:.4f} nats/token  "
             f"{figures['fp4_val_bits_per_byte']:.4f} bits/byte  ({100 * figures['fp4_rel_diff']:+.2f}%)")
+        say(f"{'  its predictions moved':<32} KL {figures['fp4_kl']:.2e} nats/token from the model as trained, "
+            f"top-1 kept on {100 * figures['fp4_top1_agreement']:.2f}% of tokens")
         if qat:
             say(f"{'float masters (no quantization)':<32} {figures['float_val_loss']:.4f} nats/token  "
                 f"{figures['float_val_bits_per_byte']:.4f} bits/byte")
