@@ -4,7 +4,8 @@ prefill: the prompt goes through the model in chunks with the decode cache (V4's
 shape with dense causal MQA over every past token (PyTorch SDPA, the whole prompt in one ``is_causal`` call: its
 fastest form, about 1.4x faster at 32K than chunks, which need an explicit mask), and, up to 4,096 tokens, against HF
 transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked
-context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio.
+context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio
+(its FLOPs) and the roofline's (its FLOPs at the matmul peak and its bytes at the copy bandwidth, both measured).
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process. ``--device cuda`` runs
 all of it on a GPU (timers wait for the device; ``peak_gpu_mem_gib`` beside the host's ``peak_rss_gib``).
 """
