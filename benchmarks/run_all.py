@@ -132,7 +132,11 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
             ("load", "load_average_at_start")])
         dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
-        lines += _table("### Decode", dec, [
+        lines += _table("### Decode\n\n"
+                        "Medians of 32 tokens at batch 1. Predicted ratio: the cost model's FLOPs per token at the context\n"
+                        "over those at 4K. Roofline: the step's parameter matmuls and its attention, each at the longer of\n"
+                        "its FLOPs at the matmul peak and its bytes read (weights, cache) at the copy bandwidth, both\n"
+                        "measured in the run: what the step would cost without per-op overhead.", dec, [
             ("context", "context"), ("threads", "threads"), ("ms/token", "ms_per_token"),
             ("ms/token at 4K", "ms_per_token_4k"), ("dense ms/token", "dense_ms_per_token"),
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
