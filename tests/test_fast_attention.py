@@ -97,6 +97,17 @@ def test_decode_step_token_by_token_matches_reference_full(sparse):
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=0)
 
 
+def test_dense_phase_fast_equals_reference_over_every_visible_entry():
+    model = model_for(index_topk=3).set_indexer_phase(False, False)
+    ids = torch.randint(0, 211, (2, 70), generator=torch.Generator().manual_seed(6))
+    res = run_both(model, ids)
+    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
+    for name, grad in res["reference"][1].items():
+        torch.testing.assert_close(res["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    sparse = run_both(model.set_indexer_phase(True, False), ids)["reference"][0]
+    assert (sparse - res["reference"][0]).abs().max() > 1e-3  # top-3 of up to 17 entries: the phases differ
+
+
 def test_decode_step_is_differentiable_like_the_reference():
     model = model_for(index_topk=3)
     ids = torch.randint(0, 211, (1, 30), generator=torch.Generator().manual_seed(4))
