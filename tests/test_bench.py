@@ -48,6 +48,13 @@ def test_bad_contexts_are_refused():
         check_context(huge, 1 << 38, 4)
 
 
+@pytest.mark.parametrize("flag, value", [("--tokens", "0"), ("--repeats", "0"), ("--chunk", "0"), ("--block", "0"),
+                                         ("--steps", "0"), ("--batch-size", "0"), ("--warmup-steps", "-1")])
+def test_bad_counts_are_refused_naming_the_flag(flag, value, capsys):
+    assert main(["bench", "decode", "--preset", "tiny", "--context", "300", flag, value, "--json"]) == 2
+    assert f"{flag} must be >=" in capsys.readouterr().err
+
+
 def test_cache_bytes_match_the_cost_model():
     import torch
 

@@ -352,8 +352,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.context < 1:
-        raise ValueError(f"--context must be >= 1, got {args.context}")
+    for flag, least in (("context", 1), ("chunk", 1), ("tokens", 1), ("repeats", 1), ("batch_size", 1),
+                        ("steps", 1), ("warmup_steps", 0)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    if args.block is not None and args.block < 1:
+        raise ValueError(f"--block must be >= 1, got {args.block}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
