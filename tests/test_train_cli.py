@@ -141,6 +141,9 @@ def test_generate_refuses_a_missing_model_clearly(trained, tmp_path):
     (unfinished / "checkpoints").mkdir(parents=True)
     rc, _, stderr = run_cli("generate", "--model", unfinished, "--prompt", "x")
     assert rc == 2 and "without model/" in stderr
+    for flag, value in (("--top-p", 0), ("--temperature", -1)):  # refused before the prompt is printed
+        rc, stdout, stderr = run_cli("generate", "--model", trained[0], "--prompt", "x", flag, value)
+        assert rc == 2 and stdout == "" and flag in stderr
 
 
 def test_plot_writes_a_png(trained):

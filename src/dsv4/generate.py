@@ -121,6 +121,10 @@ def run(args) -> int:
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.temperature < 0:  # before anything is printed (sample_next checks these too, once the prompt is out)
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     path = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
     if not tok_path.exists():
