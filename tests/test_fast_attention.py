@@ -84,15 +84,16 @@ def test_fast_cached_decoding_matches_reference_full(chunk):
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_decode_step_token_by_token_matches_reference_full(sparse):
-    # from the first token on: a ring not yet full, no entries, fewer entries than top-k, then more; the ring wraps
+@pytest.mark.parametrize("sparse, batch", [(True, 2), (False, 2), (True, 1)])
+def test_decode_step_token_by_token_matches_reference_full(sparse, batch):
+    # from the first token on: a ring not yet full, no entries, fewer entries than top-k, then more; the ring wraps;
+    # one row: mHC's one-row path too
     model = model_for(index_topk=3).eval().set_indexer_phase(sparse, False)
-    ids = torch.randint(0, 211, (2, 60), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 211, (batch, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.set_attention("reference")(ids)
         model.set_attention("fast")
-        cache = model.new_cache(2)
+        cache = model.new_cache(batch)
         steps = [model(ids[:, i:i + 1], cache=cache) for i in range(60)]
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=0)
 

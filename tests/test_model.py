@@ -139,8 +139,8 @@ def test_generate_is_deterministic_with_a_seed():
 
 
 def test_small_sinkhorn_equals_the_tensor_path():
-    """Decoding's Sinkhorn (no autograd; one matrix in plain Python, a few in numpy) gives the tensor path's
-    doubly-stochastic matrices."""
+    """Decoding's Sinkhorn (no autograd: a few matrices in numpy, one in plain Python floats) gives the tensor
+    path's doubly-stochastic matrices."""
     from dsv4.model import hyper
 
     g = torch.Generator().manual_seed(2)
@@ -151,6 +151,28 @@ def test_small_sinkhorn_equals_the_tensor_path():
         ref = hyper.sinkhorn(logits.clone().requires_grad_(), 20, 1e-6).detach()
         torch.testing.assert_close(small, ref, atol=1e-6, rtol=1e-5)
         assert small.dtype == torch.float32 and small.shape == logits.shape
+        for m, r in zip(logits.reshape(-1, *shape[-2:]), ref.reshape(-1, *shape[-2:])):
+            one = torch.tensor(hyper._sinkhorn_one(m.double().tolist(), 20, 1e-6), dtype=torch.float32)
+            torch.testing.assert_close(one, r, atol=1e-6, rtol=1e-5)
+
+
+def test_one_row_hyper_connection_equals_the_tensor_path():
+    """A decoding row's mHC unit (Python floats for the mixing values) gives the tensor path's outputs."""
+    from dsv4.model.hyper import HyperConnection
+
+    torch.manual_seed(3)
+    hc = HyperConnection(ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.normal_()
+    for shape in [(1, 1, 4, 128), (1, 4, 128)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            one = hc(x)
+        ref = hc(x.clone().requires_grad_())  # autograd on: the tensor path
+        for a, b in zip(one, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_apply_rope_rotates_interleaved_trailing_pairs():
