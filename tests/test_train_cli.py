@@ -94,6 +94,13 @@ def test_resume_without_checkpoints_is_a_clear_error(inputs, tmp_path):
     assert not (tmp_path / "fresh" / "tokenizer.json").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("lr", ["0", "-1", "nan"])
+def test_a_bad_learning_rate_is_refused_naming_the_flag(inputs, tmp_path, lr):
+    rc, stdout, stderr = run_cli(*train_args(*inputs, tmp_path / "bad-lr", 3, "--lr", lr))
+    assert rc == 2 and stdout == "" and "--lr must be > 0" in stderr
+    assert not (tmp_path / "bad-lr" / "tokenizer.json").exists()  # refused before any work
+
+
 def test_new_run_over_checkpoints_is_a_clear_error_and_keeps_them(trained, inputs):
     run = trained[0]
     before = sorted(p.name for p in (run / "checkpoints").iterdir())

@@ -166,6 +166,8 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.bias_speed < 0:
         raise ValueError(f"--bias-speed must be >= 0, got {args.bias_speed}")
+    if not args.lr > 0:  # NaN too
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     out = Path(args.out)
     check_run_dir(out, args.resume)
     if args.threads:
