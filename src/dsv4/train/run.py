@@ -164,7 +164,7 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     for name in ("steps", "seq_len", "batch_size", "val_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.bias_speed < 0:
+    if not args.bias_speed >= 0:  # NaN too
         raise ValueError(f"--bias-speed must be >= 0, got {args.bias_speed}")
     if not args.lr > 0:  # NaN too
         raise ValueError(f"--lr must be > 0, got {args.lr}")
