@@ -25,11 +25,21 @@ from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
+def _flat_rows(idx: torch.Tensor, t: int) -> torch.Tensor:
+    """Entry indices idx [B, ...] into each row's T entries -> rows of the flattened entries [B T, c]."""
+    b = idx.shape[0]
+    return idx + (torch.arange(b, device=idx.device) * t).view(b, *[1] * (idx.dim() - 1))
+
+
+def _gather_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows [...] of flat [N, c] as [..., c]: one gather of the shared K=V serves every head."""
+    return flat.index_select(0, rows.flatten()).view(*rows.shape, flat.shape[-1])
+
+
 def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
     """CSA's core for a few queries q [B, Q, H, c]: gather each query's chosen entries (rows [B, Q, k] of the
-    flattened entries [B T, c]; one gather serves every head) and attend to them."""
-    keys = entries.index_select(0, rows.flatten()).view(*rows.shape, entries.shape[-1])
-    return kernels.attend(q, keys, mask, keep)
+    flattened entries [B T, c]) and attend to them."""
+    return kernels.attend(q, _gather_rows(entries, rows), mask, keep)
 
 
 class Attention(nn.Module):
@@ -216,8 +226,7 @@ class Attention(nn.Module):
                     qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
                     scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, 1, T]
                     idx = topk_lower_index(scores, self.indexer.topk)[:, 0]  # [B, k]
-                    rows = idx + (torch.arange(b, device=idx.device) * t).unsqueeze(-1)
-                    entries = entries.reshape(b * t, c).index_select(0, rows.flatten()).view(b, -1, c)
+                    entries = _gather_rows(entries.reshape(b * t, c), _flat_rows(idx, t))
             keys = torch.cat([keys, entries], dim=1)
         logits = torch.bmm(q.float().view(b, h, c) * self.scale, keys.transpose(1, 2))  # [B, H, W + K]
         if dropped is not None:
@@ -297,7 +306,7 @@ class Attention(nn.Module):
             idx = topk_lower_index(scores, min(self.indexer.topk, tlim))  # [B, Q, k]
             scores = scores.gather(-1, idx)
             cmask = scores > float("-inf")  # the picks that are visible (fewer than k visible: the rest are not)
-            rows = idx + (torch.arange(b, device=idx.device) * t).view(b, 1, 1)
+            rows = _flat_rows(idx, t)
             amask = None if bool(cmask.all()) else cmask  # past the first k entries every pick is visible
             # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
             recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
