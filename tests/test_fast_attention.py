@@ -32,6 +32,18 @@ def run_both(model, ids, doc_ids=None, chunk=16, window_block=None):
     return out
 
 
+def assert_same_grads(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def assert_fast_equals_reference(res: dict) -> None:
+    """run_both's result: fast logits within 1e-5 of the reference's, the same gradients."""
+    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
+    assert_same_grads(res["fast"][1], res["reference"][1])
+
+
 CASES = {
     "shorter-than-window": dict(seq=11),
     "not-multiples": dict(seq=75),
@@ -50,13 +62,8 @@ def test_fast_equals_reference(case):
     model = model_for(**spec.get("changes", {}))
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 211, (spec.get("batch", 2), spec["seq"]), generator=g)
-    res = run_both(model, ids, chunk=spec.get("chunk", 16), window_block=spec.get("window_block"))
-    ref_logits, ref_grads = res["reference"]
-    fast_logits, fast_grads = res["fast"]
-    torch.testing.assert_close(fast_logits, ref_logits, atol=1e-5, rtol=0)
-    assert ref_grads.keys() == fast_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_fast_equals_reference(run_both(model, ids, chunk=spec.get("chunk", 16),
+                                          window_block=spec.get("window_block")))
 
 
 def test_fast_equals_reference_with_documents():
@@ -65,10 +72,7 @@ def test_fast_equals_reference_with_documents():
     ids = torch.randint(0, 211, (2, 83), generator=g)
     doc_ids = torch.stack([(torch.arange(83) >= 30).long() + (torch.arange(83) >= 34).long(),
                            (torch.arange(83) >= 61).long()])
-    res = run_both(model, ids, doc_ids, chunk=16, window_block=7)
-    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
-    for name, grad in res["reference"][1].items():
-        torch.testing.assert_close(res["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_fast_equals_reference(run_both(model, ids, doc_ids, chunk=16, window_block=7))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 128])
@@ -102,9 +106,7 @@ def test_dense_phase_fast_equals_reference_over_every_visible_entry():
     model = model_for(index_topk=3).set_indexer_phase(False, False)
     ids = torch.randint(0, 211, (2, 70), generator=torch.Generator().manual_seed(6))
     res = run_both(model, ids)
-    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-5, rtol=0)
-    for name, grad in res["reference"][1].items():
-        torch.testing.assert_close(res["fast"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_fast_equals_reference(res)
     sparse = run_both(model.set_indexer_phase(True, False), ids)["reference"][0]
     assert (sparse - res["reference"][0]).abs().max() > 1e-3  # top-3 of up to 17 entries: the phases differ
 
@@ -120,9 +122,7 @@ def test_decode_step_is_differentiable_like_the_reference():
             model(ids[:, :29], cache=cache)
         model(ids[:, 29:], cache=cache).square().mean().backward()
         grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads["fast"].keys() == grads["reference"].keys()
-    for name, grad in grads["reference"].items():
-        torch.testing.assert_close(grads["fast"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_grads(grads["fast"], grads["reference"])
 
 
 def test_topk_lower_index_breaks_ties_toward_lower_index():
