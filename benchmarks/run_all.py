@@ -32,6 +32,7 @@ PLAN = [
     ["prefill", "--preset", "small", "--context", "32768", "--repeats", "1", "--threads", "1"],
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
+    ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
 ]
 # the same benchmarks on a GPU (benchmarks/gpu.sh runs them on a lent machine); no transformers comparison there
@@ -40,6 +41,7 @@ GPU_PLAN = [
     ["prefill", "--preset", "small", "--context", "32768", "--device", "cuda"],
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--device", "cuda"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--device", "cuda"],
+    ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16", "--device", "cuda"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "3", "--device", "cuda"],
 ]
 QUICK = [
@@ -48,6 +50,13 @@ QUICK = [
     ["decode", "--preset", "small", "--context", "8192", "--repeats", "1", "--tokens", "4"],
     ["train", "--preset", "tiny", "--context", "256", "--batch-size", "4"],
 ]
+
+
+DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the batch's rows (ms/token: the
+step's time). Predicted ratio: the cost model's FLOPs per token at the context over those at 4K.
+Roofline: the step's parameter matmuls and its attention, each at the longer of its FLOPs at the
+matmul peak and its bytes read (weights and the experts the rows touch; each row's cache) at the
+copy bandwidth, both measured in the run: what the step would cost without per-op overhead."""
 
 
 def machine_name() -> str:
@@ -132,12 +141,9 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
             ("load", "load_average_at_start")])
         dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
-        lines += _table("### Decode\n\n"
-                        "Medians of 32 tokens at batch 1. Predicted ratio: the cost model's FLOPs per token at the context\n"
-                        "over those at 4K. Roofline: the step's parameter matmuls and its attention, each at the longer of\n"
-                        "its FLOPs at the matmul peak and its bytes read (weights, cache) at the copy bandwidth, both\n"
-                        "measured in the run: what the step would cost without per-op overhead.", dec, [
-            ("context", "context"), ("threads", "threads"), ("ms/token", "ms_per_token"),
+        lines += _table("### Decode\n\n" + DECODE_NOTE, dec, [
+            ("context", "context"), ("batch", "batch_size"), ("threads", "threads"), ("ms/token", "ms_per_token"),
+            ("tokens/s", "tokens_per_s"),
             ("ms/token at 4K", "ms_per_token_4k"), ("dense ms/token", "dense_ms_per_token"),
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
@@ -149,7 +155,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("MFU", "mfu"), ("load", "load_average_at_start")])
         if pre or dec:
             plot = DOCS / f"bench-{machine}.png"
-            _plot(pre, dec, plot)
+            _plot(pre, [r for r in dec if r.get("batch_size", 1) == 1], plot)  # batches: in the table only
             lines += [f"![prefill and decode on {machine}]({plot.name})", ""]
     exps = [e for e in experiments() if e.get("experiment") == "indexer_schedule"]
     lines += _table("## Sparse-attention schedule (tiny preset)\n\n"

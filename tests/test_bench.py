@@ -46,6 +46,8 @@ def test_bad_contexts_are_refused():
     huge = cfg.replace(max_position_embeddings=1 << 40)
     with pytest.raises(ValueError, match="GiB"):
         check_context(huge, 1 << 38, 4)
+    with pytest.raises(ValueError, match="x 1000000 rows"):
+        check_context(cfg, 1 << 20, 4, batch=1_000_000)
 
 
 @pytest.mark.parametrize("flag, value", [("--tokens", "0"), ("--repeats", "0"), ("--chunk", "0"), ("--block", "0"),
@@ -100,6 +102,15 @@ def test_decode_reports_ratios(capsys):
     assert 0 < r["roofline_ms_per_token"] and 0 < r["roofline_ms_per_token_4k"]
     assert r["roofline_ratio_vs_4k"] == pytest.approx(r["roofline_ms_per_token"] / r["roofline_ms_per_token_4k"])
     assert r["bandwidth_bytes_per_s"] > 1e8 and r["matmul_peak_flops"] > 1e8
+    assert r["batch_size"] == 1 and r["tokens_per_s"] == pytest.approx(1e3 / r["ms_per_token"])
+
+
+def test_decode_takes_a_batch_of_rows(capsys):
+    r = run_json(capsys, "bench", "decode", "--preset", "tiny", "--context", "300", "--tokens", "2",
+                 "--repeats", "1", "--batch-size", "3", "--json")
+    assert r["batch_size"] == 3 and r["tokens_per_s"] == pytest.approx(3e3 / r["ms_per_token"])
+    assert r["dense_cache_bytes"] == r["dense_kv_bytes"] + 3 * 2 * 64 * 4 * 4  # every row: context + 2 tokens
+    assert r["cache_ratio_vs_dense"] > 1 and r["speedup_vs_dense"] > 0
 
 
 @pytest.mark.parametrize("device, message", [("mps", "cpu or cuda"), ("gpu:x", "not a device"),

@@ -7,8 +7,9 @@ import pytest
 from dsv4 import cli
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.cost import (
-    check_context, cost_report, decode_read_bytes, decode_roofline_seconds, entry_bytes, gqa8_cost, indexer_key_bytes,
-    kv_cache_bytes, layer_kv_bytes, matmul_parameters, parse_context, v3_cost, v32_cost, v4_cost, v4_layer_costs,
+    check_context, cost_report, decode_read_bytes, decode_roofline_seconds, entry_bytes, experts_touched, gqa8_cost,
+    indexer_key_bytes, kv_cache_bytes, layer_kv_bytes, matmul_parameters, parse_context, v3_cost, v32_cost, v4_cost,
+    v4_layer_costs,
 )
 
 M = 1 << 20
@@ -105,6 +106,22 @@ def test_decode_roofline_takes_the_longer_of_flops_and_bytes():
     # bytes-bound at 1 byte/s, FLOPs-bound at 1 FLOP/s
     assert decode_roofline_seconds(tiny, 100, 4, 1e30, 1.0) == read["weights"] + read["attention"]
     assert decode_roofline_seconds(tiny, 100, 4, 1.0, 1e30) == cost.other_matmul_flops + attn_flops
+    # a batch of 5 rows: 5x the FLOPs and each row's cache, the shared weights read once
+    assert decode_roofline_seconds(tiny, 100, 4, 1.0, 1e30, batch=5) == 5 * (cost.other_matmul_flops + attn_flops)
+    read5 = decode_read_bytes(tiny, 100, 4, batch=5)
+    assert read5["attention"] == 5 * read["attention"]
+    assert decode_roofline_seconds(tiny, 100, 4, 1e30, 1.0, batch=5) == read5["weights"] + read5["attention"]
+
+
+def test_a_batch_reads_the_experts_its_rows_touch():
+    tiny = ModelConfig.preset("tiny")  # 8 routed experts, 2 per token, 4 layers of 3 x 128 x 128 each
+    assert experts_touched(tiny, 1) == 2 and experts_touched(tiny, 2) == 8 * (1 - 0.75 ** 2)
+    assert experts_touched(tiny, 1000) == pytest.approx(8)
+    expert = 3 * 128 * 128 * 4  # float32 bytes of one expert
+    one, many = (decode_read_bytes(tiny, 100, 4, batch=b)["weights"] for b in (1, 1000))
+    assert many - one == pytest.approx(4 * 6 * expert, abs=4)  # every layer's six other experts, once each
+    with pytest.raises(ValueError, match="batch"):
+        decode_read_bytes(tiny, 100, 4, batch=0)
 
 
 def test_report_layout_kv_tiny():

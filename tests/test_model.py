@@ -67,6 +67,30 @@ def test_any_split_matches_one_call(splits):
     assert cache.seen == 90
 
 
+@pytest.mark.parametrize("prompt", [9, 70])  # ring not yet full, no entries; ring wrapped, entries emitted
+def test_a_repeated_cache_continues_each_row_like_its_own_sequence(prompt):
+    """One prefilled prompt, repeated into three rows that then decode different tokens: each row gives the logits
+    of one call on its own sequence, and the prompt's cache is left as it was."""
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 257, (1, prompt), generator=g)
+    tails = torch.randint(0, 257, (3, 12), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids, cache=cache)
+        before = cache.nbytes()
+        rows = cache.repeat_rows(3)
+        assert rows.batch_size == 3 and rows.seen == prompt and rows.nbytes() == 3 * before
+        steps = [model(tails[:, i:i + 1], cache=rows) for i in range(tails.shape[1])]
+        full = model(torch.cat([ids.expand(3, -1), tails], dim=1))
+        assert cache.seen == prompt and cache.nbytes() == before  # the prompt's cache is untouched
+        again = model(tails[:1, :1], cache=cache)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prompt:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(again, steps[0][:1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="n >= 1"):
+        cache.repeat_rows(0)
+
+
 def test_cache_is_bounded_by_window_and_entries():
     model = tiny()
     cfg = model.config

@@ -5,7 +5,9 @@ shape with dense causal MQA over every past token (PyTorch SDPA, the whole promp
 fastest form, about 1.4x faster at 32K than chunks, which need an explicit mask), and, up to 4,096 tokens, against HF
 transformers' eager implementation on the same weights (logits compared). decode: per-token latency at the asked
 context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio
-(its FLOPs) and the roofline's (its FLOPs at the matmul peak and its bytes at the copy bandwidth, both measured).
+(its FLOPs) and the roofline's (its FLOPs at the matmul peak and its bytes at the copy bandwidth, both measured);
+with ``--batch-size B``, the latency of a step that decodes one token for each of B rows (``tokens_per_s`` counts
+all of them).
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process. ``--device cuda`` runs
 all of it on a GPU (timers wait for the device; ``peak_gpu_mem_gib`` beside the host's ``peak_rss_gib``).
 """
@@ -68,8 +70,8 @@ def available_memory_bytes(device: torch.device | None = None) -> int:
 
 
 def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bool = False,
-                  device: torch.device | None = None) -> None:
-    """Refuse contexts the model or this machine cannot take, naming the figure."""
+                  device: torch.device | None = None, batch: int = 1) -> None:
+    """Refuse contexts the model or this machine cannot take (caches of ``batch`` rows), naming the figure."""
     from dsv4.cost import kv_cache_bytes
 
     block = max([config.compress_rate(t) for t in (CSA, HCA) if t in config.layer_types] or [1])
@@ -80,10 +82,12 @@ def check_context(config: ModelConfig, context: int, dtype_bytes: int, dense: bo
     need = kv_cache_bytes(config, context, dtype_bytes)
     if dense:
         need = max(need, context * config.head_dim * dtype_bytes * config.num_hidden_layers)
+    need *= batch
     avail = available_memory_bytes(device)
     if need > 0.8 * avail:
-        raise ValueError(f"a cache for {context} tokens needs {need / 2**30:.2f} GiB, more than this machine can "
-                         f"spare ({avail / 2**30:.2f} GiB available)")
+        rows = f" x {batch} rows" if batch > 1 else ""
+        raise ValueError(f"a cache for {context} tokens{rows} needs {need / 2**30:.2f} GiB, more than this machine "
+                         f"can spare ({avail / 2**30:.2f} GiB available)")
 
 
 def build(preset: str, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -235,14 +239,14 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5, device: torch.device
     return 2 * nbytes / best
 
 
-def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int):
-    """A decode cache of the dense baseline holding ``context`` random K=V vectors per layer, with space for
-    ``room`` more: what a dense prefill would leave, without its quadratic cost (a decode step's cost does not
-    depend on the vectors' values)."""
-    cache = model.new_cache(1)
+def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int, batch: int = 1):
+    """A decode cache of the dense baseline holding ``context`` random K=V vectors per layer and row (``batch``
+    rows, copies of one), with space for ``room`` more: what a dense prefill would leave, without its quadratic
+    cost (a decode step's cost does not depend on the vectors' values)."""
+    cache = model.new_cache(batch)
     for layer in cache.layers:
         kv = torch.randn(1, context, model.config.head_dim, generator=generator)
-        layer.append_dense(kv.to(device=model.device, dtype=dtype), room)
+        layer.append_dense(kv.to(device=model.device, dtype=dtype).expand(batch, -1, -1), room)
     cache.seen = context
     return cache
 
@@ -254,16 +258,19 @@ def bench_decode(args) -> dict:
     dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
     config, model = build(args.preset, args.seed, dtype, device)
     esize = torch.finfo(dtype).bits // 8
-    check_context(config, args.context, esize, dense=not args.no_dense, device=device)
+    batch = args.batch_size or 1
+    check_context(config, args.context, esize, dense=not args.no_dense, device=device, batch=batch)
     g = torch.Generator().manual_seed(args.seed)
 
     def per_token(context: int, impl: str) -> tuple[float, int]:
+        """Median ms of one decoding step (one token for each of the ``batch`` rows) after ``context`` tokens."""
         model.set_attention(impl, args.block)
-        ids = torch.randint(0, config.vocab_size, (1, context + args.tokens), generator=g).to(device)
+        ids = torch.randint(0, config.vocab_size, (batch, context + args.tokens), generator=g).to(device)
         if impl == "dense":
-            cache = dense_cache(model, context, dtype, g, args.tokens)
-        else:
-            cache, _ = prefill(model, ids[:, :context], args.chunk)
+            cache = dense_cache(model, context, dtype, g, args.tokens, batch)
+        else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
+            cache, _ = prefill(model, ids[:1, :context], args.chunk)
+            cache = cache.repeat_rows(batch) if batch > 1 else cache
         with torch.no_grad():
             times = [timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1, device)[0]
                      for i in range(args.tokens)]
@@ -272,15 +279,17 @@ def bench_decode(args) -> dict:
     ms, kv = per_token(args.context, "fast")
     ms_4k, _ = per_token(4096, "fast")
     peak, bandwidth = matmul_peak_flops(dtype, device=device), copy_bandwidth(device=device)
-    roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth) * 1e3 for n in (args.context, 4096))
+    roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth, batch) * 1e3
+                     for n in (args.context, 4096))
     out = {"bench": "decode", "preset": args.preset, "context": args.context, "dtype": args.dtype,
-           "device": str(device), "ms_per_token": ms, "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
+           "device": str(device), "batch_size": batch, "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
+           "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
            "predicted_ratio_vs_4k": v4_cost(config, args.context).flops / v4_cost(config, 4096).flops,
            # the hardware's share by the roofline (FLOPs at the matmul peak, bytes at the copy bandwidth, both
            # measured here): what the step would cost without per-op overhead, and how that grows with context
            "matmul_peak_flops": peak, "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
            "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k,
-           "kv_bytes": kv, "dense_kv_bytes": dense_kv_bytes(config, args.context, esize),
+           "kv_bytes": kv, "dense_kv_bytes": batch * dense_kv_bytes(config, args.context, esize),
            **peak_memory(device), "threads": torch.get_num_threads()}
     if not args.no_dense:
         dense_ms, dense_kv = per_token(args.context, "dense")
@@ -298,7 +307,7 @@ def bench_train(args) -> dict:
 
     device = resolve_device(args.device)
     config, model = build(args.preset, args.seed, torch.float32, device)
-    seq, bsz = args.context, args.batch_size
+    seq, bsz = args.context, args.batch_size or 2
     g = torch.Generator().manual_seed(args.seed)
 
     class Synthetic:
@@ -341,7 +350,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32, help="decode: tokens timed per context (the median counts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=2, help="train: sequences per step (--context is their length)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="train: sequences per step, --context long (default 2); decode: sequences decoded together, "
+                        "one token each per step, from copies of one prefilled context (default 1)")
     p.add_argument("--steps", type=int, default=3, help="train: timed steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
@@ -354,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     for flag, least in (("context", 1), ("chunk", 1), ("tokens", 1), ("repeats", 1), ("batch_size", 1),
                         ("steps", 1), ("warmup_steps", 0)):
-        if getattr(args, flag) < least:
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     if args.block is not None and args.block < 1:
         raise ValueError(f"--block must be >= 1, got {args.block}")

@@ -9,13 +9,18 @@ what the next call needs and nothing more:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Each row (dim 0) ``n`` times in a row, as a new tensor."""
+    return None if t is None else t.repeat_interleave(n, dim=0)
 
 
 def append_rows(buffer: torch.Tensor | None, filled: int, new: torch.Tensor, room: int = 0) -> torch.Tensor:
@@ -61,6 +66,13 @@ class CompressorState:
     def nbytes(self) -> int:
         return sum(_nbytes(t) for t in (self.kv, self.gate, self.prev_kv, self.prev_gate, self.entries))
 
+    def repeat_rows(self, n: int) -> CompressorState:
+        """This state with each batch row ``n`` times (see ``ModelCache.repeat_rows``)."""
+        room = _repeat(self._room, n)
+        entries = room[:, :self.entries.shape[1]] if room is not None else _repeat(self.entries, n)
+        return replace(self, kv=_repeat(self.kv, n), gate=_repeat(self.gate, n), prev_kv=_repeat(self.prev_kv, n),
+                       prev_gate=_repeat(self.prev_gate, n), entries=entries, _room=room)
+
 
 @dataclass
 class LayerCache:
@@ -104,6 +116,12 @@ class LayerCache:
                 n += s.nbytes()
         return n
 
+    def repeat_rows(self, n: int) -> LayerCache:
+        """This layer's state with each batch row ``n`` times (see ``ModelCache.repeat_rows``)."""
+        return replace(self, kv=_repeat(self.kv, n), pos=None if self.pos is None else self.pos.clone(),
+                       compressor=None if self.compressor is None else self.compressor.repeat_rows(n),
+                       indexer=None if self.indexer is None else self.indexer.repeat_rows(n))
+
 
 @dataclass
 class ModelCache:
@@ -115,3 +133,10 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def repeat_rows(self, n: int) -> ModelCache:
+        """A new cache of ``batch_size * n`` rows, each row of this one ``n`` times in a row (copies; this cache is
+        left as it is): one prefilled prompt, then ``n`` continuations decoded together as one batch."""
+        if n < 1:
+            raise ValueError(f"repeat_rows needs n >= 1, got {n}")
+        return ModelCache(self.batch_size * n, [layer.repeat_rows(n) for layer in self.layers], self.seen)

@@ -310,9 +310,17 @@ def gqa8_cost(config: ModelConfig, context: int, activated_params: int | None = 
 
 
 # ----------------------------------------------------------------------------------------- bytes read per token
-def decode_read_bytes(config: ModelConfig, context: int, dtype_bytes) -> dict[str, int]:
-    """Bytes one decoded token reads at batch 1 when every stored element takes ``dtype_bytes``:
-    ``weights`` (each activated matmul weight once, ``matmul_parameters``) and ``attention`` (the cache its attention
+def experts_touched(config: ModelConfig, batch: int) -> float:
+    """Expected number of one layer's routed experts that ``batch`` tokens use between them, routing taken as
+    uniform: a token misses a given expert with probability 1 - k / n."""
+    n, k = config.n_routed_experts, config.num_experts_per_tok
+    return n * (1 - (1 - k / n) ** batch)
+
+
+def decode_read_bytes(config: ModelConfig, context: int, dtype_bytes, batch: int = 1) -> dict[str, int]:
+    """Bytes one decoding step of ``batch`` rows (one token each) reads when every stored element takes
+    ``dtype_bytes``: ``weights`` (each matmul weight it uses once: ``matmul_parameters`` at batch 1, then every
+    further routed expert the rows touch, ``experts_touched``) and ``attention`` (each row's cache that its attention
     uses: every layer's window, for CSA every indexer key, which the indexer scans, and the top-k entries, for HCA
     every entry).
 
@@ -321,24 +329,28 @@ def decode_read_bytes(config: ModelConfig, context: int, dtype_bytes) -> dict[st
     """
     context = check_context(context)
     b = _check_dtype_bytes(dtype_bytes)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     cache = 0
     for lt in config.layer_types:
         n = layer_kv_entries(config, lt, context)
         used = min(config.index_topk, n["compressed"]) if lt == CSA else n["compressed"]
         cache += (n["window"] + used) * config.head_dim + n["indexer"] * config.index_head_dim
-    return {"weights": matmul_parameters(config) * b, "attention": cache * b}
+    expert = 3 * config.hidden_size * config.moe_intermediate_size
+    more = config.num_hidden_layers * expert * (experts_touched(config, batch) - config.num_experts_per_tok)
+    return {"weights": round(matmul_parameters(config) + more) * b, "attention": cache * batch * b}
 
 
 def decode_roofline_seconds(config: ModelConfig, context: int, dtype_bytes, flops_per_s: float,
-                            bytes_per_s: float) -> float:
-    """A roofline estimate of one decode step at batch 1: the parameter matmuls and the attention (core and
-    indexer) each take the longer of their FLOPs at ``flops_per_s`` and their bytes (``decode_read_bytes``) at
+                            bytes_per_s: float, batch: int = 1) -> float:
+    """A roofline estimate of one decoding step of ``batch`` rows: the parameter matmuls and the attention (core
+    and indexer) each take the longer of their FLOPs at ``flops_per_s`` and their bytes (``decode_read_bytes``) at
     ``bytes_per_s``. The hardware's share of the step; a framework's per-op overhead is not in it."""
     cost = v4_cost(config, context)
-    read = decode_read_bytes(config, context, dtype_bytes)
+    read = decode_read_bytes(config, context, dtype_bytes, batch)
     attention_flops = cost.core_attention_flops + cost.indexer_flops
-    return (max(cost.other_matmul_flops / flops_per_s, read["weights"] / bytes_per_s)
-            + max(attention_flops / flops_per_s, read["attention"] / bytes_per_s))
+    return (max(batch * cost.other_matmul_flops / flops_per_s, read["weights"] / bytes_per_s)
+            + max(batch * attention_flops / flops_per_s, read["attention"] / bytes_per_s))
 
 
 # ------------------------------------------------------------------------------------------------------- report
