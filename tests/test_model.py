@@ -162,6 +162,23 @@ def test_generate_is_deterministic_with_a_seed():
         assert greedy[0, 10] == model(prompt)[0, -1].argmax()
 
 
+def test_samples_continue_one_prefill_and_stop_when_every_row_has():
+    from dsv4.generate import generate, stream
+
+    model = tiny()
+    prompt = torch.randint(0, 257, (1, 10))
+    greedy = generate(model, prompt, 6, temperature=0)
+    assert torch.equal(generate(model, prompt, 6, temperature=0, samples=3), greedy.expand(3, -1))
+    many = generate(model, prompt, 6, temperature=1.0, seed=0, samples=4)
+    assert many.shape == (4, 16) and torch.equal(many, generate(model, prompt, 6, temperature=1.0, seed=0, samples=4))
+    # stop: the stream ends once every row has met it (row 0 at step 2, row 1 at step 4), not at the first row's
+    verdicts = iter([False, False, True, False, False, True])  # asked per row still going, row 0 first
+    steps = list(stream(model, prompt, 20, temperature=1.0, seed=0, samples=2, stop=lambda t: next(verdicts)))
+    assert len(steps) == 4 and all(s.shape == (2,) for s in steps)
+    with pytest.raises(ValueError, match="samples"):
+        list(stream(model, prompt, 2, samples=0))
+
+
 def test_small_sinkhorn_equals_the_tensor_path():
     """Decoding's Sinkhorn (no autograd: a few matrices in numpy, one in plain Python floats) gives the tensor
     path's doubly-stochastic matrices."""

@@ -120,6 +120,16 @@ def test_generate_streams_deterministic_text(trained):
     assert run_cli(*args[:-1], 8)[1].startswith("def ")
 
 
+def test_generate_samples_several_continuations(trained):
+    args = ("generate", "--model", trained[0], "--prompt", "def ", "--max-tokens", 6, "--seed", 1)
+    rc, out, _ = run_cli(*args, "--samples", 3)
+    assert rc == 0 and [line for line in out.splitlines() if line.startswith("# sample")] == \
+        ["# sample 1", "# sample 2", "# sample 3"]
+    assert all(block.split("\n", 1)[1].startswith("def ") for block in out.split("# sample ")[1:])
+    rc, out, stderr = run_cli(*args, "--samples", 0)
+    assert rc == 2 and out == "" and "--samples must be >= 1" in stderr
+
+
 def test_generate_writes_as_tokens_come(trained):
     import dsv4
     from dsv4.data import load_tokenizer

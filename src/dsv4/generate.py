@@ -28,33 +28,43 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 
 @torch.no_grad()
 def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None
-           ) -> Iterator[torch.Tensor]:
-    """Yield the sampled ids [B] one step at a time. ``prompt`` is [B, S] (or [S])."""
+           seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None,
+           samples: int = 1) -> Iterator[torch.Tensor]:
+    """Yield the sampled ids [B * samples] one step at a time. ``prompt`` is [B, S] (or [S]); each of its rows is
+    prefilled once and continued ``samples`` times, decoded together (rows i * samples ... of the output are prompt
+    row i's). Ends once ``stop`` has held for some token of every row."""
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if prompt.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     generator = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(prompt.shape[0])
     logits = None
     for i in range(0, prompt.shape[1], prefill_chunk):
         logits = model(prompt[:, i:i + prefill_chunk], cache=cache, last_only=True)[:, -1]
+    if samples > 1:
+        cache, logits = cache.repeat_rows(samples), logits.repeat_interleave(samples, dim=0)
+    stopped = [False] * logits.shape[0]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
         yield nxt
-        if stop is not None and prompt.shape[0] == 1 and stop(int(nxt[0])):
-            return
+        if stop is not None:
+            stopped = [done or stop(t) for done, t in zip(stopped, nxt.tolist())]
+            if all(stopped):
+                return
         if cache.seen >= model.config.max_position_embeddings:
             return
         logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
 
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """The prompt followed by up to ``max_new_tokens`` sampled ids, [B, S + n]."""
+    """The prompt followed by up to ``max_new_tokens`` sampled ids, [B * samples, S + n] (``stream``'s keywords)."""
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     new = list(stream(model, prompt, max_new_tokens, **kwargs))
+    prompt = prompt.repeat_interleave(kwargs.get("samples", 1), dim=0)
     return torch.cat([prompt] + [t.unsqueeze(1) for t in new], dim=1)
 
 
@@ -67,6 +77,9 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--samples", type=int, default=1,
+                   help="continuations of the prompt, decoded together from one prefill; above 1 they are printed "
+                        "once all are done, each under a '# sample N' line")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
 
 
@@ -98,6 +111,29 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     return text
 
 
+def print_samples(model, tokenizer, prompt: str, max_tokens: int, samples: int, *, temperature: float = 0.8,
+                  top_p: float = 0.95, seed: int | None = None, out=None) -> list[str]:
+    """Sample ``samples`` continuations of ``prompt`` together (one prefill), each up to its EOS, and write each
+    to ``out`` (stdout) under a ``# sample N`` line, prompt first. Returns the continuations' texts."""
+    import sys
+
+    out = out if out is not None else sys.stdout
+    ids = torch.tensor([tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)])
+    rows: list[list[int]] = [[] for _ in range(samples)]
+    ended = [False] * samples
+    for nxt in stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      stop=lambda t: t == tokenizer.eos_id, samples=samples):
+        for i, t in enumerate(nxt.tolist()):
+            ended[i] = ended[i] or t == tokenizer.eos_id
+            if not ended[i]:
+                rows[i].append(t)
+    texts = [tokenizer.decode(r) for r in rows]
+    for i, text in enumerate(texts):
+        out.write(f"# sample {i + 1}\n{prompt}{text}\n")
+    out.flush()
+    return texts
+
+
 def resolve_model_dir(model: str) -> Path:
     """A model directory, or the ``model/`` of a ``dsv4 train`` run directory; a clear error when there is none."""
     path = Path(model)
@@ -125,12 +161,18 @@ def run(args) -> int:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
     path = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
     tokenizer = load_tokenizer(tok_path)
     model = dsv4.from_pretrained(path).eval()
-    print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                 seed=args.seed)
+    if args.samples > 1:
+        print_samples(model, tokenizer, args.prompt, args.max_tokens, args.samples, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed)
+    else:
+        print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed)
     return 0
