@@ -342,12 +342,13 @@ class Attention(nn.Module):
         if cache is not None:
             keys = cache.append_dense(kv)
         b, s, h, c = q.shape
+        if s == 1:  # decoding: every key visible, so the heads fold into queries of the one K=V head (read once)
+            k = keys.unsqueeze(1)
+            return F.scaled_dot_product_attention(q.view(b, 1, h, c), k, k, scale=self.scale).view(b, 1, h, c)
         k = keys.unsqueeze(1).expand(b, h, keys.shape[1], c)
         qh = q.transpose(1, 2)
         if s == keys.shape[1]:
             out = F.scaled_dot_product_attention(qh, k, k, is_causal=True, scale=self.scale)
-        elif s == 1:  # decoding: the one query sees every key
-            out = F.scaled_dot_product_attention(qh, k, k, scale=self.scale)
         else:  # queries are the last s of the keys
             t = torch.arange(keys.shape[1] - s, keys.shape[1], device=q.device)
             mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)
