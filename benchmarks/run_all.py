@@ -56,7 +56,9 @@ DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the b
 step's time). Predicted ratio: the cost model's FLOPs per token at the context over those at 4K.
 Roofline: the step's parameter matmuls and its attention, each at the longer of its FLOPs at the
 matmul peak and its bytes read (weights and the experts the rows touch; each row's cache) at the
-copy bandwidth, both measured in the run: what the step would cost without per-op overhead."""
+copy bandwidth, both measured in the run: what the step would cost without per-op overhead.
+Dense decoding folds the query heads into queries of its one K=V head, so SDPA reads each key
+once per step (not once per head)."""
 
 
 def machine_name() -> str:
