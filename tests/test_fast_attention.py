@@ -8,6 +8,14 @@ from lively import lively
 from dsv4.model.indexer import topk_lower_index
 
 
+@pytest.fixture(autouse=True)
+def one_linear_form(monkeypatch):
+    """These tests compare attention paths at 1e-5, so every matmul of the layers around attention takes one form
+    whatever its row count (a cached step's few rows otherwise take ``linear``'s W x^T, a full call's many x W^T:
+    a different rounding, held to F.linear by its own test)."""
+    monkeypatch.setattr("dsv4.model.linear.FEW_ROWS", (2, 1))
+
+
 def model_for(seed=0, **changes):
     base = dict(vocab_size=211, num_hidden_layers=3, layer_types=["compressed_sparse_attention",
                 "heavily_compressed_attention", "sliding_attention"], mlp_layer_types=["hash_moe", "moe", "moe"])
@@ -102,6 +110,26 @@ def test_decode_step_token_by_token_matches_reference_full(sparse, batch):
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_decode_of_a_few_tokens_per_call_matches_reference_full(sparse, monkeypatch):
+    # calls of 1 to 16 tokens, all on the decoding path (the general one is made to fail): entries emitted inside a
+    # call are visible to its later queries only; the ring wraps within a call
+    from dsv4.model.attention import Attention
+
+    model = model_for(index_topk=3).eval().set_indexer_phase(sparse, False)
+    ids = torch.randint(0, 211, (2, 60), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model.set_attention("reference")(ids)
+        model.set_attention("fast")
+        monkeypatch.setattr(Attention, "fast", lambda *a, **k: pytest.fail("a short cached call took the block path"))
+        cache, steps, i = model.new_cache(2), [], 0
+        for n in (2, 3, 1, 5, 16, 4, 7, 2, 11, 9):
+            steps.append(model(ids[:, i:i + n], cache=cache))
+            i += n
+    assert i == 60
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=0)
+
+
 def test_dense_phase_fast_equals_reference_over_every_visible_entry():
     model = model_for(index_topk=3).set_indexer_phase(False, False)
     ids = torch.randint(0, 211, (2, 70), generator=torch.Generator().manual_seed(6))
@@ -111,7 +139,8 @@ def test_dense_phase_fast_equals_reference_over_every_visible_entry():
     assert (sparse - res["reference"][0]).abs().max() > 1e-3  # top-3 of up to 17 entries: the phases differ
 
 
-def test_decode_step_is_differentiable_like_the_reference():
+@pytest.mark.parametrize("new", [1, 3])
+def test_decode_step_is_differentiable_like_the_reference(new):
     model = model_for(index_topk=3)
     ids = torch.randint(0, 211, (1, 30), generator=torch.Generator().manual_seed(4))
     grads = {}
@@ -119,8 +148,8 @@ def test_decode_step_is_differentiable_like_the_reference():
         model.set_attention(impl).zero_grad(set_to_none=True)
         cache = model.new_cache(1)
         with torch.no_grad():
-            model(ids[:, :29], cache=cache)
-        model(ids[:, 29:], cache=cache).square().mean().backward()
+            model(ids[:, :30 - new], cache=cache)
+        model(ids[:, 30 - new:], cache=cache).square().mean().backward()
         grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert_same_grads(grads["fast"], grads["reference"])
 

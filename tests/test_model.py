@@ -234,3 +234,23 @@ def test_apply_rope_rotates_interleaved_trailing_pairs():
     torch.testing.assert_close(torch.autograd.grad((y * up).sum(), x)[0],
                                torch.autograd.grad((want * up).sum(), x)[0], atol=1e-6, rtol=1e-6)
     assert apply_rope(x.detach().bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64, 65])
+def test_linear_of_a_few_rows_equals_f_linear(rows):
+    from torch.nn import functional as F
+
+    from dsv4.model.linear import Linear, linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(1, rows, 48, generator=g), torch.randn(33, 48, generator=g), torch.randn(33, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    layer = Linear(48, 33, bias=False)
+    assert set(layer.state_dict()) == {"weight"}
+    with torch.inference_mode():
+        assert layer(x).shape == (1, rows, 33)
+    # with autograd: F.linear itself (training's numerics unchanged)
+    wr = w.clone().requires_grad_(True)
+    assert torch.equal(linear(x, wr, b), F.linear(x, wr, b))

@@ -20,6 +20,7 @@ from dsv4.model import kernels
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import (Indexer, IndexerStats, chunk_scores, indexer_kl, indexer_recall,
                                 topk_lower_index, topk_mask, visible_entries)
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.packing import Packing
 from dsv4.model.rope import RotaryEmbedding, apply_rope
@@ -57,14 +58,14 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         d, h, c = config.hidden_size, self.n_heads, self.head_dim
-        self.wq_a = nn.Linear(d, config.q_lora_rank, bias=False)
+        self.wq_a = Linear(d, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = nn.Linear(config.q_lora_rank, h * c, bias=False)
-        self.wkv = nn.Linear(d, c, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, h * c, bias=False)
+        self.wkv = Linear(d, c, bias=False)
         self.kv_norm = RMSNorm(c, config.rms_norm_eps)
         # block-diagonal: row block j of wo_a maps the heads of group j (h c / g inputs) to o_lora_rank outputs
-        self.wo_a = nn.Linear(h * c // self.groups, self.groups * config.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(self.groups * config.o_lora_rank, d, bias=False)
+        self.wo_a = Linear(h * c // self.groups, self.groups * config.o_lora_rank, bias=False)
+        self.wo_b = Linear(self.groups * config.o_lora_rank, d, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(h))
         self.compressor = None
         self.indexer = None
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.window_block = 32
         self.span = 2048  # queries per span: the window band of a span's blocks is one batched matmul
         self.gather_rows = 16  # CSA: queries whose top-k entries are gathered at once (small: they stay in cache)
+        self.decode_tokens = 16  # cached calls of at most this many tokens take ``decode`` (decoding, draft checks)
         # CSA training switches (spec 6.6): sparse=False attends to every visible compressed entry (the dense
         # phase); with indexer_training on, a forward in training mode leaves the indexer's KL loss and recall in
         # indexer_stats
@@ -113,7 +115,7 @@ class Attention(nn.Module):
             out = self.reference(x, q, kv, q_latent, positions, cache, packing)
         elif self.impl == "dense":
             out = self.dense_baseline(q, kv, cache, packing)
-        elif s == 1 and cache is not None and not self._tracks_indexer():
+        elif s <= self.decode_tokens and cache is not None and not self._tracks_indexer():
             out = self.decode(x, q, kv, q_latent, positions, cache)
         else:
             out = self.fast(x, q, kv, q_latent, positions, cache, packing)
@@ -204,36 +206,53 @@ class Attention(nn.Module):
         return self.indexer is not None and self.indexer_training and self.training
 
     def decode(self, x, q, kv, q_latent, positions, cache: LayerCache) -> torch.Tensor:
-        """The fast path for one new token per row with a cache (decoding) in a few batched ops, where the general
-        one spends some hundred small ops on blocks, masks and merges. Every entry emitted so far is visible, so HCA
-        (and CSA's dense phase) takes them all and CSA its indexer's top-k; one softmax joins the window (the ring,
-        less the slot this token overwrites, plus this token), the entries and the sink. Tests hold it to the
-        reference path, outputs and gradients."""
-        b, _, h, c = q.shape
-        ring, ring_pos = cache.window_keys()  # [B, W, c] before this token's write; slot order does not matter
-        keys, dropped = kv.float(), None
-        if ring is not None:  # the slot this token overwrites (and empty slots) are outside the window
-            keys = torch.cat([ring.float(), keys], dim=1)
-            dropped = (ring_pos <= positions[0] - self.window) | (ring_pos < 0)
+        """The fast path for a few new tokens per row with a cache (decoding; a speculative draft's check) in a few
+        batched ops, where the general one spends some hundred small ops on blocks, masks and merges. One softmax
+        per query joins its window (the ring before this call's writes, plus the new tokens up to its own), its
+        visible entries (HCA and CSA's dense phase: all; CSA: the indexer's top-k of them) and the sink. Tests hold
+        it to the reference path, outputs and gradients."""
+        b, s, h, c = q.shape
+        ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes; slot order does not matter
+        keys, kpos = kv.float(), positions
+        if ring is not None:
+            keys, kpos = torch.cat([ring.float(), keys], dim=1), torch.cat([ring_pos, positions])
+        t = positions.unsqueeze(-1)  # [s, 1]
+        mask = (kpos <= t) & (kpos > t - self.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
         cache.write_window(kv, positions)
+        own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
         if self.compressor is not None:
             entries = self.compressor.entries(x, self.rotary, cache.compressor).kv.float()  # [B, T, c]
-            t = entries.shape[1]
+            n = entries.shape[1]
+            visible = torch.arange(n, device=q.device) < torch.div(t + 1, self.rate, rounding_mode="floor")
             if self.indexer is not None:  # its keys advance even when unused (dense phase, no entry yet)
                 xd, qd = x.detach(), q_latent.detach()
                 index_keys = self.indexer.keys(xd, self.rotary, cache.indexer)
-                if self.sparse and t > self.indexer.topk:
+                if self.sparse and n > self.indexer.topk:
                     qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
-                    scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, 1, T]
-                    idx = topk_lower_index(scores, self.indexer.topk)[:, 0]  # [B, k]
-                    entries = _gather_rows(entries.reshape(b * t, c), _flat_rows(idx, t))
-            keys = torch.cat([keys, entries], dim=1)
-        logits = torch.bmm(q.float().view(b, h, c) * self.scale, keys.transpose(1, 2))  # [B, H, W + K]
-        if dropped is not None:
-            logits[..., :dropped.shape[0]].masked_fill_(dropped, float("-inf"))
-        sink = self.attn_sink.float().view(1, h, 1).expand(b, h, 1)
+                    scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, s, T]
+                    if s > 1:  # the last queries see entries that the first do not
+                        scores = scores.masked_fill(~visible, float("-inf"))
+                    idx = topk_lower_index(scores, self.indexer.topk)  # [B, s, k]
+                    picked = _gather_rows(entries.reshape(b * n, c), _flat_rows(idx, n))
+                    own = picked.view(b, s, -1, c), scores.gather(-1, idx) > float("-inf")
+            if own is None:
+                keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=-1)
+        qs = q.float() * self.scale
+        if own is None:  # one key set for every query: [B, s H, c] x [B, c, L]
+            logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
+            mask = mask.unsqueeze(-2)  # [s, 1, L]
+        else:  # each query its own keys: the window's, then its top-k entries
+            keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, s, L, c]
+            mask = torch.cat([mask.expand(b, s, -1), own[1]], dim=-1).unsqueeze(-2)  # [B, s, 1, L]
+            logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, s, h, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-        return torch.bmm(probs, keys).view(b, 1, h, c).to(q.dtype)
+        if own is None:
+            out = torch.matmul(probs.reshape(b, s * h, -1), keys)
+        else:
+            out = torch.bmm(probs.reshape(b * s, h, -1), keys.reshape(b * s, -1, c))
+        return out.view(b, s, h, c).to(q.dtype)
 
     def _window_part(self, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Partial:
         """The window band of queries [g0, g1): block i of ``window_block`` queries sees the

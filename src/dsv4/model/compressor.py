@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dsv4.cache import CompressorState
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
@@ -30,8 +31,8 @@ class Compressor(nn.Module):
         self.rate = rate
         self.overlap = overlap
         width = 2 * dim if overlap else dim
-        self.wkv = nn.Linear(hidden_size, width, bias=False)
-        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.wkv = Linear(hidden_size, width, bias=False)
+        self.wgate = Linear(hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(rate, width))  # learnable position bias B, one row per slot
         self.norm = RMSNorm(dim, eps)
 

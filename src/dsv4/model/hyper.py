@@ -15,10 +15,10 @@ import operator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.linear import linear
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -81,7 +81,7 @@ def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     """``F.linear(rms_normalize(x), weight)`` without the normalized copy of x: a row's scale factors out of the
     linear map, so the few outputs are scaled instead of the n d inputs."""
     inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
-    return F.linear(x, weight) * inv_rms
+    return linear(x, weight) * inv_rms
 
 
 def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.config import CSA, ModelConfig
 from dsv4.model.compressor import Compressor
+from dsv4.model.linear import Linear
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -50,8 +51,8 @@ class Indexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.topk = config.index_topk
         self.rate = config.compress_rate(CSA)
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(config.hidden_size, self.head_dim, self.rate, overlap=True,
                                      eps=config.rms_norm_eps)
         # FP4 simulation of the query / key path (spec 2.7, 6.4): Hadamard rotation, then MXFP4 fake quantization

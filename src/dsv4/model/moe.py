@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
+from dsv4.model.linear import Linear, linear
 
 
 def balanced_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -59,7 +60,7 @@ class Router(nn.Module):
         self.routing_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> RouterOutput:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         scores = torch.sqrt(F.softplus(logits))
         if self.hashed:
             if input_ids is None:
@@ -68,7 +69,7 @@ class Router(nn.Module):
         elif self.routing_params is not None:
             old_w, old_b = self.routing_params
             with torch.no_grad():
-                old = torch.sqrt(F.softplus(F.linear(x.float(), old_w.float())))
+                old = torch.sqrt(F.softplus(linear(x.float(), old_w.float())))
                 indices = torch.topk(old + old_b.float(), self.top_k, dim=-1).indices
         else:
             indices = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
@@ -131,9 +132,9 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             xe = xs[start:start + c]
-            h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), self.limit)
+            h = swiglu(linear(xe, w1[e]), linear(xe, w3[e]), self.limit)
             h = h * gate_w[start:start + c, None].to(h.dtype)  # routing weight multiplied in before w2 (spec 4)
-            out.index_add_(0, token[start:start + c], F.linear(h, w2[e]).to(x.dtype))  # no concatenation
+            out.index_add_(0, token[start:start + c], linear(h, w2[e]).to(x.dtype))  # no concatenation
             start += c
         return out
 
@@ -143,9 +144,9 @@ class SharedExpert(nn.Module):
         super().__init__()
         d, i = config.hidden_size, config.moe_intermediate_size
         self.limit = config.swiglu_limit
-        self.w1 = nn.Linear(d, i, bias=False)
-        self.w2 = nn.Linear(i, d, bias=False)
-        self.w3 = nn.Linear(d, i, bias=False)
+        self.w1 = Linear(d, i, bias=False)
+        self.w2 = Linear(i, d, bias=False)
+        self.w3 = Linear(d, i, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))

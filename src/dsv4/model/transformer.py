@@ -16,6 +16,7 @@ from dsv4.cache import LayerCache, ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
 from dsv4.model.packing import Packing
@@ -56,8 +57,8 @@ class MTPBlock(Block):
     def __init__(self, config: ModelConfig):
         super().__init__(config, SLIDING, None, hashed=False)
         d = config.hidden_size
-        self.e_proj = nn.Linear(d, d, bias=False)
-        self.h_proj = nn.Linear(d, d, bias=False)
+        self.e_proj = Linear(d, d, bias=False)
+        self.h_proj = Linear(d, d, bias=False)
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
         self.norm = RMSNorm(d, config.rms_norm_eps)
@@ -95,7 +96,7 @@ class Transformer(nn.Module):
             for i, lt in enumerate(config.layer_types))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_nextn_predict_layers))
         self.init_weights()
 
