@@ -91,6 +91,32 @@ def test_a_repeated_cache_continues_each_row_like_its_own_sequence(prompt):
         cache.repeat_rows(0)
 
 
+@pytest.mark.parametrize("prompt", [0, 3, 30])  # nothing yet; ring partly filled; ring wrapped, entries emitted
+def test_restoring_a_snapshot_undoes_the_calls_since(prompt):
+    """Calls after a snapshot (ring wrapped again, entries emitted, partial blocks changed) leave no trace once it
+    is restored: the cache then continues like one call on the prompt and the new tokens."""
+    model = tiny()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 257, (2, prompt), generator=g)
+    dropped = torch.randint(0, 257, (2, 37), generator=g)
+    tail = torch.randint(0, 257, (2, 21), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        if prompt:
+            model(ids, cache=cache)
+        snap = cache.snapshot()
+        model(dropped[:, :30], cache=cache)
+        for i in range(30, 37):
+            model(dropped[:, i:i + 1], cache=cache)
+        cache.restore(snap)
+        assert cache.seen == prompt
+        steps = [model(tail[:, :5], cache=cache)] + [model(tail[:, i:i + 1], cache=cache) for i in range(5, 21)]
+        full = model(torch.cat([ids, tail], dim=1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prompt:], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="snapshot of this cache"):
+        model.new_cache(2).restore(cache.snapshot())
+
+
 def test_cache_is_bounded_by_window_and_entries():
     model = tiny()
     cfg = model.config

@@ -130,6 +130,15 @@ def test_generate_samples_several_continuations(trained):
     assert rc == 2 and out == "" and "--samples must be >= 1" in stderr
 
 
+def test_generate_speculative_prints_the_greedy_text(trained):
+    args = ("generate", "--model", trained[0], "--prompt", "def ", "--max-tokens", 10, "--temperature", 0)
+    rc, plain, _ = run_cli(*args)
+    rc2, spec, stderr = run_cli(*args, "--speculative")
+    assert rc == rc2 == 0 and spec == plain and "drafts kept" in stderr
+    rc, out, stderr = run_cli(*args, "--speculative", "--samples", 2)
+    assert rc == 2 and out == "" and "--speculative" in stderr
+
+
 def test_generate_writes_as_tokens_come(trained):
     import dsv4
     from dsv4.data import load_tokenizer

@@ -66,6 +66,22 @@ class CompressorState:
     def nbytes(self) -> int:
         return sum(_nbytes(t) for t in (self.kv, self.gate, self.prev_kv, self.prev_gate, self.entries))
 
+    def snapshot(self) -> tuple:
+        """What ``restore`` needs to undo later calls: the partial-block tensors (calls replace them, never write
+        into them) and the number of entries (later entries only go after them)."""
+        return (self.kv, self.gate, self.prev_kv, self.prev_gate,
+                0 if self.entries is None else self.entries.shape[1], self.count)
+
+    def restore(self, snap: tuple) -> None:
+        """Back to the state of ``snapshot``: later entries dropped (their buffer rows are reused)."""
+        self.kv, self.gate, self.prev_kv, self.prev_gate, have, self.count = snap
+        if have == 0:
+            self.entries = self._room = None
+        elif self._room is not None:
+            self.entries = self._room[:, :have]
+        else:
+            self.entries = self.entries[:, :have]
+
     def repeat_rows(self, n: int) -> CompressorState:
         """This state with each batch row ``n`` times (see ``ModelCache.repeat_rows``)."""
         room = _repeat(self._room, n)
@@ -116,6 +132,27 @@ class LayerCache:
                 n += s.nbytes()
         return n
 
+    def snapshot(self) -> tuple:
+        """What ``restore`` needs to undo later calls: a copy of the ring (written in place) and the compressor
+        states' snapshots. Not for the dense baseline's cache."""
+        if self.dense_len:
+            raise ValueError("the dense baseline's cache takes no snapshots")
+        return (None if self.kv is None else self.kv.clone(), None if self.pos is None else self.pos.clone(),
+                None if self.compressor is None else self.compressor.snapshot(),
+                None if self.indexer is None else self.indexer.snapshot())
+
+    def restore(self, snap: tuple) -> None:
+        kv, pos, comp, idx = snap
+        if kv is None:
+            self.kv = self.pos = None
+        else:
+            self.kv.copy_(kv)
+            self.pos.copy_(pos)
+        if comp is not None:
+            self.compressor.restore(comp)
+        if idx is not None:
+            self.indexer.restore(idx)
+
     def repeat_rows(self, n: int) -> LayerCache:
         """This layer's state with each batch row ``n`` times (see ``ModelCache.repeat_rows``)."""
         return replace(self, kv=_repeat(self.kv, n), pos=None if self.pos is None else self.pos.clone(),
@@ -133,6 +170,20 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def snapshot(self) -> tuple:
+        """A light record of this cache (a copy of each window ring, counts and references for the rest) that
+        ``restore`` returns it to, undoing every call made since: what speculative decoding needs to drop the
+        tokens of a rejected draft. Cheap at any context: compressed entries are not copied."""
+        return self.seen, [layer.snapshot() for layer in self.layers]
+
+    def restore(self, snap: tuple) -> None:
+        seen, layers = snap
+        if len(layers) != len(self.layers) or seen > self.seen:
+            raise ValueError("restore takes a snapshot of this cache, from before its later calls")
+        self.seen = seen
+        for layer, s in zip(self.layers, layers):
+            layer.restore(s)
 
     def repeat_rows(self, n: int) -> ModelCache:
         """A new cache of ``batch_size * n`` rows, each row of this one ``n`` times in a row (copies; this cache is

@@ -8,22 +8,47 @@ from pathlib import Path
 import torch
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus of mass >= top_p."""
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> the distribution ``sample_next`` draws from [B, V] (unnormalized within the nucleus):
+    temperature 0 puts all mass on the argmax; top_p keeps the smallest nucleus of mass >= top_p."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is already full
         sorted_p = sorted_p.masked_fill(outside, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return probs
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus of mass >= top_p."""
+    probs = next_token_probs(logits, temperature, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None
+                 ) -> tuple[bool, int]:
+    """Speculative sampling's test of one drafted token (Leviathan et al. 2023): ``p`` [V] the target's
+    distribution, ``q`` [V] the one the draft was drawn from (both as ``next_token_probs`` gives them). The draft is
+    kept with probability min(1, p / q); otherwise a token is drawn from max(p - q, 0), normalized. Either way the
+    token follows p exactly. Returns (kept, token)."""
+    p, q = p.float() / p.sum(), q.float() / q.sum()
+    u = float(torch.rand((), generator=generator, device=p.device))
+    if u * float(q[draft]) < float(p[draft]):  # u < p/q without dividing (q[draft] > 0: the draft was drawn from q)
+        return True, draft
+    rest = (p - q).clamp_min(0)
+    if float(rest.sum()) <= 0:  # p == q up to rounding: the draft could only have been rejected by rounding
+        rest = p
+    return False, int(torch.multinomial(rest, 1, generator=generator))
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: about 10% less per-op overhead than no_grad
@@ -59,6 +84,104 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
         logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
 
 
+@torch.inference_mode()
+def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                       top_p: float = 1.0, seed: int | None = None, prefill_chunk: int = 4096,
+                       stop: Callable[[int], bool] | None = None, stats: dict | None = None,
+                       max_pending: int = 4) -> Iterator[torch.Tensor]:
+    """``stream`` for one prompt row, with the MTP block drafting one token ahead (spec 5). Each call of the main
+    model takes the tokens not yet in its cache and the draft, and tests the draft against its own distribution
+    (``accept_draft``): kept, it is followed by one more token from the same call; rejected, it is replaced by a
+    token of the difference of the two distributions and undone in the cache (``ModelCache.snapshot``), the tokens
+    before it going into the next call (at most ``max_pending``, then a call without a draft). The output follows
+    the main model's distribution exactly; at temperature 0 it is ``stream``'s greedy output. Yields ids [1];
+    ``stats`` (a dict) receives the counts of ``calls``, ``drafts`` and ``accepted``. Ends one token early if the
+    next call would pass ``max_position_embeddings``."""
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    if prompt.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one prompt row, got {prompt.shape[0]}")
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs the model's MTP block (num_nextn_predict_layers >= 1)")
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    stats = {} if stats is None else stats
+    stats.update(calls=0, drafts=0, accepted=0)
+    generator = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
+    limit = model.config.max_position_embeddings
+    mtp, mtp_cache = model.mtp[0], model.mtp[0].attn.new_cache()
+    cache = model.new_cache(1)
+    tokens = prompt[0].tolist()  # every token by position: the prompt, then what was emitted
+    mtp_seen = 0  # the MTP block has read positions below this (streams at p with the token at p + 1)
+
+    def feed_mtp(streams: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The MTP block reads positions [mtp_seen, end) (``streams`` holds positions from ``start``); returns its
+        logits for the token two after its last position: the next draft's."""
+        nonlocal mtp_seen
+        ids = torch.tensor([tokens[mtp_seen + 1:end + 1]], device=prompt.device)
+        pos = torch.arange(mtp_seen, end, device=prompt.device)
+        hidden, _, _ = mtp.predict(streams[:, mtp_seen - start:end - start], model.embed(ids), pos, mtp_cache)
+        mtp_seen = end
+        return model.head(hidden[:, -1]).float()[0]
+
+    def emit(token: int) -> bool:
+        """Record a token; whether generation goes on after it."""
+        tokens.append(token)
+        return len(tokens) - prompt.shape[1] < max_new_tokens and not (stop is not None and stop(token))
+
+    if max_new_tokens <= 0:
+        return
+    prev = None  # the previous chunk's streams: the MTP block reads them once the next chunk's first token is known
+    for a in range(0, prompt.shape[1], prefill_chunk):
+        streams, _ = model.hidden_streams(prompt[:, a:a + prefill_chunk], cache)
+        if prev is not None:
+            feed_mtp(prev, a - prefill_chunk, a)
+        prev = streams
+    nxt = int(sample_next(model.logits_from_streams(streams[:, -1:])[:, -1], temperature, top_p, generator))
+    go = emit(nxt)
+    yield torch.tensor([nxt], device=prompt.device)
+    if not go:
+        return
+    draft_logits = feed_mtp(streams, a, cache.seen)
+    while True:
+        c = cache.seen
+        pending = tokens[c:]
+        m = len(pending)
+        if c + m >= limit:
+            return
+        stats["calls"] += 1
+        if m >= max_pending:  # a call without a draft: the pending tokens go into the cache
+            streams, _ = model.hidden_streams(torch.tensor([pending], device=prompt.device), cache)
+            out = [int(sample_next(model.logits_from_streams(streams[:, -1:])[:, -1], temperature, top_p,
+                                   generator))]
+            mtp_end = c + m
+        else:
+            q = next_token_probs(draft_logits.unsqueeze(0), temperature, top_p)[0]
+            draft = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+            snap = cache.snapshot()
+            streams, _ = model.hidden_streams(torch.tensor([pending + [draft]], device=prompt.device), cache)
+            logits = model.logits_from_streams(streams)[0]  # row j: the token after position c + j
+            stats["drafts"] += 1
+            kept, token = accept_draft(next_token_probs(logits[m - 1:m], temperature, top_p)[0], q, draft,
+                                       generator)
+            if kept:
+                stats["accepted"] += 1
+                out = [draft, int(sample_next(logits[m:], temperature, top_p, generator))]
+                mtp_end = c + m + 1
+            else:  # the draft is undone; the pending tokens and this one go into the next call
+                cache.restore(snap)
+                out = [token]
+                mtp_end = c + m
+        for t in out:
+            go = emit(t)
+            yield torch.tensor([t], device=prompt.device)
+            if not go:
+                return
+        draft_logits = feed_mtp(streams, c, mtp_end)
+
+
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The prompt followed by up to ``max_new_tokens`` sampled ids, [B * samples, S + n] (``stream``'s keywords)."""
     if prompt.dim() == 1:
@@ -80,13 +203,18 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=1,
                    help="continuations of the prompt, decoded together from one prefill; above 1 they are printed "
                         "once all are done, each under a '# sample N' line")
+    p.add_argument("--speculative", action="store_true",
+                   help="the MTP block drafts one token ahead and the model checks it with the next ones in one call "
+                        "(same output distribution; greedy output unchanged); how many drafts were kept goes to "
+                        "stderr")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
 
 
 def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.8, top_p: float = 0.95,
-                 seed: int | None = None, out=None) -> str:
+                 seed: int | None = None, out=None, speculative: bool = False) -> str:
     """Write ``prompt`` and then its sampled continuation to ``out`` (stdout) as the tokens come; stop at EOS.
-    Returns the continuation's text."""
+    With ``speculative``, the MTP block drafts (``speculative_stream``) and a line on stderr says how many drafts
+    were kept. Returns the continuation's text."""
     import sys
 
     out = out if out is not None else sys.stdout
@@ -95,8 +223,12 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     out.flush()
     new: list[int] = []
     shown = ""
-    for nxt in stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=lambda t: t == tokenizer.eos_id):
+    stats: dict = {}
+    tokens = (speculative_stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 stop=lambda t: t == tokenizer.eos_id, stats=stats) if speculative else
+              stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                     stop=lambda t: t == tokenizer.eos_id))
+    for nxt in tokens:
         if int(nxt[0]) == tokenizer.eos_id:
             break
         new.append(int(nxt[0]))
@@ -108,6 +240,10 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     text = tokenizer.decode(new)
     out.write(text[len(shown):] + "\n")
     out.flush()
+    if speculative and stats["calls"]:
+        kept = stats["accepted"]
+        print(f"speculative: {kept} of {stats['drafts']} drafts kept, {(len(new) - 1) / stats['calls']:.2f} tokens "
+              f"per call of the model", file=sys.stderr)
     return text
 
 
@@ -163,6 +299,8 @@ def run(args) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.speculative and args.samples > 1:
+        raise ValueError("--speculative decodes one sequence; it does not take --samples above 1")
     path = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
     if not tok_path.exists():
@@ -174,5 +312,5 @@ def run(args) -> int:
                       top_p=args.top_p, seed=args.seed)
     else:
         print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                     seed=args.seed)
+                     seed=args.seed, speculative=args.speculative)
     return 0
