@@ -60,6 +60,11 @@ copy bandwidth, both measured in the run: what the step would cost without per-o
 Dense decoding folds the query heads into queries of its one K=V head, so SDPA reads each key
 once per step (not once per head)."""
 
+SPECULATIVE_NOTE = """The model that `make demo` trains (tiny preset), continuing one prompt by plain decoding and
+by `speculative_stream` (the MTP block drafts one token, the model checks it with the pending
+ones in one call) in alternating runs; medians. Kept: drafts that passed speculative sampling's
+test."""
+
 
 def machine_name() -> str:
     try:
@@ -167,6 +172,13 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                            ("after warm-up", "recall_end_of_warmup"), ("val loss, sparse", "val_loss_sparse"),
                            ("same model, dense CSA", "val_loss_dense_attention"),
                            ("sparse vs dense", "sparse_vs_dense")])
+    spec = [dict(r, command=e["command"], model=e["model"]) for e in experiments()
+            if e.get("experiment") == "speculative" for r in e["per_temperature"]]
+    lines += _table("## Speculative decoding with the MTP block\n\n" + SPECULATIVE_NOTE, spec, [
+        ("model", "model"), ("temperature", "temperature"), ("tokens", "tokens"),
+        ("plain tokens/s", "plain_tokens_per_s"), ("speculative tokens/s", "speculative_tokens_per_s"),
+        ("speedup", "speedup"), ("kept", "acceptance"), ("tokens per call", "tokens_per_call"),
+        ("greedy identical", "greedy_identical")])
     fp4 = [_fp4_row(e) for e in experiments() if e.get("experiment") == "fp4_qat"]
     lines += _table("## FP4 quantization-aware training (tiny preset)\n\n"
                     "The tiny preset trained twice per seed, same data and steps, with and without `--fp4-qat`, then\n"

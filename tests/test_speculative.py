@@ -69,3 +69,15 @@ def test_speculative_decoding_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="MTP"):
         list(speculative_stream(tiny(num_nextn_predict_layers=0), prompt[:1], 3))
     assert list(speculative_stream(model, prompt[:1], 0)) == [] == list(stream(model, prompt[:1], 0))
+
+
+def test_the_benchmark_measures_both_ways():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from speculative import measure
+
+    r = measure(tiny(), torch.randint(0, 257, (1, 12)), 6, 0.0, runs=1)
+    assert r["greedy_identical"] and r["tokens"] == 6 and r["speedup"] > 0
+    assert 0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_call"] <= 2
