@@ -221,6 +221,10 @@ def test_small_sinkhorn_equals_the_tensor_path():
         for m, r in zip(logits.reshape(-1, *shape[-2:]), ref.reshape(-1, *shape[-2:])):
             one = torch.tensor(hyper._sinkhorn_one(m.double().tolist(), 20, 1e-6), dtype=torch.float32)
             torch.testing.assert_close(one, r, atol=1e-6, rtol=1e-5)
+    # numpy's path for n other than 4 (above: 3 x 3) and the written-out 4 x 4 balancing, float for float
+    k = (torch.rand(4, 4, generator=g, dtype=torch.float64) + 0.01).tolist()
+    c = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).tolist()
+    assert hyper._balance_4(k, c, 20, 1e-6) == hyper._balance(k, c, 20, 1e-6)
 
 
 def test_one_row_hyper_connection_equals_the_tensor_path():

@@ -38,9 +38,12 @@ _SMALL = 8  # matrices: decoding a few tokens
 
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``sinkhorn`` for a few matrices without autograd, in numpy float64 (then float32): decoding runs it once per
-    token and mHC unit, and there 2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. (One
-    decoding row's unit does all its mixing in Python floats: ``HyperConnection._forward_one``.)"""
+    """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
+    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. The residual's four streams (n = 4): each
+    matrix by ``_sinkhorn_one`` in Python floats; else in numpy float64. Float32 out."""
+    if logits.shape[-1] == 4:
+        rows = logits.detach().double().reshape(-1, 4, 4).tolist()
+        return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows]).view(logits.shape)
     x = logits.detach().double().numpy()
     comb = np.exp(x - x.max(-1, keepdims=True))
     comb = comb / comb.sum(-1, keepdims=True) + eps
@@ -60,13 +63,39 @@ def _sinkhorn_one(logits: list[list[float]], iters: int, eps: float) -> list[lis
         e = [math.exp(v - top) for v in row]
         total = sum(e)
         k.append([v / total + eps for v in e])
+    c = [1.0 / (sum(col) + eps) for col in zip(*k)]  # the first column normalization (r = 1)
+    return (_balance_4 if len(k) == 4 else _balance)(k, c, iters, eps)
+
+
+def _balance(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
+    """``_sinkhorn_one``'s remaining iters - 1 row and column normalizations of diag(r) K diag(c), then the matrix."""
     kt = [list(col) for col in zip(*k)]
-    c = [1.0 / (sum(col) + eps) for col in kt]  # the first column normalization (r = 1)
     r = [1.0] * len(k)
     for _ in range(iters - 1):
         r = [ri / (ri * sum(map(operator.mul, row, c)) + eps) for ri, row in zip(r, k)]
         c = [cj / (cj * sum(map(operator.mul, col, r)) + eps) for cj, col in zip(c, kt)]
     return [[ri * kij * cj for kij, cj in zip(row, c)] for ri, row in zip(r, k)]
+
+
+def _balance_4(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
+    """``_balance`` for 4 x 4 (the residual's four streams, spec 3) written out: the same operations in the same
+    order, so the same floats, about 3x faster than the loops over lists (decoding runs one per mHC unit)."""
+    (k00, k01, k02, k03), (k10, k11, k12, k13), (k20, k21, k22, k23), (k30, k31, k32, k33) = k
+    c0, c1, c2, c3 = c
+    r0 = r1 = r2 = r3 = 1.0
+    for _ in range(iters - 1):
+        r0 = r0 / (r0 * (k00 * c0 + k01 * c1 + k02 * c2 + k03 * c3) + eps)
+        r1 = r1 / (r1 * (k10 * c0 + k11 * c1 + k12 * c2 + k13 * c3) + eps)
+        r2 = r2 / (r2 * (k20 * c0 + k21 * c1 + k22 * c2 + k23 * c3) + eps)
+        r3 = r3 / (r3 * (k30 * c0 + k31 * c1 + k32 * c2 + k33 * c3) + eps)
+        c0 = c0 / (c0 * (k00 * r0 + k10 * r1 + k20 * r2 + k30 * r3) + eps)
+        c1 = c1 / (c1 * (k01 * r0 + k11 * r1 + k21 * r2 + k31 * r3) + eps)
+        c2 = c2 / (c2 * (k02 * r0 + k12 * r1 + k22 * r2 + k32 * r3) + eps)
+        c3 = c3 / (c3 * (k03 * r0 + k13 * r1 + k23 * r2 + k33 * r3) + eps)
+    return [[r0 * k00 * c0, r0 * k01 * c1, r0 * k02 * c2, r0 * k03 * c3],
+            [r1 * k10 * c0, r1 * k11 * c1, r1 * k12 * c2, r1 * k13 * c3],
+            [r2 * k20 * c0, r2 * k21 * c1, r2 * k22 * c2, r2 * k23 * c3],
+            [r3 * k30 * c0, r3 * k31 * c1, r3 * k32 * c2, r3 * k33 * c3]]
 
 
 def _sigmoid(v: float) -> float:
