@@ -280,7 +280,7 @@ def test_linear_of_a_few_rows_equals_f_linear(rows):
     layer = Linear(48, 33, bias=False)
     assert set(layer.state_dict()) == {"weight"}
     with torch.inference_mode():
-        assert layer(x).shape == (1, rows, 33)
+        assert layer(x).shape == (1, rows, 33) and layer(x).is_contiguous()
     # with autograd: F.linear itself (training's numerics unchanged)
     wr = w.clone().requires_grad_(True)
     assert torch.equal(linear(x, wr, b), F.linear(x, wr, b))

@@ -8,13 +8,25 @@ from pathlib import Path
 import torch
 
 
-def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [B, V] -> the distribution ``sample_next`` draws from [B, V] (unnormalized within the nucleus):
-    temperature 0 puts all mass on the argmax; top_p keeps the smallest nucleus of mass >= top_p."""
+def _check_sampling(temperature: float, top_p: float) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _prompt_rows(prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt as [B, S] ([S] is one row); an empty one is refused."""
+    prompt = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    return prompt
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] -> the distribution ``sample_next`` draws from [B, V] (unnormalized within the nucleus):
+    temperature 0 puts all mass on the argmax; top_p keeps the smallest nucleus of mass >= top_p."""
+    _check_sampling(temperature, top_p)
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -29,10 +41,10 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest nucleus of mass >= top_p."""
-    probs = next_token_probs(logits, temperature, top_p)
+    _check_sampling(temperature, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
 def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None
@@ -58,10 +70,7 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
     """Yield the sampled ids [B * samples] one step at a time. ``prompt`` is [B, S] (or [S]); each of its rows is
     prefilled once and continued ``samples`` times, decoded together (rows i * samples ... of the output are prompt
     row i's). Ends once ``stop`` has held for some token of every row."""
-    if prompt.dim() == 1:
-        prompt = prompt.unsqueeze(0)
-    if prompt.shape[1] == 0:
-        raise ValueError("the prompt must hold at least one token")
+    prompt = _prompt_rows(prompt)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     generator = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
@@ -97,12 +106,9 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
     the main model's distribution exactly; at temperature 0 it is ``stream``'s greedy output. Yields ids [1];
     ``stats`` (a dict) receives the counts of ``calls``, ``drafts`` and ``accepted``. Ends one token early if the
     next call would pass ``max_position_embeddings``."""
-    if prompt.dim() == 1:
-        prompt = prompt.unsqueeze(0)
+    prompt = _prompt_rows(prompt)
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one prompt row, got {prompt.shape[0]}")
-    if prompt.shape[1] == 0:
-        raise ValueError("the prompt must hold at least one token")
     if not len(model.mtp):
         raise ValueError("speculative decoding needs the model's MTP block (num_nextn_predict_layers >= 1)")
     if max_pending < 1:
@@ -184,8 +190,7 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The prompt followed by up to ``max_new_tokens`` sampled ids, [B * samples, S + n] (``stream``'s keywords)."""
-    if prompt.dim() == 1:
-        prompt = prompt.unsqueeze(0)
+    prompt = _prompt_rows(prompt)
     new = list(stream(model, prompt, max_new_tokens, **kwargs))
     prompt = prompt.repeat_interleave(kwargs.get("samples", 1), dim=0)
     return torch.cat([prompt] + [t.unsqueeze(1) for t in new], dim=1)

@@ -20,7 +20,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
-    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
+    # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow fallbacks
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
