@@ -39,10 +39,12 @@ _SMALL = 8  # matrices: decoding a few tokens
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
-    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. The residual's four streams (n = 4): each
-    matrix by ``_sinkhorn_one`` in Python floats; else in numpy float64. Float32 out."""
-    if logits.shape[-1] == 4:
-        rows = logits.detach().double().reshape(-1, 4, 4).tolist()
+    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. One matrix, or the residual's four
+    streams (n = 4, written out): each matrix by ``_sinkhorn_one`` in Python floats; else in numpy float64, batched.
+    Float32 out."""
+    n = logits.shape[-1]
+    if n == 4 or logits[..., 0, 0].numel() == 1:
+        rows = logits.detach().double().reshape(-1, n, n).tolist()
         return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows]).view(logits.shape)
     x = logits.detach().double().numpy()
     comb = np.exp(x - x.max(-1, keepdims=True))
