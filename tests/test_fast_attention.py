@@ -238,3 +238,24 @@ def test_chunk_scores_by_tiles_equal_the_einsum_scores():
         for a, z in zip(torch.autograd.grad((got * up).sum(), (q, w, keys)),
                         torch.autograd.grad((want * up).sum(), (q, w, keys))):
             torch.testing.assert_close(a, z, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decoding_chunk_scores_split_across_threads_equal_the_einsum_scores(threads):
+    """Without autograd, a decoding step's few queries against many entries are scored as one span of entries per
+    thread in one bmm (entries not divisible by the threads: the rest in one product); the same scores."""
+    from dsv4.model.indexer import _PARTS_MIN, chunk_scores
+
+    g = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for nq, t in ((1, _PARTS_MIN), (1, _PARTS_MIN + 1), (3, _PARTS_MIN + 2)):
+            q, w = torch.randn(1, nq, 4, 8, generator=g), torch.randn(1, nq, 4, generator=g)
+            keys = torch.randn(1, t, 8, generator=g)
+            want = torch.einsum("bsht,bsh->bst", torch.relu(torch.einsum("bshc,btc->bsht", q, keys)), w)
+            with torch.inference_mode():
+                got = chunk_scores(q, w, keys.transpose(1, 2))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)

@@ -284,3 +284,18 @@ def test_linear_of_a_few_rows_equals_f_linear(rows):
     # with autograd: F.linear itself (training's numerics unchanged)
     wr = w.clone().requires_grad_(True)
     assert torch.equal(linear(x, wr, b), F.linear(x, wr, b))
+
+
+@pytest.mark.parametrize("out, parts", [(64, 2), (64, 3), (36, 4), (35, 2), (1, 2), (96, 16)])
+def test_one_row_split_across_threads_equals_f_linear(out, parts):
+    """One row against a large weight is computed as slices of the weight's rows in one bmm (one slice per thread;
+    the largest divisor of the rows that fits when they do not divide), held to F.linear."""
+    from torch.nn import functional as F
+
+    from dsv4.model.linear import row_parts
+
+    g = torch.Generator().manual_seed(out)
+    x, w = torch.randn(1, 40, generator=g), torch.randn(out, 40, generator=g)
+    torch.testing.assert_close(row_parts(x, w, parts), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert row_parts(x, w, parts).shape == (1, out)
+    torch.testing.assert_close(row_parts(x, w.t().contiguous().t(), parts), F.linear(x, w), atol=1e-5, rtol=1e-5)

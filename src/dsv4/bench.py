@@ -262,8 +262,8 @@ def bench_decode(args) -> dict:
     check_context(config, args.context, esize, dense=not args.no_dense, device=device, batch=batch)
     g = torch.Generator().manual_seed(args.seed)
 
-    def per_token(context: int, impl: str) -> tuple[float, int]:
-        """Median ms of one decoding step (one token for each of the ``batch`` rows) after ``context`` tokens."""
+    def start(context: int, impl: str):
+        """A cache after ``context`` tokens for the ``batch`` rows, and the tokens its steps decode."""
         model.set_attention(impl, args.block)
         ids = torch.randint(0, config.vocab_size, (batch, context + args.tokens), generator=g).to(device)
         if impl == "dense":
@@ -271,13 +271,23 @@ def bench_decode(args) -> dict:
         else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
             cache, _ = prefill(model, ids[:1, :context], args.chunk)
             cache = cache.repeat_rows(batch) if batch > 1 else cache
-        with torch.inference_mode():
-            times = [timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1, device)[0]
-                     for i in range(args.tokens)]
-        return statistics.median(times) * 1e3, cache.nbytes()
+        return impl, context, ids, cache
 
-    ms, kv = per_token(args.context, "fast")
-    ms_4k, _ = per_token(4096, "fast")
+    # the runs' steps alternate (V4 at the context, V4 at 4K, dense), so that a drift of the machine's speed during
+    # the run (on a shared 2-core machine, 20% within minutes) weighs on every ratio's both sides alike
+    runs = {"v4": start(args.context, "fast"), "v4_4k": start(4096, "fast")}
+    if not args.no_dense:
+        runs["dense"] = start(args.context, "dense")
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for i in range(args.tokens):
+            for name, (impl, context, ids, cache) in runs.items():
+                model.set_attention(impl, args.block)
+                times[name].append(timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1,
+                                         device)[0])
+    model.set_attention("fast", args.block)
+    ms, ms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4", "v4_4k"))  # medians of the steps
+    kv = runs["v4"][3].nbytes()
     peak, bandwidth = matmul_peak_flops(dtype, device=device), copy_bandwidth(device=device)
     roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth, batch) * 1e3
                      for n in (args.context, 4096))
@@ -292,7 +302,7 @@ def bench_decode(args) -> dict:
            "kv_bytes": kv, "dense_kv_bytes": batch * dense_kv_bytes(config, args.context, esize),
            **peak_memory(device), "threads": torch.get_num_threads()}
     if not args.no_dense:
-        dense_ms, dense_kv = per_token(args.context, "dense")
+        dense_ms, dense_kv = statistics.median(times["dense"]) * 1e3, runs["dense"][3].nbytes()
         out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
                     "dense_cache_bytes": dense_kv, "cache_ratio_vs_dense": dense_kv / kv})
     return out

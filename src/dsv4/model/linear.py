@@ -1,9 +1,13 @@
-"""``linear``: ``F.linear`` with a faster form for a few rows on the CPU; ``Linear``, the ``nn.Linear`` using it.
+"""``linear``: ``F.linear`` with faster forms for a few rows on the CPU; ``Linear``, the ``nn.Linear`` using it.
 
-Without autograd, x W^T for 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's
-few tokens) runs on this CPU's BLAS about 1.5-3x slower than the same product taken as W x^T (the LM head at 2 rows:
-7.1 ms against 2.3; one row and many rows: the same). The result is the same product up to rounding; tests hold it to
-``F.linear``. With autograd (training) it is ``F.linear``.
+Without autograd, on the CPU:
+- one row (a decoding step): the weight's output rows split into one part per thread, one ``bmm`` of the parts.
+  ``F.linear`` of one row runs on one core, which reads the weight from memory at about half the machine's
+  bandwidth; the parts run on every thread (the LM head of the small preset on 2 cores: 1.3 ms against 2.6-3.0).
+- 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's few tokens): W x^T, which
+  this CPU's BLAS runs about 1.5-3x faster than x W^T (the LM head at 2 rows: 2.2 ms against 6.2).
+The result is the same product up to rounding; tests hold it to ``F.linear``. With autograd (training) it is
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEW_ROWS = (2, 64)  # rows for which W x^T is taken
+FEW_ROWS = (1, 64)  # rows for which a faster form is taken (tests set an empty range to pin F.linear)
+PARTS_MIN = 1 << 16  # weight elements from which one row is split across threads (below, waking them costs more)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,11 +25,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
-    # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow fallbacks
-    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if rows == 1 and weight.numel() >= PARTS_MIN:
+        y = row_parts(x.reshape(1, x.shape[-1]), weight, torch.get_num_threads())
+    elif rows == 1:
+        y = torch.mm(x.reshape(1, x.shape[-1]), weight.t())
+    else:  # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow paths
+        y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def row_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """x [1, in] W^T as ``parts`` slices of W's output rows in one ``bmm`` (its batch runs in parallel); with fewer
+    rows than that, or rows not divisible into parts of equal size, the largest divisor that fits."""
+    out = weight.shape[0]
+    parts = max(1, min(parts, out))
+    while out % parts:
+        parts -= 1
+    if parts == 1 or not weight.is_contiguous():
+        return torch.mm(x, weight.t())
+    w = weight.view(parts, out // parts, weight.shape[1])
+    return torch.bmm(w, x.t().unsqueeze(0).expand(parts, -1, -1)).view(1, out)
 
 
 class Linear(nn.Linear):
