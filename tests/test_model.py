@@ -246,6 +246,39 @@ def test_one_row_hyper_connection_equals_the_tensor_path():
             torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_one_row_expand_equals_the_tensor_path():
+    """A decoding row's residual update (2-d products) gives the batched path's."""
+    from dsv4.model.hyper import HyperConnection
+
+    g = torch.Generator().manual_seed(4)
+    streams, out = torch.randn(1, 1, 4, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    post, comb = torch.rand(1, 1, 4, generator=g), torch.rand(1, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        one = HyperConnection.expand(streams, out, post, comb)
+    ref = HyperConnection.expand(streams.clone().requires_grad_(), out, post, comb)  # autograd on: batched
+    assert one.shape == ref.shape == streams.shape
+    torch.testing.assert_close(one, ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_token_experts_equal_the_grouped_path(k):
+    """A decoding row's routed experts, taken in turn, give the grouped path's sum (same expert order)."""
+    from dsv4.model.moe import Experts
+
+    torch.manual_seed(k)
+    experts = Experts(ModelConfig.preset("tiny").replace(num_experts_per_tok=k))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    x = torch.randn(1, 128)
+    indices = torch.randperm(experts.w1.shape[0])[:k].view(1, k)
+    weights = torch.rand(1, k)
+    with torch.no_grad():
+        one = experts(x, weights, indices)
+    grouped = experts(x.clone().requires_grad_(), weights, indices)  # autograd on: grouped by expert
+    torch.testing.assert_close(one, grouped.detach(), atol=1e-6, rtol=1e-6)
+
+
 def test_apply_rope_rotates_interleaved_trailing_pairs():
     """apply_rope against the rotation written out pair by pair: the leading channels untouched, each trailing
     pair (a, b) -> (a cos - b sin, a sin + b cos), the inverse undoing it; gradients flow, bf16 stays bf16."""
