@@ -144,9 +144,11 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.amin(-1, keepdim=True)
     # the k picks are >= kth and the rest <= kth: more than k scores >= kth means one left out equals kth
-    ties = ((scores >= kth).sum(-1, dtype=torch.int32) > k) & torch.isfinite(kth.squeeze(-1))
-    if ties.any():
-        idx[ties] = _topk_exact(scores[ties], k)
+    ties = (scores >= kth).sum(-1, dtype=torch.int32) > k
+    if ties.any():  # rare: only then are ties among -inf (fewer than k visible) told from finite ones
+        ties &= torch.isfinite(kth.squeeze(-1))
+        if ties.any():
+            idx[ties] = _topk_exact(scores[ties], k)
     return idx
 
 

@@ -177,9 +177,10 @@ class Transformer(nn.Module):
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence reaches position {end - 1}, beyond max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{low}, {high}]")
         return torch.arange(start, end, device=input_ids.device)
 
     @staticmethod
