@@ -208,22 +208,33 @@ class Attention(nn.Module):
     def decode(self, x, q, kv, q_latent, positions, cache: LayerCache) -> torch.Tensor:
         """The fast path for a few new tokens per row with a cache (decoding; a speculative draft's check) in a few
         batched ops, where the general one spends some hundred small ops on blocks, masks and merges. One softmax
-        per query joins its window (the ring before this call's writes, plus the new tokens up to its own), its
-        visible entries (HCA and CSA's dense phase: all; CSA: the indexer's top-k of them) and the sink. Tests hold
-        it to the reference path, outputs and gradients."""
+        per query joins its window (the ring before this call's writes, plus the new tokens up to its own; for one
+        token, the ring after its write, unmasked once full), its visible entries (HCA and CSA's dense phase: all;
+        CSA: the indexer's top-k of them) and the sink. Tests hold it to the reference path, outputs and
+        gradients."""
         b, s, h, c = q.shape
-        ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes; slot order does not matter
-        keys, kpos = kv.float(), positions
-        if ring is not None:
-            keys, kpos = torch.cat([ring.float(), keys], dim=1), torch.cat([ring_pos, positions])
         t = positions.unsqueeze(-1)  # [s, 1]
-        mask = (kpos <= t) & (kpos > t - self.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
-        cache.write_window(kv, positions)
+        if s == 1 and not kv.requires_grad:  # once this token is written, the ring holds exactly its window (slot
+            # order does not matter); with autograd the ring's detached copy would cut the new key's gradient
+            cache.write_window(kv, positions)
+            keys, kpos = cache.window_keys()
+            keys = keys.float()
+            mask = None if int(positions[0]) >= self.window - 1 else (kpos >= 0).unsqueeze(0)  # empty slots: -1
+        else:
+            ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes
+            keys, kpos = kv.float(), positions
+            if ring is not None:
+                keys, kpos = torch.cat([ring.float(), keys], dim=1), torch.cat([ring_pos, positions])
+            mask = (kpos <= t) & (kpos > t - self.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
+            cache.write_window(kv, positions)
         own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
         if self.compressor is not None:
             entries = self.compressor.entries(x, self.rotary, cache.compressor).kv.float()  # [B, T, c]
             n = entries.shape[1]
-            visible = torch.arange(n, device=q.device) < torch.div(t + 1, self.rate, rounding_mode="floor")
+
+            def visible() -> torch.Tensor:  # [s, n]: one query sees every entry emitted so far
+                return torch.arange(n, device=q.device) < torch.div(t + 1, self.rate, rounding_mode="floor")
+
             if self.indexer is not None:  # its keys advance even when unused (dense phase, no entry yet)
                 xd, qd = x.detach(), q_latent.detach()
                 index_keys = self.indexer.keys(xd, self.rotary, cache.indexer)
@@ -231,21 +242,27 @@ class Attention(nn.Module):
                     qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
                     scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, s, T]
                     if s > 1:  # the last queries see entries that the first do not
-                        scores = scores.masked_fill(~visible, float("-inf"))
+                        scores = scores.masked_fill(~visible(), float("-inf"))
                     idx = topk_lower_index(scores, self.indexer.topk)  # [B, s, k]
-                    picked = _gather_rows(entries.reshape(b * n, c), _flat_rows(idx, n))
-                    own = picked.view(b, s, -1, c), scores.gather(-1, idx) > float("-inf")
+                    picked = _gather_rows(entries.reshape(b * n, c), _flat_rows(idx, n)).view(b, s, -1, c)
+                    # one query sees every entry emitted so far, so each of its k > n picks is visible
+                    own = picked, None if s == 1 else scores.gather(-1, idx) > float("-inf")
             if own is None:
-                keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=-1)
+                keys = torch.cat([keys, entries], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
         qs = q.float() * self.scale
         if own is None:  # one key set for every query: [B, s H, c] x [B, c, L]
             logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
-            mask = mask.unsqueeze(-2)  # [s, 1, L]
+            mask = None if mask is None else mask.unsqueeze(-2)  # [s, 1, L]
         else:  # each query its own keys: the window's, then its top-k entries
             keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, s, L, c]
-            mask = torch.cat([mask.expand(b, s, -1), own[1]], dim=-1).unsqueeze(-2)  # [B, s, 1, L]
+            if mask is not None or own[1] is not None:
+                picks = own[1] if own[1] is not None else mask.new_ones(1, 1, own[0].shape[2]).expand(b, s, -1)
+                mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, s, 1, L]
             logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
-        logits = logits.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, s, h, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
         if own is None:
