@@ -53,12 +53,14 @@ QUICK = [
 
 
 DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the batch's rows (ms/token: the
-step's time). Predicted ratio: the cost model's FLOPs per token at the context over those at 4K.
-Roofline: the step's parameter matmuls and its attention, each at the longer of its FLOPs at the
-matmul peak and its bytes read (weights and the experts the rows touch; each row's cache) at the
-copy bandwidth, both measured in the run: what the step would cost without per-op overhead.
-Dense decoding folds the query heads into queries of its one K=V head, so SDPA reads each key
-once per step (not once per head)."""
+step's time). The steps of V4 at the context, V4 at 4K and dense alternate, so that a drift of the
+machine's speed weighs on both sides of each ratio. Runs: how many runs of the command at its
+newest commit; the row is their median by speedup (of two, the lower). Predicted ratio: the cost
+model's FLOPs per token at the context over those at 4K. Roofline: the step's parameter matmuls
+and its attention, each at the longer of its FLOPs at the matmul peak and its bytes read (weights
+and the experts the rows touch; each row's cache) at the copy bandwidth, both measured in the
+run: what the step would cost without per-op overhead. Dense decoding folds the query heads into
+queries of its one K=V head, so SDPA reads each key once per step (not once per head)."""
 
 SPECULATIVE_NOTE = """The model that `make demo` trains (tiny preset), continuing one prompt by plain decoding and
 by `speculative_stream` (the MTP block drafts one token, the model checks it with the pending
@@ -95,14 +97,27 @@ def run_one(args: list[str]) -> dict:
 
 
 def load_results() -> dict[str, list[dict]]:
+    """Per machine, one result per command: of its runs at the commit of its newest run, the median run (by speedup
+    against dense, else by time; of an even number, the lower-speedup one of the middle two), with ``runs`` set to
+    how many there were."""
     out = {}
     for f in sorted(RESULTS.glob("*.jsonl")):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        latest = {}
-        for r in rows:  # the newest run of each command wins
-            latest[r["command"]] = r
-        out[f.stem] = list(latest.values())
+        by_command = {}
+        for r in rows:
+            by_command.setdefault(r["command"], []).append(r)
+        out[f.stem] = [median_run(runs) for runs in by_command.values()]
     return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median of a command's runs at its newest run's commit (see ``load_results``)."""
+    same = [r for r in runs if r.get("commit") == runs[-1].get("commit")]
+    if "speedup_vs_dense" in same[-1]:
+        same = sorted(same, key=lambda r: r.get("speedup_vs_dense") or 0.0)
+    else:
+        same = sorted(same, key=lambda r: -(r.get("ms_per_token") or r.get("seconds") or 0.0))
+    return dict(same[(len(same) - 1) // 2], runs=len(same))
 
 
 def _fmt(x, digits=3):
@@ -146,7 +161,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("logit diff vs HF before 1st tie", "max_abs_logit_diff_vs_hf_before_first_tie"),
             ("peak RSS GiB", "peak_rss_gib"), ("MFU", "mfu"), ("cache bytes", "kv_bytes"),
             ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
-            ("load", "load_average_at_start")])
+            ("runs", "runs"), ("load", "load_average_at_start")])
         dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
         lines += _table("### Decode\n\n" + DECODE_NOTE, dec, [
             ("context", "context"), ("batch", "batch_size"), ("threads", "threads"), ("ms/token", "ms_per_token"),
@@ -155,7 +170,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
             ("roofline ms/token", "roofline_ms_per_token"), ("roofline ratio vs 4K", "roofline_ratio_vs_4k"),
-            ("load", "load_average_at_start")])
+            ("runs", "runs"), ("load", "load_average_at_start")])
         lines += _table("### Training", [r for r in rows if r["bench"] == "train"], [
             ("preset", "preset"), ("threads", "threads"), ("seq", "seq_len"), ("batch", "batch_size"),
             ("tokens/s", "tokens_per_s"),

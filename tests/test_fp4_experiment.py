@@ -120,3 +120,16 @@ def test_prediction_shift_is_kl_and_top1_agreement():
     assert kl == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
     assert agree == 1.0  # doubling the logits keeps every argmax
     assert prediction_shift(model, batches, lambda m: contextlib.nullcontext())[0] == 0.0
+
+
+def test_docs_row_of_a_benchmark_is_the_median_run_at_its_newest_commit():
+    """benchmarks/run_all.py reports, per command, the median run (by speedup; of two, the lower) among the runs at
+    the commit of its newest run, with how many runs there were; older commits' runs are left out."""
+    run_all = _load("run_all")
+    runs = [{"commit": "a", "speedup_vs_dense": 9.0}, {"commit": "b", "speedup_vs_dense": 5.4},
+            {"commit": "b", "speedup_vs_dense": 4.9}]
+    assert run_all.median_run(runs) == {"commit": "b", "speedup_vs_dense": 4.9, "runs": 2}
+    runs.append({"commit": "b", "speedup_vs_dense": 6.0})
+    assert run_all.median_run(runs)["speedup_vs_dense"] == 5.4
+    timed = [{"commit": "c", "seconds": 3.0}, {"commit": "c", "seconds": 4.0}]  # no dense: the slower of two
+    assert run_all.median_run(timed) == {"commit": "c", "seconds": 4.0, "runs": 2}
