@@ -53,6 +53,8 @@ class CompressorState:
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Add newly emitted entries [B, n, dim]; returns all entries so far. Without autograd they go to a buffer
         that doubles when full, so decoding does not copy every entry each time one is emitted."""
+        if new.shape[1] == 0 and self.entries is not None:  # a decoding step inside a block: nothing to add
+            return self.entries
         if new.requires_grad or (self.entries is not None and self.entries.requires_grad):
             self.entries = new if self.entries is None else torch.cat([self.entries, new], dim=1)
             self._room = None

@@ -219,7 +219,9 @@ class Attention(nn.Module):
             cache.write_window(kv, positions)
             keys, kpos = cache.window_keys()
             keys = keys.float()
-            mask = None if int(positions[0]) >= self.window - 1 else (kpos >= 0).unsqueeze(0)  # empty slots: -1
+            # empty slots hold -1; on a GPU the position is not read back (a wait on the device per layer)
+            full = positions.device.type == "cpu" and int(positions[0]) >= self.window - 1
+            mask = None if full else (kpos >= 0).unsqueeze(0)
         else:
             ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes
             keys, kpos = kv.float(), positions
@@ -229,7 +231,7 @@ class Attention(nn.Module):
             cache.write_window(kv, positions)
         own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
         if self.compressor is not None:
-            entries = self.compressor.entries(x, self.rotary, cache.compressor).kv.float()  # [B, T, c]
+            entries = self.compressor.all_entries(x, self.rotary, cache.compressor).float()  # [B, T, c]
             n = entries.shape[1]
 
             def visible() -> torch.Tensor:  # [s, n]: one query sees every entry emitted so far

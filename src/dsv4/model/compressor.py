@@ -73,6 +73,13 @@ class Compressor(nn.Module):
         cos, sin = rotary.cos_sin(positions, "compress")
         return apply_rope(entries, cos, sin), first
 
+    def all_entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None
+                    ) -> torch.Tensor:
+        """Every entry visible after these tokens [B, T, dim] (one document), the state advancing: ``entries``
+        without where they sit, which a decoding step does not need."""
+        new, _ = self(x, rotary, state)
+        return new if state is None else state.append(new)
+
     def entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None,
                 packing=None, offset: int = 0) -> Entries:
         """Every entry visible after these tokens, with where it sits (see ``Entries``).
@@ -83,8 +90,7 @@ class Compressor(nn.Module):
         """
         dev = x.device
         if packing is None:
-            new, _ = self(x, rotary, state)
-            out = new if state is None else state.append(new)
+            out = self.all_entries(x, rotary, state)
             local = torch.arange(out.shape[1], device=dev).unsqueeze(0)
             return Entries(out, local, None, (local + 1) * self.rate - 1)
         if state is not None:

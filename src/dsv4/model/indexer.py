@@ -69,6 +69,8 @@ class Indexer(nn.Module):
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
         """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
+        if packing is None:
+            return self._fp4(self.compressor.all_entries(x, rotary, state))
         return self._fp4(self.compressor.entries(x, rotary, state, packing).kv)
 
     def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
