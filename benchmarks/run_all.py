@@ -286,20 +286,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--docs", action="store_true", help="only regenerate the docs from saved results")
+    p.add_argument("--runs", type=int, default=1, help="run each chosen command this many times (the docs show the "
+                   "median run)")
     p.add_argument("--gpu", action="store_true", help="run GPU_PLAN (--device cuda) instead of the CPU plan")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="run only the plan's commands containing TEXT (e.g. 'prefill --preset small --context "
-                        "4096'); repeatable")
+                        "4096'), or the one command equal to it; repeatable")
     args = p.parse_args()
     if not args.docs:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{machine_name()}.jsonl"
         plan = GPU_PLAN if args.gpu else QUICK if args.quick else PLAN
         if args.only:
-            plan = [b for b in plan if any(text in " ".join(b) for text in args.only)]
+            exact = [b for b in plan if " ".join(b) in args.only]  # a whole command: that one only
+            plan = exact or [b for b in plan if any(text in " ".join(b) for text in args.only)]
             if not plan:
                 p.error(f"no benchmark of the plan matches {args.only}")
-        for bench in plan:
+        for bench in [b for b in plan for _ in range(args.runs)]:
             print("running dsv4 bench", " ".join(bench), flush=True)
             result = run_one(bench)
             with open(out, "a") as f:
