@@ -143,7 +143,8 @@ class Experts(nn.Module):
     def _one_token(self, x, weights, indices, w1, w2, w3) -> torch.Tensor:
         """``forward`` for one token without autograd (a decoding row): its experts in turn, where grouping tokens by
         expert (a sort, a count, gathers and scatters: some fifteen dispatches) costs more than the products. The
-        same operations per expert, summed in the same (expert) order, so the same floats."""
+        same operations per expert, summed in the same (expert) order: the same floats in float32 (in bfloat16 the
+        routing weight is not rounded to bfloat16 first)."""
         out = None
         for e, g in sorted(zip(indices.view(-1).tolist(), weights.view(-1).tolist())):
             h = swiglu(linear(x, w1[e]), linear(x, w3[e]), self.limit) * g
