@@ -79,6 +79,13 @@ def machine_name() -> str:
     return f"cpu-{platform.machine()}"
 
 
+def commit() -> str | None:
+    """The checkout's short commit: the code a result was measured with."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                          check=False)
+    return head.stdout.strip() or None
+
+
 def run_one(args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "dsv4", "bench", *args, "--json"]
     t = time.time()
@@ -88,9 +95,7 @@ def run_one(args: list[str]) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["command"] = "dsv4 bench " + " ".join(args) + " --json"
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                          check=False)
-    result["commit"] = head.stdout.strip() or None  # the code that was measured
+    result["commit"] = commit()  # the code that was measured
     result["date"] = time.strftime("%Y-%m-%d", time.gmtime(t))
     result["load_average_at_start"] = load
     return result
@@ -131,6 +136,7 @@ def _fmt(x, digits=3):
 def report_experiment(result: dict, kind: str, save: bool) -> None:
     """Print an experiment's JSON (benchmarks/indexer_schedule.py, fp4_qat.py); with ``save`` also write it to
     ``benchmarks/results/experiment-<kind>-<time>.json``, where ``--docs`` finds it."""
+    result = dict(result, commit=commit(), date=time.strftime("%Y-%m-%d", time.gmtime()))
     print(json.dumps(result))
     if save:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -187,13 +193,13 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                            ("after warm-up", "recall_end_of_warmup"), ("val loss, sparse", "val_loss_sparse"),
                            ("same model, dense CSA", "val_loss_dense_attention"),
                            ("sparse vs dense", "sparse_vs_dense")])
-    spec = [dict(r, command=e["command"], model=e["model"]) for e in experiments()
+    spec = [dict(r, command=e["command"], model=e["model"], commit=e.get("commit")) for e in experiments()
             if e.get("experiment") == "speculative" for r in e["per_temperature"]]
     lines += _table("## Speculative decoding with the MTP block\n\n" + SPECULATIVE_NOTE, spec, [
         ("model", "model"), ("temperature", "temperature"), ("tokens", "tokens"),
         ("plain tokens/s", "plain_tokens_per_s"), ("speculative tokens/s", "speculative_tokens_per_s"),
         ("speedup", "speedup"), ("kept", "acceptance"), ("tokens per call", "tokens_per_call"),
-        ("greedy identical", "greedy_identical")])
+        ("greedy identical", "greedy_identical"), ("commit", "commit")])
     fp4 = [_fp4_row(e) for e in experiments() if e.get("experiment") == "fp4_qat"]
     lines += _table("## FP4 quantization-aware training (tiny preset)\n\n"
                     "The tiny preset trained twice per seed, same data and steps, with and without `--fp4-qat`, then\n"
