@@ -25,10 +25,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
-    if rows == 1 and weight.numel() >= PARTS_MIN:
-        y = row_parts(x.reshape(1, x.shape[-1]), weight, torch.get_num_threads())
-    elif rows == 1:
-        y = torch.mm(x.reshape(1, x.shape[-1]), weight.t())
+    if rows == 1:  # a weight below PARTS_MIN in one part: waking the other threads would cost more
+        y = row_parts(x.reshape(1, x.shape[-1]), weight, torch.get_num_threads() if weight.numel() >= PARTS_MIN else 1)
     else:  # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow paths
         y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:

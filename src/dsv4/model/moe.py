@@ -133,12 +133,15 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            xe = xs[start:start + c]
-            h = swiglu(linear(xe, w1[e]), linear(xe, w3[e]), self.limit)
-            h = h * gate_w[start:start + c, None].to(h.dtype)  # routing weight multiplied in before w2 (spec 4)
-            out.index_add_(0, token[start:start + c], linear(h, w2[e]).to(x.dtype))  # no concatenation
+            y = self._expert(xs[start:start + c], w1[e], w2[e], w3[e], gate_w[start:start + c, None].to(x.dtype))
+            out.index_add_(0, token[start:start + c], y)  # no concatenation
             start += c
         return out
+
+    def _expert(self, x, w1, w2, w3, gate) -> torch.Tensor:
+        """One expert on its tokens x, the routing weight ``gate`` multiplied in before w2 (spec 4)."""
+        h = swiglu(linear(x, w1), linear(x, w3), self.limit) * gate
+        return linear(h, w2).to(x.dtype)
 
     def _one_token(self, x, weights, indices, w1, w2, w3) -> torch.Tensor:
         """``forward`` for one token without autograd (a decoding row): its experts in turn, where grouping tokens by
@@ -147,8 +150,7 @@ class Experts(nn.Module):
         routing weight is not rounded to bfloat16 first)."""
         out = None
         for e, g in sorted(zip(indices.view(-1).tolist(), weights.view(-1).tolist())):
-            h = swiglu(linear(x, w1[e]), linear(x, w3[e]), self.limit) * g
-            y = linear(h, w2[e]).to(x.dtype)
+            y = self._expert(x, w1[e], w2[e], w3[e], g)
             out = y if out is None else out.add_(y)
         return out
 
