@@ -1,0 +1,184 @@
+"""``dsv4 posttrain``: V4's post-training pipeline in miniature (spec 7), on small verifiable domains.
+
+From one base model: a specialist per domain (SFT on the domain, then optionally GRPO with the domain's verifiable
+reward), then one student distilled from all specialists by on-policy distillation (each prompt from its domain's
+specialist, reverse KL over the full vocabulary on the student's own samples). Every model is scored on every
+domain by greedy exact-match accuracy on held-out prompts; the JSON gives the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsv4.posttrain.grpo import grpo_loss, group_advantages, token_logprobs
+from dsv4.posttrain.opd import opd_loss
+from dsv4.posttrain.rollout import sample
+from dsv4.posttrain.sft import sft_loss
+from dsv4.posttrain.tasks import EOS, TASKS, VOCAB_USED, Task, task
+
+EVAL_SEED = 12345  # held-out prompts: drawn from a generator of their own, apart from the training stream
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="reverse,sort", help=f"comma-separated domains, of {sorted(TASKS)}")
+    p.add_argument("--preset", default="tiny", help="model preset of the base (default tiny)")
+    p.add_argument("--config", default=None, help="config.json of a fresh base (instead of --preset)")
+    p.add_argument("--base", default=None, help="start from this saved model instead of a fresh one")
+    p.add_argument("--sft-steps", type=int, default=100, help="SFT steps per specialist")
+    p.add_argument("--rl-steps", type=int, default=0, help="GRPO steps per specialist after SFT")
+    p.add_argument("--opd-steps", type=int, default=150, help="on-policy distillation steps of the student")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per step (GRPO: prompts x --group)")
+    p.add_argument("--group", type=int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per domain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--out", default=None, help="save the specialists and the student here (HF layout)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def accuracy(model, t: Task, n: int) -> float:
+    """Greedy exact-match accuracy of ``model`` on ``n`` held-out prompts of ``t``."""
+    prompts, _ = t.sample(n, torch.Generator().manual_seed(EVAL_SEED))
+    return float(t.reward(prompts, sample(model, prompts, t.answer_len, temperature=0, eos=EOS).tokens).mean())
+
+
+def _optimizer(model, lr: float):
+    from dsv4.train.optim import build_optimizer
+
+    return build_optimizer(model, lr=lr, weight_decay=0.0)
+
+
+def _step(opt, loss: torch.Tensor) -> float:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def train_sft(model, t: Task, steps: int, batch: int, lr: float, generator: torch.Generator) -> list[float]:
+    """SFT of ``model`` on domain ``t``; the loss of each step."""
+    model.train()
+    opt = _optimizer(model, lr)
+    return [_step(opt, sft_loss(model, *t.sample(batch, generator))) for _ in range(steps)]
+
+
+def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, generator: torch.Generator
+               ) -> list[float]:
+    """GRPO of ``model`` on ``t``'s verifiable reward against a frozen copy of itself; the mean reward of each
+    step's samples (one gradient step per batch of samples, so the sampling policy is the current one)."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model.train()
+    opt = _optimizer(model, lr)
+    rewards = []
+    for _ in range(steps):
+        p, _ = t.sample(prompts, generator)
+        rollout = sample(model, p.repeat_interleave(group, 0), t.answer_len, eos=EOS, generator=generator)
+        r = t.reward(rollout.prompts, rollout.tokens)
+        with torch.no_grad():
+            old, ref = token_logprobs(model, rollout), token_logprobs(reference, rollout)
+        loss, _ = grpo_loss(model, rollout, group_advantages(r, group), old, ref)
+        _step(opt, loss)
+        rewards.append(float(r.mean()))
+    return rewards
+
+
+def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int, lr: float,
+              generator: torch.Generator) -> list[float]:
+    """On-policy distillation of ``student`` from ``teachers[i]`` on prompts of ``tasks[i]`` (an equal share of
+    each step's prompts per domain); the loss of each step."""
+    for t in teachers:
+        t.eval().requires_grad_(False)
+    student.train()
+    opt = _optimizer(student, lr)
+    share = max(1, batch // len(tasks))
+    losses = []
+    for _ in range(steps):
+        rollouts, owners = [], []
+        for i, t in enumerate(tasks):  # domains have their own prompt lengths: one rollout each
+            rollouts.append(sample(student, t.sample(share, generator)[0], t.answer_len, eos=EOS,
+                                   generator=generator))
+            owners.append(i)
+        loss = sum(opd_loss(student, teachers, r, torch.full((share,), i))[0] for r, i in zip(rollouts, owners))
+        losses.append(_step(opt, loss))
+    return losses
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv4.config import ModelConfig
+    from dsv4.model import Transformer
+
+    names = [n for n in args.tasks.split(",") if n]
+    tasks = [task(n) for n in names]
+    if not tasks:
+        raise ValueError("--tasks names no domain")
+    for flag in ("sft_steps", "rl_steps", "opd_steps"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+    for flag in ("batch_size", "group", "eval_prompts"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.base:
+        from dsv4.checkpoint import from_pretrained
+
+        base = from_pretrained(args.base, dtype=torch.float32)
+    else:
+        base = Transformer(ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset))
+    if base.config.vocab_size < VOCAB_USED:
+        raise ValueError(f"the base's vocabulary ({base.config.vocab_size}) is smaller than the tasks' "
+                         f"{VOCAB_USED} token ids")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    models, curves = {"base": base}, {}
+    for t in tasks:
+        spec = copy.deepcopy(base)
+        curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen)
+        if args.rl_steps:
+            curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, max(1, args.batch_size // args.group),
+                                                         args.group, args.lr, gen)
+        models[f"specialist-{t.name}"] = spec
+        _progress(args, f"specialist {t.name}: {time.time() - t0:.0f} s")
+    student = copy.deepcopy(base)
+    teachers = [models[f"specialist-{t.name}"] for t in tasks]
+    curves["opd"] = train_opd(student, teachers, tasks, args.opd_steps, args.batch_size, args.lr, gen)
+    models["student"] = student
+    _progress(args, f"student: {time.time() - t0:.0f} s")
+    table = {name: {t.name: accuracy(m, t, args.eval_prompts) for t in tasks} for name, m in models.items()}
+    result = {"tasks": names, "preset": None if args.base or args.config else args.preset, "base": args.base,
+              "sft_steps": args.sft_steps, "rl_steps": args.rl_steps, "opd_steps": args.opd_steps,
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "accuracy": table,
+              "opd_loss_first": curves["opd"][0] if curves["opd"] else None,
+              "opd_loss_last": curves["opd"][-1] if curves["opd"] else None,
+              "seconds": time.time() - t0}
+    if args.rl_steps:  # each specialist's mean sampled reward at its first and last GRPO step
+        result["grpo_reward_first_last"] = {t.name: [curves[f"grpo-{t.name}"][0], curves[f"grpo-{t.name}"][-1]]
+                                            for t in tasks}
+    if out is not None:
+        for name, m in models.items():
+            if name != "base":
+                m.save_pretrained(out / name)
+        (out / "posttrain.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'model':<24}" + "".join(f"{n:>10}" for n in names))
+        for name, row in table.items():
+            print(f"{name:<24}" + "".join(f"{row[n]:>10.3f}" for n in names))
+    return 0
+
+
+def _progress(args, text: str) -> None:
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
