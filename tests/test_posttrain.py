@@ -176,7 +176,8 @@ def test_posttrain_command_runs_the_pipeline_and_saves_the_models(tmp_path):
     config = tmp_path / "config.json"
     ModelConfig.preset("tiny").replace(**SMALL).to_json(config)
     rc, out, err = run_cli("posttrain", "--config", config, "--sft-steps", 2, "--rl-steps", 1, "--opd-steps", 2,
-                           "--batch-size", 4, "--group", 2, "--eval-prompts", 4, "--out", tmp_path / "pt", "--json")
+                           "--batch-size", 4, "--opd-batch-size", 4, "--group", 2, "--eval-prompts", 4,
+                           "--out", tmp_path / "pt", "--json")
     assert rc == 0, err
     result = json.loads(out)
     assert set(result["accuracy"]) == {"base", "specialist-reverse", "specialist-sort", "student"}
@@ -203,3 +204,21 @@ def test_posttrain_refuses_a_vocabulary_too_small_for_the_tasks(tmp_path):
     ModelConfig.preset("tiny").replace(**dict(SMALL, vocab_size=20)).to_json(config)
     rc, _, err = run_cli("posttrain", "--config", config)
     assert rc == 2 and "smaller than the tasks' 42 token ids" in err
+
+
+def test_docs_rows_of_a_posttrain_run_give_each_models_accuracy_per_domain():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("bench_run_all", path)
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    result = {"experiment": "posttrain", "command": "python benchmarks/posttrain.py --save", "commit": "abc",
+              "sft_steps": 100, "rl_steps": 40, "opd_steps": 200,
+              "accuracy": {"base": {"reverse": 0.0, "sort": 0.0}, "student": {"reverse": 0.99, "sort": 0.8125}}}
+    rows = run_all._posttrain_rows(result)
+    assert [r["model"] for r in rows] == ["base", "student"]
+    assert rows[1]["accuracy"] == "reverse 0.990, sort 0.812" and rows[1]["steps"] == "100 / 40 / 200"
+    lines = run_all._table("## Post-training", rows, [("model", "model"), ("accuracy", "accuracy")])
+    assert lines[-2] == "| student | reverse 0.990, sort 0.812 | `python benchmarks/posttrain.py --save` |"
