@@ -193,6 +193,7 @@ def test_posttrain_command_runs_the_pipeline_and_saves_the_models(tmp_path):
     (("--opd-steps", -1), "--opd-steps must be >= 0"),
     (("--group", 0), "--group must be >= 1"),
     (("--tasks", ","), "--tasks names no domain"),
+    (("--tasks", "sort,sort"), "--tasks names a domain twice"),
 ])
 def test_posttrain_refuses_bad_input(argv, message):
     rc, _, err = run_cli("posttrain", *argv)

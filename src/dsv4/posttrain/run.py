@@ -107,12 +107,10 @@ def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int
     share = max(1, batch // len(tasks))
     losses = []
     for _ in range(steps):
-        rollouts, owners = [], []
+        loss = 0.0
         for i, t in enumerate(tasks):  # domains have their own prompt lengths: one rollout each
-            rollouts.append(sample(student, t.sample(share, generator)[0], t.answer_len, eos=EOS,
-                                   generator=generator))
-            owners.append(i)
-        loss = sum(opd_loss(student, teachers, r, torch.full((share,), i))[0] for r, i in zip(rollouts, owners))
+            rollout = sample(student, t.sample(share, generator)[0], t.answer_len, eos=EOS, generator=generator)
+            loss = loss + opd_loss(student, teachers, rollout, torch.full((share,), i))[0]
         losses.append(_step(opt, loss))
     return losses
 
@@ -126,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = [task(n) for n in names]
     if not tasks:
         raise ValueError("--tasks names no domain")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--tasks names a domain twice: {args.tasks!r}")
     for flag in ("sft_steps", "rl_steps", "opd_steps"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
         spec = copy.deepcopy(base)
         curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen)
         if args.rl_steps:
-            curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, max(1, args.batch_size // args.group),
-                                                         args.group, args.rl_lr, gen)
+            prompts = max(1, args.batch_size // args.group)
+            curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, prompts, args.group, args.rl_lr, gen)
         models[f"specialist-{t.name}"] = spec
         _progress(args, f"specialist {t.name}: {time.time() - t0:.0f} s")
     student = copy.deepcopy(base)
