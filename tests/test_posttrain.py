@@ -177,15 +177,17 @@ def test_posttrain_command_runs_the_pipeline_and_saves_the_models(tmp_path):
     ModelConfig.preset("tiny").replace(**SMALL).to_json(config)
     rc, out, err = run_cli("posttrain", "--config", config, "--sft-steps", 2, "--rl-steps", 1, "--opd-steps", 2,
                            "--batch-size", 4, "--opd-batch-size", 4, "--group", 2, "--eval-prompts", 4,
-                           "--out", tmp_path / "pt", "--json")
+                           "--teacher-weights", "1,0.5", "--out", tmp_path / "pt", "--json")
     assert rc == 0, err
     result = json.loads(out)
-    assert set(result["accuracy"]) == {"base", "specialist-reverse", "specialist-sort", "student"}
+    assert list(result["accuracy"]) == ["base", "specialist-reverse after SFT", "specialist-reverse",
+                                        "specialist-sort after SFT", "specialist-sort", "student"]
     assert all(0.0 <= v <= 1.0 for row in result["accuracy"].values() for v in row.values())
     assert set(result["grpo_reward_first_last"]) == {"reverse", "sort"}
     student = from_pretrained(tmp_path / "pt" / "student")
     assert student.config.vocab_size == 64
     assert json.loads((tmp_path / "pt" / "posttrain.json").read_text())["accuracy"] == result["accuracy"]
+    assert result["teacher_weights"] == [1.0, 0.5]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -194,6 +196,9 @@ def test_posttrain_command_runs_the_pipeline_and_saves_the_models(tmp_path):
     (("--group", 0), "--group must be >= 1"),
     (("--tasks", ","), "--tasks names no domain"),
     (("--tasks", "sort,sort"), "--tasks names a domain twice"),
+    (("--teacher-weights", "1"), "--teacher-weights needs one weight >= 0 per domain (2)"),
+    (("--teacher-weights", "1,-1"), "--teacher-weights needs one weight >= 0 per domain"),
+    (("--teacher-weights", "1,x"), "--teacher-weights must be numbers"),
 ])
 def test_posttrain_refuses_bad_input(argv, message):
     rc, _, err = run_cli("posttrain", *argv)

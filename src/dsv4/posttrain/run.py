@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opd-batch-size", type=int, default=128,
                    help="prompts per distillation step, shared equally by the domains (the tiny preset: 100 "
                         "steps of 128 distilled more than 400 of 32, in less time)")
+    p.add_argument("--teacher-weights", default=None,
+                   help="comma-separated weight of each domain's teacher in the distillation loss (default: 1 each)")
     p.add_argument("--group", type=int, default=8, help="GRPO completions per prompt")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of SFT and distillation")
     p.add_argument("--rl-lr", type=float, default=3e-4,
@@ -97,9 +99,10 @@ def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, 
 
 
 def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int, lr: float,
-              generator: torch.Generator) -> list[float]:
+              generator: torch.Generator, weights: list[float] | None = None) -> list[float]:
     """On-policy distillation of ``student`` from ``teachers[i]`` on prompts of ``tasks[i]`` (an equal share of
-    each step's prompts per domain); the loss of each step."""
+    each step's prompts per domain), teacher i's KL weighted by ``weights[i]`` (default 1); the loss of each
+    step."""
     for t in teachers:
         t.eval().requires_grad_(False)
     student.train()
@@ -110,7 +113,7 @@ def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int
         loss = 0.0
         for i, t in enumerate(tasks):  # domains have their own prompt lengths: one rollout each
             rollout = sample(student, t.sample(share, generator)[0], t.answer_len, eos=EOS, generator=generator)
-            loss = loss + opd_loss(student, teachers, rollout, torch.full((share,), i))[0]
+            loss = loss + opd_loss(student, teachers, rollout, torch.full((share,), i), weights)[0]
         losses.append(_step(opt, loss))
     return losses
 
@@ -126,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--tasks names no domain")
     if len(set(names)) < len(names):
         raise ValueError(f"--tasks names a domain twice: {args.tasks!r}")
+    weights = None
+    if args.teacher_weights is not None:
+        try:
+            weights = [float(w) for w in args.teacher_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--teacher-weights must be numbers, got {args.teacher_weights!r}") from None
+        if len(weights) != len(tasks) or any(not w >= 0 for w in weights):
+            raise ValueError(f"--teacher-weights needs one weight >= 0 per domain ({len(tasks)}), "
+                             f"got {args.teacher_weights!r}")
     for flag in ("sft_steps", "rl_steps", "opd_steps"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -149,25 +161,34 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    models, curves = {"base": base}, {}
+    models, curves, table = {}, {}, {}
+
+    def score(name: str, model) -> None:  # every model on every domain; greedy, so no generator is drawn from
+        table[name] = {t.name: accuracy(model, t, args.eval_prompts) for t in tasks}
+
+    score("base", base)
     for t in tasks:
         spec = copy.deepcopy(base)
         curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen)
-        if args.rl_steps:
+        if args.rl_steps:  # what GRPO adds shows against the same specialist before it
+            score(f"specialist-{t.name} after SFT", spec)
             prompts = max(1, args.batch_size // args.group)
             curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, prompts, args.group, args.rl_lr, gen)
         models[f"specialist-{t.name}"] = spec
+        score(f"specialist-{t.name}", spec)
         _progress(args, f"specialist {t.name}: {time.time() - t0:.0f} s")
     student = copy.deepcopy(base)
     teachers = [models[f"specialist-{t.name}"] for t in tasks]
-    curves["opd"] = train_opd(student, teachers, tasks, args.opd_steps, args.opd_batch_size, args.lr, gen)
+    curves["opd"] = train_opd(student, teachers, tasks, args.opd_steps, args.opd_batch_size, args.lr, gen,
+                              weights)
     models["student"] = student
+    score("student", student)
     _progress(args, f"student: {time.time() - t0:.0f} s")
-    table = {name: {t.name: accuracy(m, t, args.eval_prompts) for t in tasks} for name, m in models.items()}
     result = {"tasks": names, "preset": None if args.base or args.config else args.preset, "base": args.base,
               "sft_steps": args.sft_steps, "rl_steps": args.rl_steps, "opd_steps": args.opd_steps,
               "batch_size": args.batch_size, "opd_batch_size": args.opd_batch_size, "group": args.group,
-              "lr": args.lr, "rl_lr": args.rl_lr, "seed": args.seed, "accuracy": table,
+              "lr": args.lr, "rl_lr": args.rl_lr, "teacher_weights": weights, "seed": args.seed,
+              "accuracy": table,
               "opd_loss_first": curves["opd"][0] if curves["opd"] else None,
               "opd_loss_last": curves["opd"][-1] if curves["opd"] else None,
               "seconds": time.time() - t0}
@@ -176,15 +197,15 @@ def run(args: argparse.Namespace) -> int:
                                             for t in tasks}
     if out is not None:
         for name, m in models.items():
-            if name != "base":
-                m.save_pretrained(out / name)
+            m.save_pretrained(out / name)
         write_atomically(out / "posttrain.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{'model':<24}" + "".join(f"{n:>10}" for n in names))
+        width = max(map(len, table)) + 2
+        print(f"{'model':<{width}}" + "".join(f"{n:>10}" for n in names))
         for name, row in table.items():
-            print(f"{name:<24}" + "".join(f"{row[n]:>10.3f}" for n in names))
+            print(f"{name:<{width}}" + "".join(f"{row[n]:>10.3f}" for n in names))
     return 0
 
 
