@@ -3,7 +3,7 @@
     python benchmarks/posttrain.py [--save] [-- dsv4 posttrain flags ...]
 
 Runs `dsv4 posttrain --json` (by default: the tiny preset from scratch, specialists for `reverse` and `sort` by 100
-SFT steps then 40 GRPO steps, a student by 150 on-policy distillation steps of 128 prompts; about 8 minutes on two
+SFT steps then 40 GRPO steps, a student by 150 on-policy distillation steps of 128 prompts; about 7 minutes on two
 cores) and prints its JSON; with ``--save`` it also goes to benchmarks/results/, from which `run_all.py --docs`
 writes the table: each model's greedy exact-match accuracy on held-out prompts of every domain.
 """
