@@ -216,14 +216,15 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                           ("of which 1st order", "plain_first"), ("2nd order", "plain_second"),
                           ("QAT KL", "qat_kl"), ("no QAT KL", "plain_kl"), ("no QAT top-1 kept", "plain_top1"),
                           ("no QAT worse", "worse")])
-    post = [row for e in experiments() if e.get("experiment") == "posttrain" for row in _posttrain_rows(e)]
+    post = next((_posttrain_rows(e) for e in experiments() if e.get("experiment") == "posttrain"), [])
     lines += _table("## Post-training: specialists merged by on-policy distillation (tiny preset)\n\n"
                     "From one base: a specialist per domain (SFT on the domain's answers, then GRPO on its verifiable\n"
                     "reward), then a student distilled from all of them (reverse KL over the full vocabulary on the\n"
                     "student's own samples, each prompt from its domain's specialist). Accuracy: greedy exact match\n"
-                    "on held-out prompts of each domain.", post,
+                    "on held-out prompts of each domain. The newest run (earlier ones stay in benchmarks/results/).",
+                    post,
                     [("model", "model"), ("accuracy", "accuracy"), ("steps (SFT / GRPO / OPD)", "steps"),
-                     ("commit", "commit")])
+                     ("GRPO lr", "rl_lr"), ("commit", "commit")])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
@@ -231,7 +232,8 @@ def _posttrain_rows(e: dict) -> list[dict]:
     """The post-training section's rows of one run of benchmarks/posttrain.py: per model, its accuracy per domain."""
     steps = f"{e['sft_steps']} / {e['rl_steps']} / {e['opd_steps']}"
     return [{"model": name, "accuracy": ", ".join(f"{t} {a:.3f}" for t, a in row.items()), "steps": steps,
-             "commit": e.get("commit"), "command": e["command"]} for name, row in e["accuracy"].items()]
+             "rl_lr": e.get("rl_lr", "-"), "commit": e.get("commit"), "command": e["command"]}
+            for name, row in e["accuracy"].items()]
 
 
 def _fp4_row(e: dict) -> dict:
