@@ -150,6 +150,7 @@ def test_grpo_loss_on_policy_is_the_advantage_weighted_log_likelihood():
     loss, stats = grpo_loss(m, rollout, adv, old)
     assert float(loss.detach()) == pytest.approx(-float(adv.mean()), abs=1e-5)  # the ratio is 1 on every token
     assert stats["clipped"] == 0.0
+    assert float(grpo_loss(m, rollout, adv)[0].detach()) == pytest.approx(float(loss.detach()), abs=1e-6)
     loss.backward()
     grad = [p.grad.clone() for p in m.parameters() if p.grad is not None]
     m.zero_grad()

@@ -26,18 +26,18 @@ def token_logprobs(model, rollout: Rollout) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def grpo_loss(policy, rollout: Rollout, advantages: torch.Tensor, old_logprobs: torch.Tensor,
+def grpo_loss(policy, rollout: Rollout, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None,
               ref_logprobs: torch.Tensor | None = None, clip: float = 0.2, kl_coef: float = 0.04
               ) -> tuple[torch.Tensor, dict]:
     """The negated GRPO objective: per token min(ratio A, clip(ratio, 1 - clip, 1 + clip) A) with
     ratio = pi / pi_old, minus ``kl_coef`` times the k3 estimate of KL(pi || pi_ref); averaged over each
-    completion's tokens, then over completions. ``old_logprobs`` [N, L]: the sampling policy's (equal to the
-    policy's on the first step after sampling); ``ref_logprobs`` [N, L] or None (no KL term)."""
+    completion's tokens, then over completions. ``old_logprobs`` [N, L]: the sampling policy's, or None when that
+    is the policy itself (the first step after sampling: ratio 1, one forward fewer); ``ref_logprobs`` [N, L] or
+    None (no KL term)."""
     logp = token_logprobs(policy, rollout)
-    ratio = torch.exp(logp - old_logprobs)
+    ratio = torch.exp(logp - (logp.detach() if old_logprobs is None else old_logprobs))
     a = advantages.view(-1, 1)
-    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
-    per_token = surrogate
+    per_token = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
     kl = None
     if ref_logprobs is not None:
         d = ref_logprobs - logp

@@ -91,8 +91,8 @@ def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, 
         rollout = sample(model, p.repeat_interleave(group, 0), t.answer_len, eos=EOS, generator=generator)
         r = t.reward(rollout.prompts, rollout.tokens)
         with torch.no_grad():
-            old, ref = token_logprobs(model, rollout), token_logprobs(reference, rollout)
-        loss, _ = grpo_loss(model, rollout, group_advantages(r, group), old, ref)
+            ref = token_logprobs(reference, rollout)
+        loss, _ = grpo_loss(model, rollout, group_advantages(r, group), ref_logprobs=ref)  # sampled by model
         _step(opt, loss)
         rewards.append(float(r.mean()))
     return rewards
