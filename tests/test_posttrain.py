@@ -12,7 +12,8 @@ from dsv4 import ModelConfig, Transformer, cli, from_pretrained
 from dsv4.generate import generate
 from dsv4.posttrain.grpo import group_advantages, grpo_loss, token_logprobs
 from dsv4.posttrain.opd import opd_loss, reverse_kl
-from dsv4.posttrain.rollout import Rollout, completion_logits, completion_mask, sample
+from dsv4.posttrain.rollout import (Rollout, completion_logits, completion_mask, pad_prompts, rollout_logits,
+                                   sample)
 from dsv4.posttrain.run import train_opd, train_sft
 from dsv4.posttrain.sft import sft_loss
 from dsv4.posttrain.tasks import EOS, SEP, TASKS, decode, encode, task
@@ -69,6 +70,24 @@ def test_greedy_rollouts_are_generate_rows_and_the_mode_comes_back():
         assert r.tokens[i].tolist() == generate(m.eval(), prompts[i:i + 1], 9, temperature=0)[0, 6:].tolist()
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample(m, prompts, 0)
+
+
+def test_prompts_of_different_lengths_give_each_rows_own_completion_and_logits():
+    m = model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 40, (n,), generator=g) for n in (5, 9, 5, 7)]
+    r = sample(m, prompts, 6, temperature=0)
+    assert r.prompts.shape == (4, 9) and r.prompt_lens.tolist() == [5, 9, 5, 7]
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == generate(m.eval(), p.unsqueeze(0), 6, temperature=0)[0, len(p):].tolist()
+    batched = rollout_logits(m, r)  # one forward, each completion right after its prompt, padding after
+    for i, p in enumerate(prompts):
+        alone = completion_logits(m, p.unsqueeze(0), r.tokens[i:i + 1])
+        assert torch.allclose(batched[i:i + 1], alone, atol=1e-5)
+    sub = r.rows(torch.tensor([1, 3]))
+    assert sub.prompt_lens.tolist() == [9, 7] and torch.equal(sub.tokens, r.tokens[[1, 3]])
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_prompts([torch.tensor([4, 5]), torch.tensor([], dtype=torch.long)])
 
 
 def test_sampling_stops_once_every_row_has_ended_and_pads_with_eos():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.posttrain.rollout import Rollout, completion_logits, masked_mean
+from dsv4.posttrain.rollout import Rollout, masked_mean, rollout_logits
 
 
 def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
@@ -22,7 +22,7 @@ def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> to
 
 def token_logprobs(model, rollout: Rollout) -> torch.Tensor:
     """log pi(token) [N, L] of each completion token under ``model``."""
-    logits = completion_logits(model, rollout.prompts, rollout.tokens)
+    logits = rollout_logits(model, rollout)
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dsv4.posttrain.rollout import Rollout, completion_logits, masked_mean
+from dsv4.posttrain.rollout import Rollout, masked_mean, rollout_logits
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def opd_loss(student, teachers: Sequence, rollout: Rollout, teacher_of: torch.Te
     if teacher_of.shape != rollout.tokens.shape[:1] or not bool(valid.all()):
         raise ValueError(f"teacher_of must give each of the {rollout.tokens.shape[0]} rows a teacher index in "
                          f"[0, {len(teachers)})")
-    logits = completion_logits(student, rollout.prompts, rollout.tokens)
+    logits = rollout_logits(student, rollout)
     loss = logits.new_zeros(())
     per_teacher = []
     for i, (teacher, w) in enumerate(zip(teachers, weights)):
@@ -47,7 +47,7 @@ def opd_loss(student, teachers: Sequence, rollout: Rollout, teacher_of: torch.Te
             per_teacher.append(float("nan"))
             continue
         with torch.no_grad():
-            target = completion_logits(teacher, rollout.prompts[rows], rollout.tokens[rows])
+            target = rollout_logits(teacher, rollout.rows(rows))
         kl = masked_mean(reverse_kl(logits[rows], target), rollout.mask[rows])
         loss = loss + w * kl
         per_teacher.append(float(kl.detach()))
