@@ -13,6 +13,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,22 +72,27 @@ def _step(opt, loss: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def train_sft(model, t: Task, steps: int, batch: int, lr: float, generator: torch.Generator) -> list[float]:
+def train_sft(model, t: Task, steps: int, batch: int, lr: float, generator: torch.Generator,
+              log: Callable[[str], None] | None = None) -> list[float]:
     """SFT of ``model`` on domain ``t``; the loss of each step."""
     model.train()
     opt = _optimizer(model, lr)
-    return [_step(opt, sft_loss(model, *t.sample(batch, generator))) for _ in range(steps)]
+    losses = []
+    for step in range(steps):
+        losses.append(_step(opt, sft_loss(model, *t.sample(batch, generator))))
+        _report(log, f"sft {t.name}", step, steps, f"loss {losses[-1]:.3f}")
+    return losses
 
 
-def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, generator: torch.Generator
-               ) -> list[float]:
+def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, generator: torch.Generator,
+               log: Callable[[str], None] | None = None) -> list[float]:
     """GRPO of ``model`` on ``t``'s verifiable reward against a frozen copy of itself; the mean reward of each
     step's samples (one gradient step per batch of samples, so the sampling policy is the current one)."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     opt = _optimizer(model, lr)
     rewards = []
-    for _ in range(steps):
+    for step in range(steps):
         p, _ = t.sample(prompts, generator)
         rollout = sample(model, p.repeat_interleave(group, 0), t.answer_len, eos=EOS, generator=generator)
         r = t.reward(rollout.prompts, rollout.tokens)
@@ -95,27 +101,36 @@ def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, 
         loss, _ = grpo_loss(model, rollout, group_advantages(r, group), ref_logprobs=ref)  # sampled by model
         _step(opt, loss)
         rewards.append(float(r.mean()))
+        _report(log, f"grpo {t.name}", step, steps, f"reward {rewards[-1]:.3f}")
     return rewards
 
 
 def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int, lr: float,
-              generator: torch.Generator, weights: list[float] | None = None) -> list[float]:
+              generator: torch.Generator, weights: list[float] | None = None,
+              log: Callable[[str], None] | None = None) -> list[float]:
     """On-policy distillation of ``student`` from ``teachers[i]`` on prompts of ``tasks[i]`` (an equal share of
-    each step's prompts per domain), teacher i's KL weighted by ``weights[i]`` (default 1); the loss of each
-    step."""
+    each step's prompts per domain, all sampled together), teacher i's KL weighted by ``weights[i]`` (default 1);
+    the loss of each step."""
     for t in teachers:
         t.eval().requires_grad_(False)
     student.train()
     opt = _optimizer(student, lr)
     share = max(1, batch // len(tasks))
+    owner = torch.arange(len(tasks)).repeat_interleave(share)
+    longest = max(t.answer_len for t in tasks)
     losses = []
-    for _ in range(steps):
-        loss = 0.0
-        for i, t in enumerate(tasks):  # domains have their own prompt lengths: one rollout each
-            rollout = sample(student, t.sample(share, generator)[0], t.answer_len, eos=EOS, generator=generator)
-            loss = loss + opd_loss(student, teachers, rollout, torch.full((share,), i), weights)[0]
-        losses.append(_step(opt, loss))
+    for step in range(steps):
+        prompts = [p for t in tasks for p in t.sample(share, generator)[0]]
+        rollout = sample(student, prompts, longest, eos=EOS, generator=generator)
+        losses.append(_step(opt, opd_loss(student, teachers, rollout, owner, weights)[0]))
+        _report(log, "distillation", step, steps, f"loss {losses[-1]:.3f}")
     return losses
+
+
+def _report(log: Callable[[str], None] | None, stage: str, step: int, steps: int, what: str) -> None:
+    """About ten progress lines per stage."""
+    if log is not None and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
+        log(f"{stage}: step {step + 1}/{steps}, {what}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
+
+    def log(text: str) -> None:  # progress: to stderr when stdout carries the JSON
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
     models, curves, table = {}, {}, {}
 
     def score(name: str, model) -> None:  # every model on every domain; greedy, so no generator is drawn from
@@ -169,21 +188,22 @@ def run(args: argparse.Namespace) -> int:
     score("base", base)
     for t in tasks:
         spec = copy.deepcopy(base)
-        curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen)
+        curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen, log)
         if args.rl_steps:  # what GRPO adds shows against the same specialist before it
             score(f"specialist-{t.name} after SFT", spec)
             prompts = max(1, args.batch_size // args.group)
-            curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, prompts, args.group, args.rl_lr, gen)
+            curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, prompts, args.group, args.rl_lr, gen,
+                                                  log)
         models[f"specialist-{t.name}"] = spec
         score(f"specialist-{t.name}", spec)
-        _progress(args, f"specialist {t.name}: {time.time() - t0:.0f} s")
+        log(f"specialist {t.name}: {time.time() - t0:.0f} s")
     student = copy.deepcopy(base)
     teachers = [models[f"specialist-{t.name}"] for t in tasks]
     curves["opd"] = train_opd(student, teachers, tasks, args.opd_steps, args.opd_batch_size, args.lr, gen,
-                              weights)
+                              weights, log)
     models["student"] = student
     score("student", student)
-    _progress(args, f"student: {time.time() - t0:.0f} s")
+    log(f"student: {time.time() - t0:.0f} s")
     result = {"tasks": names, "preset": None if args.base or args.config else args.preset, "base": args.base,
               "sft_steps": args.sft_steps, "rl_steps": args.rl_steps, "opd_steps": args.opd_steps,
               "batch_size": args.batch_size, "opd_batch_size": args.opd_batch_size, "group": args.group,
@@ -207,7 +227,3 @@ def run(args: argparse.Namespace) -> int:
         for name, row in table.items():
             print(f"{name:<{width}}" + "".join(f"{row[n]:>10.3f}" for n in names))
     return 0
-
-
-def _progress(args, text: str) -> None:
-    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
