@@ -226,6 +226,7 @@ def test_posttrain_command_runs_the_pipeline_and_saves_the_models(tmp_path):
     (("--teacher-weights", "1"), "--teacher-weights needs one weight >= 0 per domain (2)"),
     (("--teacher-weights", "1,-1"), "--teacher-weights needs one weight >= 0 per domain"),
     (("--teacher-weights", "1,x"), "--teacher-weights must be numbers"),
+    (("--base", "x", "--config", "y"), "--base and --config both name the base model"),
 ])
 def test_posttrain_refuses_bad_input(argv, message):
     rc, _, err = run_cli("posttrain", *argv)

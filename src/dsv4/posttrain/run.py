@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "opd_batch_size", "group", "eval_prompts"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.base and args.config:
+        raise ValueError("--base and --config both name the base model; give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
