@@ -42,6 +42,8 @@ def test_tasks_draw_prompts_with_their_answers_and_reward_exact_answers():
         wrong = answers.clone()
         wrong[:, 0] = wrong[:, 0] % 30 + 3 + (wrong[:, 0] % 30 + 3 == wrong[:, 0])  # another symbol
         assert t.reward(prompts, wrong).tolist() == [0.0] * 5
+        padded = torch.cat([prompts, torch.zeros(5, 2, dtype=torch.long)], dim=1)  # a rollout's right padding
+        assert t.reward(padded, answers).tolist() == [1.0] * 5
         no_eos = answers.clone()
         no_eos[:, -1] = encode("a")[0]
         assert t.reward(prompts, no_eos).tolist() == [0.0] * 5

@@ -75,10 +75,11 @@ class Task:
         return prompts, answers
 
     def reward(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-        """float32 [n]: 1 where the completion up to its first EOS is exactly the prompt's answer and EOS."""
+        """float32 [n]: 1 where the completion up to its first EOS is exactly the prompt's answer and EOS. A prompt
+        ends at its SEP: what follows (a rollout's right padding) is not read."""
         out = []
         for p, c in zip(prompts.tolist(), completions.tolist()):
-            want = [*encode(self.answer(decode(p[1:-1]))), EOS]
+            want = [*encode(self.answer(decode(p[1:p.index(SEP)]))), EOS]
             out.append(float(c[:len(want)] == want))
         return torch.tensor(out)
 
