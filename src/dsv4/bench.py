@@ -21,6 +21,7 @@ import resource
 import statistics
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -251,6 +252,15 @@ def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Genera
     return cache
 
 
+class DecodeRun(NamedTuple):
+    """One side of ``bench decode``: its attention, its context, the token ids and the cache its steps advance."""
+
+    impl: str
+    context: int
+    ids: torch.Tensor
+    cache: object
+
+
 def bench_decode(args) -> dict:
     from dsv4.cost import decode_roofline_seconds, v4_cost
     from dsv4.train.flops import matmul_peak_flops
@@ -262,7 +272,7 @@ def bench_decode(args) -> dict:
     check_context(config, args.context, esize, dense=not args.no_dense, device=device, batch=batch)
     g = torch.Generator().manual_seed(args.seed)
 
-    def start(context: int, impl: str):
+    def start(context: int, impl: str) -> DecodeRun:
         """A cache after ``context`` tokens for the ``batch`` rows, and the tokens its steps decode."""
         model.set_attention(impl, args.block)
         ids = torch.randint(0, config.vocab_size, (batch, context + args.tokens), generator=g).to(device)
@@ -271,7 +281,7 @@ def bench_decode(args) -> dict:
         else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
             cache, _ = prefill(model, ids[:1, :context], args.chunk)
             cache = cache.repeat_rows(batch) if batch > 1 else cache
-        return impl, context, ids, cache
+        return DecodeRun(impl, context, ids, cache)
 
     # the runs' steps alternate (V4 at the context, V4 at 4K, dense), so that a drift of the machine's speed during
     # the run (on a shared 2-core machine, 20% within minutes) weighs on every ratio's both sides alike
@@ -287,7 +297,7 @@ def bench_decode(args) -> dict:
                                          device)[0])
     model.set_attention("fast", args.block)
     ms, ms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4", "v4_4k"))  # medians of the steps
-    kv = runs["v4"][3].nbytes()
+    kv = runs["v4"].cache.nbytes()
     peak, bandwidth = matmul_peak_flops(dtype, device=device), copy_bandwidth(device=device)
     roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth, batch) * 1e3
                      for n in (args.context, 4096))
@@ -302,7 +312,7 @@ def bench_decode(args) -> dict:
            "kv_bytes": kv, "dense_kv_bytes": batch * dense_kv_bytes(config, args.context, esize),
            **peak_memory(device), "threads": torch.get_num_threads()}
     if not args.no_dense:
-        dense_ms, dense_kv = statistics.median(times["dense"]) * 1e3, runs["dense"][3].nbytes()
+        dense_ms, dense_kv = statistics.median(times["dense"]) * 1e3, runs["dense"].cache.nbytes()
         out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
                     "dense_cache_bytes": dense_kv, "cache_ratio_vs_dense": dense_kv / kv})
     return out
