@@ -5,17 +5,22 @@ import torch
 
 from dsv4 import ModelConfig, Transformer
 from lively import lively
+from numerics import assert_close_scaled
 
 
-def tiny(**changes):
+def tiny(dtype=torch.float32, **changes):
     cfg = ModelConfig.preset("tiny").replace(vocab_size=257, **changes)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    return lively(model)
+    return lively(model).to(dtype)
 
 
-def test_packed_documents_equal_separate_forwards():
-    model = tiny()
+DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+
+
+@DTYPES
+def test_packed_documents_equal_separate_forwards(dtype):
+    model = tiny(dtype)
     g = torch.Generator().manual_seed(0)
     lengths = [37, 5, 50]  # not multiples of the rates; one shorter than a block
     docs = [torch.randint(0, 257, (1, n), generator=g) for n in lengths]
@@ -25,16 +30,17 @@ def test_packed_documents_equal_separate_forwards():
         packed = model(ids, doc_ids=doc_ids)
         alone = torch.cat([model(d) for d in docs], dim=1)
         train = model.forward_train(ids, doc_ids=doc_ids)
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(train.logits, alone, atol=1e-5, rtol=0)
+    assert packed.dtype == dtype
+    assert_close_scaled(packed, alone)
+    assert_close_scaled(train.logits, alone)
     # a batch of two rows packed differently
     ids2 = torch.cat([ids, ids.flip(1)])
     doc2 = torch.cat([doc_ids, doc_ids.flip(1)])
     with torch.no_grad():
         both = model(ids2, doc_ids=doc2)
         row1 = torch.cat([model(d.flip(1)) for d in reversed(docs)], dim=1)
-    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(both[1], row1[0], atol=1e-5, rtol=0)
+    assert_close_scaled(both[0], alone[0])
+    assert_close_scaled(both[1], row1[0])
 
 
 def test_no_gradient_crosses_documents():
@@ -49,9 +55,10 @@ def test_no_gradient_crosses_documents():
     assert emb.grad[0, 29:].abs().max() > 0
 
 
+@DTYPES
 @pytest.mark.parametrize("splits", [(1,) * 6, (16, 1, 1), (33, 7), (64,), (3, 29, 2, 1)])
-def test_any_split_matches_one_call(splits):
-    model = tiny()
+def test_any_split_matches_one_call(splits, dtype):
+    model = tiny(dtype)
     ids = torch.randint(0, 257, (2, 90))
     with torch.no_grad():
         full = model(ids)
@@ -63,15 +70,16 @@ def test_any_split_matches_one_call(splits):
         while i < ids.shape[1]:
             parts.append(model(ids[:, i:i + 1], cache=cache))
             i += 1
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+    assert_close_scaled(torch.cat(parts, dim=1), full)
     assert cache.seen == 90
 
 
+@DTYPES
 @pytest.mark.parametrize("prompt", [9, 70])  # ring not yet full, no entries; ring wrapped, entries emitted
-def test_a_repeated_cache_continues_each_row_like_its_own_sequence(prompt):
+def test_a_repeated_cache_continues_each_row_like_its_own_sequence(prompt, dtype):
     """One prefilled prompt, repeated into three rows that then decode different tokens: each row gives the logits
     of one call on its own sequence, and the prompt's cache is left as it was."""
-    model = tiny()
+    model = tiny(dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 257, (1, prompt), generator=g)
     tails = torch.randint(0, 257, (3, 12), generator=g)
@@ -85,17 +93,18 @@ def test_a_repeated_cache_continues_each_row_like_its_own_sequence(prompt):
         full = model(torch.cat([ids.expand(3, -1), tails], dim=1))
         assert cache.seen == prompt and cache.nbytes() == before  # the prompt's cache is untouched
         again = model(tails[:1, :1], cache=cache)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prompt:], atol=1e-4, rtol=0)
-    torch.testing.assert_close(again, steps[0][:1], atol=1e-5, rtol=0)
+    assert_close_scaled(torch.cat(steps, dim=1), full[:, prompt:])
+    assert_close_scaled(again, steps[0][:1])
     with pytest.raises(ValueError, match="n >= 1"):
         cache.repeat_rows(0)
 
 
+@DTYPES
 @pytest.mark.parametrize("prompt", [0, 3, 30])  # nothing yet; ring partly filled; ring wrapped, entries emitted
-def test_restoring_a_snapshot_undoes_the_calls_since(prompt):
+def test_restoring_a_snapshot_undoes_the_calls_since(prompt, dtype):
     """Calls after a snapshot (ring wrapped again, entries emitted, partial blocks changed) leave no trace once it
     is restored: the cache then continues like one call on the prompt and the new tokens."""
-    model = tiny()
+    model = tiny(dtype)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 257, (2, prompt), generator=g)
     dropped = torch.randint(0, 257, (2, 37), generator=g)
@@ -112,7 +121,7 @@ def test_restoring_a_snapshot_undoes_the_calls_since(prompt):
         assert cache.seen == prompt
         steps = [model(tail[:, :5], cache=cache)] + [model(tail[:, i:i + 1], cache=cache) for i in range(5, 21)]
         full = model(torch.cat([ids, tail], dim=1))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prompt:], atol=1e-4, rtol=0)
+    assert_close_scaled(torch.cat(steps, dim=1), full[:, prompt:])
     with pytest.raises(ValueError, match="snapshot of this cache"):
         model.new_cache(2).restore(cache.snapshot())
 

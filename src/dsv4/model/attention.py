@@ -23,6 +23,7 @@ from dsv4.model.indexer import (Indexer, IndexerStats, chunk_scores, indexer_kl,
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.packing import Packing
+from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -105,7 +106,7 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError("packed documents are for full forwards, not for cached decoding")
             positions = packing.pos
-        cos, sin = self.rotary.cos_sin(positions, self.rope_kind)
+        cos, sin = self.rotary.cos_sin(positions, self.rope_kind, compute_dtype(x.dtype))
         cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
@@ -150,7 +151,7 @@ class Attention(nn.Module):
         key sets are joined in one softmax by ``kernels.merge``."""
         s = q.shape[1]
         dev = q.device
-        qs = q.float() * self.scale
+        qs = upcast(q) * self.scale
         # window keys in coordinate order: the cache's ring (oldest first, empty slots at -1), then these tokens
         wk, wpos = kv, positions
         if packing is not None:
@@ -166,7 +167,7 @@ class Attention(nn.Module):
                     wpos = torch.cat([old_pos[order], positions])
                 cache.write_window(kv, positions)
         offset = wk.shape[1] - s
-        wk = wk.float()
+        wk = upcast(wk)
         comp = keys_t = qi = wi = None
         if self.compressor is not None:
             comp = self.compressor.entries(x, self.rotary, cache.compressor if cache is not None else None, packing)
@@ -175,7 +176,7 @@ class Attention(nn.Module):
             xd, qd = x.detach(), q_latent.detach()
             index_keys = self.indexer.keys(xd, self.rotary, cache.indexer if cache is not None else None, packing)
             qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
-            keys_t = index_keys.float().transpose(1, 2)  # [B, c, T]: each block's scores read a prefix
+            keys_t = upcast(index_keys).transpose(1, 2)  # [B, c, T]: each block's scores read a prefix
             if s > self.chunk:  # several blocks: one contiguous copy makes every prefix a plain strided operand
                 keys_t = keys_t.contiguous()
         # in training mode only: validation and generation never pay for the indexer's loss
@@ -218,20 +219,20 @@ class Attention(nn.Module):
             # order does not matter); with autograd the ring's detached copy would cut the new key's gradient
             cache.write_window(kv, positions)
             keys, kpos = cache.window_keys()
-            keys = keys.float()
+            keys = upcast(keys)
             # empty slots hold -1; on a GPU the position is not read back (a wait on the device per layer)
             full = positions.device.type == "cpu" and int(positions[0]) >= self.window - 1
             mask = None if full else (kpos >= 0).unsqueeze(0)
         else:
             ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes
-            keys, kpos = kv.float(), positions
+            keys, kpos = upcast(kv), positions
             if ring is not None:
-                keys, kpos = torch.cat([ring.float(), keys], dim=1), torch.cat([ring_pos, positions])
+                keys, kpos = torch.cat([upcast(ring), keys], dim=1), torch.cat([ring_pos, positions])
             mask = (kpos <= t) & (kpos > t - self.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
             cache.write_window(kv, positions)
         own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
         if self.compressor is not None:
-            entries = self.compressor.all_entries(x, self.rotary, cache.compressor).float()  # [B, T, c]
+            entries = upcast(self.compressor.all_entries(x, self.rotary, cache.compressor))  # [B, T, c]
             n = entries.shape[1]
 
             def visible() -> torch.Tensor:  # [s, n]: one query sees every entry emitted so far
@@ -242,7 +243,7 @@ class Attention(nn.Module):
                 index_keys = self.indexer.keys(xd, self.rotary, cache.indexer)
                 if self.sparse and n > self.indexer.topk:
                     qi, wi = self.indexer.queries(xd, qd, positions, self.rotary)
-                    scores = chunk_scores(qi, wi, index_keys.float().transpose(1, 2))  # [B, s, T]
+                    scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))  # [B, s, T]
                     if s > 1:  # the last queries see entries that the first do not
                         scores = scores.masked_fill(~visible(), float("-inf"))
                     idx = topk_lower_index(scores, self.indexer.topk)  # [B, s, k]
@@ -253,7 +254,7 @@ class Attention(nn.Module):
                 keys = torch.cat([keys, entries], dim=1)
                 if mask is not None:
                     mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
-        qs = q.float() * self.scale
+        qs = upcast(q) * self.scale
         if own is None:  # one key set for every query: [B, s H, c] x [B, c, L]
             logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
             mask = None if mask is None else mask.unsqueeze(-2)  # [s, 1, L]
@@ -265,7 +266,7 @@ class Attention(nn.Module):
             logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, s, h, 1)
+        sink = upcast(self.attn_sink).view(1, 1, h, 1).expand(b, s, h, 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
         if own is None:
             out = torch.matmul(probs.reshape(b, s * h, -1), keys)
@@ -310,7 +311,7 @@ class Attention(nn.Module):
         tlim, visible = self._visible(comp, coord, positions, q_doc, r0, r1)
         if tlim == 0:
             return kernels.Partial.empty(qs[:, r0:r1])
-        return kernels.attend(qs[:, r0:r1], comp.kv[:, :tlim].float(), visible)
+        return kernels.attend(qs[:, r0:r1], upcast(comp.kv[:, :tlim]), visible)
 
     def _csa_parts(self, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, keep):
         """CSA for queries [g0, g1), by blocks of ``chunk``: index scores, top-k, and a gather of the chosen entries
@@ -318,7 +319,7 @@ class Attention(nn.Module):
         visible entry. Yields (r0, r1, Partial of rows [r0, r1), their index scores and entry mask): per block, or
         with ``keep`` (the indexer's target) per gather."""
         b = qs.shape[0]
-        entries = comp.kv.float()
+        entries = upcast(comp.kv)
         t = entries.shape[1]
         flat = entries.reshape(b * t, entries.shape[-1])
         for r0 in range(g0, g1, self.chunk):

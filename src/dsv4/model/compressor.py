@@ -21,6 +21,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
+from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -40,8 +41,8 @@ class Compressor(nn.Module):
                 state: CompressorState | None = None) -> tuple[torch.Tensor, int]:
         """x [B, S, d] -> (entries completed by these tokens [B, n, dim], index of the first of them)."""
         b = x.shape[0]
-        kv = self.wkv(x).float()
-        gate = self.wgate(x).float()
+        kv = upcast(self.wkv(x))
+        gate = upcast(self.wgate(x))
         first = 0
         if state is not None:
             first = state.count
@@ -55,7 +56,7 @@ class Compressor(nn.Module):
         if n == 0:
             return kv.new_zeros(b, 0, self.dim), first
         kv = kv[:, :usable].unflatten(1, (n, self.rate))
-        gate = gate[:, :usable].unflatten(1, (n, self.rate)) + self.ape.float()
+        gate = gate[:, :usable].unflatten(1, (n, self.rate)) + upcast(self.ape)
         if self.overlap:
             d = self.dim
             prev_kv = kv.new_zeros(b, 1, self.rate, d)
@@ -70,7 +71,7 @@ class Compressor(nn.Module):
         pooled = (kv * torch.softmax(gate, dim=2)).sum(dim=2)
         entries = self.norm(pooled)
         positions = (torch.arange(n, device=x.device) + first) * self.rate
-        cos, sin = rotary.cos_sin(positions, "compress")
+        cos, sin = rotary.cos_sin(positions, "compress", entries.dtype)
         return apply_rope(entries, cos, sin), first
 
     def all_entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None
@@ -98,7 +99,7 @@ class Compressor(nn.Module):
         rows = [[(self(x[b:b + 1, s:e], rotary)[0][0], d, s) for d, (s, e) in enumerate(runs)]
                 for b, runs in enumerate(packing.runs)]
         t = max(sum(p[0].shape[0] for p in parts) for parts in rows)
-        out = x.new_zeros(len(rows), t, self.dim, dtype=torch.float32)
+        out = x.new_zeros(len(rows), t, self.dim, dtype=compute_dtype(x.dtype))
         local = torch.full((len(rows), t), -1, dtype=torch.long, device=dev)
         doc = torch.full((len(rows), t), -1, dtype=torch.long, device=dev)
         end = torch.full((len(rows), t), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)

@@ -19,6 +19,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.linear import linear
+from dsv4.model.precision import upcast
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -41,11 +42,11 @@ def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tenso
     """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
     2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. One matrix, or the residual's four
     streams (n = 4, written out): each matrix by ``_sinkhorn_one`` in Python floats; else in numpy float64, batched.
-    Float32 out."""
+    Out in the logits' dtype."""
     n = logits.shape[-1]
     if n == 4 or logits[..., 0, 0].numel() == 1:
         rows = logits.detach().double().reshape(-1, n, n).tolist()
-        return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows]).view(logits.shape)
+        return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows], dtype=logits.dtype).view(logits.shape)
     x = logits.detach().double().numpy()
     comb = np.exp(x - x.max(-1, keepdims=True))
     comb = comb / comb.sum(-1, keepdims=True) + eps
@@ -53,7 +54,8 @@ def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tenso
     for _ in range(iters - 1):
         comb = comb / (comb.sum(-1, keepdims=True) + eps)
         comb = comb / (comb.sum(-2, keepdims=True) + eps)
-    return torch.from_numpy(np.ascontiguousarray(comb, dtype=np.float32))
+    out = np.float64 if logits.dtype == torch.float64 else np.float32
+    return torch.from_numpy(np.ascontiguousarray(comb, dtype=out))
 
 
 def _sinkhorn_one(logits: list[list[float]], iters: int, eps: float) -> list[list[float]]:
@@ -118,7 +120,7 @@ def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """sum_k pre_k X_k: streams [B, S, n, d], pre [B, S, n] -> [B, S, d] float32, as a batched [1, n] x [n, d]
     product (2x faster on CPU than building the [B, S, n, d] product and summing it)."""
-    return torch.matmul(pre.unsqueeze(-2), streams.float()).squeeze(-2)
+    return torch.matmul(pre.unsqueeze(-2), upcast(streams)).squeeze(-2)
 
 
 class HyperConnection(nn.Module):
@@ -141,10 +143,10 @@ class HyperConnection(nn.Module):
         if streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 and \
                 not (torch.is_grad_enabled() and (streams.requires_grad or self.fn.requires_grad)):
             return self._forward_one(streams)
-        mix = normed_linear(streams.flatten(-2).float(), self.fn.float(), self.norm_eps)
+        mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
-        s = self.scale.float()
+        pre_b, post_b, comb_b = upcast(self.base).split([n, n, n * n])
+        s = upcast(self.scale)
         pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * s[1] + post_b)
         comb = sinkhorn((comb_w * s[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
@@ -155,8 +157,8 @@ class HyperConnection(nn.Module):
         of the streams come to Python floats (float64) in one list, where the tensor path spends some forty small
         ops on them; the three results are one tensor's views. About 1.6x faster per unit."""
         n, lead, d = self.n, streams.shape[:-2], streams.shape[-1]
-        x = streams.reshape(1, n * d).float()
-        vals = torch.cat([linear(x, self.fn.float()).view(-1), torch.linalg.vector_norm(x).view(1)]).tolist()
+        x = upcast(streams.reshape(1, n * d))
+        vals = torch.cat([linear(x, upcast(self.fn)).view(-1), torch.linalg.vector_norm(x).view(1)]).tolist()
         inv_rms = 1.0 / math.sqrt(vals[-1] ** 2 / (n * d) + self.norm_eps)  # normed_linear's scale, factored out
         mix = [v * inv_rms for v in vals[:-1]]
         base, (s_pre, s_post, s_comb) = self.base.tolist(), self.scale.tolist()
@@ -164,8 +166,8 @@ class HyperConnection(nn.Module):
         post = [2 * _sigmoid(m * s_post + b) for m, b in zip(mix[n:2 * n], base[n:2 * n])]
         logits = [m * s_comb + b for m, b in zip(mix[2 * n:], base[2 * n:])]
         comb = _sinkhorn_one([logits[i * n:(i + 1) * n] for i in range(n)], self.iters, self.hc_eps)
-        mixing = torch.tensor(pre + post + [v for row in comb for v in row], device=streams.device)
-        collapsed = torch.mm(mixing[:n].view(1, n), streams.reshape(n, d).float())
+        mixing = torch.tensor(pre + post + [v for row in comb for v in row], device=streams.device, dtype=x.dtype)
+        collapsed = torch.mm(mixing[:n].view(1, n), upcast(streams.reshape(n, d)))
         return (collapsed.view(*lead, d), mixing[n:2 * n].view(*lead, n), mixing[2 * n:].view(*lead, n, n))
 
     @staticmethod
@@ -174,11 +176,11 @@ class HyperConnection(nn.Module):
         if streams.shape[:-2].numel() == 1 and not (torch.is_grad_enabled() and any(
                 t.requires_grad for t in (streams, out, post, comb))):  # one row: 2-d products, a third of the ops
             n, d = streams.shape[-2:]
-            mixed = torch.mm(comb.reshape(n, n).t(), streams.reshape(n, d).float())
-            return mixed.addcmul_(post.reshape(n, 1), out.reshape(1, d).float()).view(streams.shape)
-        mixed = torch.matmul(comb.transpose(-1, -2), streams.float())
+            mixed = torch.mm(comb.reshape(n, n).t(), upcast(streams.reshape(n, d)))
+            return mixed.addcmul_(post.reshape(n, 1), upcast(out.reshape(1, d))).view(streams.shape)
+        mixed = torch.matmul(comb.transpose(-1, -2), upcast(streams))
         # in place: the matmul's backward needs its inputs, not its output; no [B, S, n, d] product is built
-        return mixed.addcmul_(post.unsqueeze(-1), out.float().unsqueeze(-2))
+        return mixed.addcmul_(post.unsqueeze(-1), upcast(out).unsqueeze(-2))
 
 
 class HyperHead(nn.Module):
@@ -194,6 +196,6 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mix = normed_linear(streams.flatten(-2).float(), self.fn.float(), self.norm_eps)
-        pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
+        mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
+        pre = torch.sigmoid(mix * upcast(self.scale) + upcast(self.base)) + self.hc_eps
         return collapse(streams, pre)

@@ -15,6 +15,7 @@ from dsv4.cache import CompressorState
 from dsv4.config import CSA, ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import Linear
+from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -64,7 +65,7 @@ class Indexer(nn.Module):
             return t
         from dsv4.quant import fake_quant_fp4, hadamard
 
-        return fake_quant_fp4(hadamard(t.float()))
+        return fake_quant_fp4(hadamard(upcast(t)))
 
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
@@ -79,16 +80,16 @@ class Indexer(nn.Module):
         the latter carrying the 1/sqrt(heads) and 1/sqrt(head_dim) scales; float32."""
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
-        cos, sin = rotary.cos_sin(positions, "compress")
+        cos, sin = rotary.cos_sin(positions, "compress", compute_dtype(x.dtype))
         q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # positions [S] or [B, S]
-        w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        return self._fp4(q.float()), w
+        w = upcast(self.weights_proj(x)) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return self._fp4(upcast(q)), w
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                rotary: RotaryEmbedding) -> torch.Tensor:
         """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking); reference path."""
         q, w = self.queries(x, q_latent, positions, rotary)
-        dots = torch.einsum("bshc,btc->bsht", q, keys.float())  # keys as ``keys()`` gives them
+        dots = torch.einsum("bshc,btc->bsht", q, upcast(keys))  # keys as ``keys()`` gives them
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
 
 
@@ -114,9 +115,9 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
 
     def scores(kt: torch.Tensor) -> torch.Tensor:
         if b == 1:
-            dots = torch.mm(qf[0], kt[0].float()).view(1, nq, h, -1)
+            dots = torch.mm(qf[0], upcast(kt[0])).view(1, nq, h, -1)
         else:
-            dots = torch.matmul(qf, kt.float()).view(b, nq, h, -1)
+            dots = torch.matmul(qf, upcast(kt)).view(b, nq, h, -1)
         # in place: a fresh matmul result, which the matmul's backward does not need (relu's uses its own output)
         return torch.matmul(wf, dots.relu_()).squeeze(-2)
 
@@ -125,7 +126,7 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
     if b == 1 and nq * h <= 64 and t >= _PARTS_MIN and parts > 1 and not torch.is_grad_enabled() \
             and q.device.type == "cpu":  # a decoding step's few queries: the entries split across threads
         m = t // parts
-        kt = keys_t[0, :, :m * parts].unflatten(1, (parts, m)).transpose(0, 1).float()  # [parts, c, m]
+        kt = upcast(keys_t[0, :, :m * parts].unflatten(1, (parts, m)).transpose(0, 1))  # [parts, c, m]
         dots = torch.bmm(qf[0].expand(parts, -1, -1), kt).view(parts, nq, h, m).relu_()
         out = torch.matmul(wf[0], dots).squeeze(-2).transpose(0, 1).reshape(1, nq, m * parts)  # [1, Q, m parts]
         if m * parts < t:
@@ -156,7 +157,10 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _topk_exact(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``topk_lower_index`` for every row: each float32 score maps to an order-preserving int32, and the int64 key
-    (score bits, then the reversed index) orders by score and, among equal scores, by lower index."""
+    (score bits, then the reversed index) orders by score and, among equal scores, by lower index. Other dtypes
+    (a float64 model) take a stable descending sort."""
+    if scores.dtype != torch.float32:
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     bits = scores.contiguous().view(torch.int32).long()
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits
     n = scores.shape[-1]
@@ -190,11 +194,11 @@ def indexer_kl(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates:
     scale: they are L1-normalized here, and detached: a target); index_scores [B, Q, K]; candidates [B, Q, K] bool.
     Queries without a candidate are skipped. Returns (sum, number of queries).
     """
-    p = main_probs.detach().float() * candidates
+    p = upcast(main_probs.detach()) * candidates
     mass = p.sum(-1, keepdim=True)
     rows = candidates.any(-1)
     p = p / mass.clamp_min(1e-30)
-    log_q = torch.log_softmax(index_scores.float().masked_fill(~candidates, -1e30), dim=-1)
+    log_q = torch.log_softmax(upcast(index_scores).masked_fill(~candidates, -1e30), dim=-1)
     kl = (torch.xlogy(p, p) - p * log_q).sum(-1)
     return kl[rows].sum(), int(rows.sum())
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.model.precision import upcast
+
 
 def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
                         scale: float) -> torch.Tensor:
@@ -19,11 +21,11 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
 
     Returns [B, S, H, c] in q's dtype. Softmax in float32.
     """
-    logits = torch.einsum("bshc,bkc->bhsk", q.float(), keys.float()) * scale
+    logits = torch.einsum("bshc,bkc->bhsk", upcast(q), upcast(keys)) * scale
     logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], 1)
+    sink = upcast(sinks).view(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bhsk,bkc->bshc", probs, keys.float()).to(q.dtype)
+    return torch.einsum("bhsk,bkc->bshc", probs, upcast(keys)).to(q.dtype)
 
 
 _MASKED = -1e30  # a finite "minus infinity" for masked logits: a fully masked key set then weighs exactly 0
@@ -150,7 +152,7 @@ class _Attend(torch.autograd.Function):
 def merge(parts: list[Partial], sinks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One softmax over every key set of ``parts`` plus the per-head sink logit: the normalized output
     [..., Q, H, c] and, per part, the factor [..., Q, H] that turns its ``e`` into probabilities."""
-    sink = sinks.float()
+    sink = upcast(sinks)
     shift = sink.detach().expand_as(parts[0].m)
     for p in parts:
         shift = torch.maximum(shift, p.m)

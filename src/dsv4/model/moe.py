@@ -12,6 +12,7 @@ from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
 from dsv4.model.linear import Linear, linear
+from dsv4.model.precision import upcast
 
 
 def balanced_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +61,7 @@ class Router(nn.Module):
         self.routing_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> RouterOutput:
-        logits = linear(x.float(), self.weight.float())
+        logits = linear(upcast(x), upcast(self.weight))
         scores = torch.sqrt(F.softplus(logits))
         if self.hashed:
             if input_ids is None:
@@ -69,10 +70,10 @@ class Router(nn.Module):
         elif self.routing_params is not None:
             old_w, old_b = self.routing_params
             with torch.no_grad():
-                old = torch.sqrt(F.softplus(linear(x.float(), old_w.float())))
-                indices = torch.topk(old + old_b.float(), self.top_k, dim=-1).indices
+                old = torch.sqrt(F.softplus(linear(upcast(x), upcast(old_w))))
+                indices = torch.topk(old + upcast(old_b), self.top_k, dim=-1).indices
         else:
-            indices = torch.topk(scores + self.bias.float(), self.top_k, dim=-1).indices
+            indices = torch.topk(scores + upcast(self.bias), self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

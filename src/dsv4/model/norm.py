@@ -1,14 +1,16 @@
-"""RMS norms. Weights and math in float32 whatever the activation dtype (DESIGN: numerics)."""
+"""RMS norms. Weights and math in float32 whatever the activation dtype (float64 for a float64 model)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dsv4.model.precision import upcast
+
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim, computed in float32, returned in float32."""
-    x = x.float()
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed and returned in float32 (float64 stays float64)."""
+    x = upcast(x)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
@@ -21,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight.float() * rms_normalize(x, self.eps)).to(x.dtype)
+        return (upcast(self.weight) * rms_normalize(x, self.eps)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.precision import upcast
 
 
 def inv_freq(params: dict, rope_dim: int) -> torch.Tensor:
@@ -59,9 +60,11 @@ class RotaryEmbedding(nn.Module):
             buf = getattr(self, f"{kind}_inv_freq")
             setattr(self, f"{kind}_inv_freq", inv_freq(params, self.rope_dim).to(buf.device))
 
-    def cos_sin(self, positions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [..., r/2] of positions [...] in ``dtype`` (the compute dtype: float32, or float64)."""
         freq = getattr(self, f"{kind}_inv_freq")
-        angles = positions.to(torch.float32).unsqueeze(-1) * freq.to(positions.device)
+        angles = positions.to(dtype).unsqueeze(-1) * freq.to(positions.device, dtype)
         return angles.cos(), angles.sin()
 
 
@@ -74,7 +77,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     rope channels (about 5x faster on CPU than real arithmetic on the strided pair views, and the same values).
     """
     r = 2 * cos.shape[-1]
-    pairs = torch.view_as_complex(x[..., -r:].float().contiguous().unflatten(-1, (r // 2, 2)))
+    pairs = torch.view_as_complex(upcast(x[..., -r:]).contiguous().unflatten(-1, (r // 2, 2)))
     rotated = torch.view_as_real(pairs * torch.complex(cos, -sin if inverse else sin)).flatten(-2)
     out = x.clone()
     out[..., -r:] = rotated.to(x.dtype)

@@ -1,7 +1,8 @@
 """The whole model: embedding -> hc_mult streams -> blocks -> hc head -> RMSNorm -> lm head (DESIGN: data flow).
 
-``model(input_ids)`` returns float32 logits [B, S, vocab]. With ``cache=model.new_cache(B)`` it returns the logits of
-just the given positions and advances the cache; any split of a sequence into calls gives the logits of one call.
+``model(input_ids)`` returns float32 logits [B, S, vocab] (float64 for a float64 model: ``dsv4.model.precision``).
+With ``cache=model.new_cache(B)`` it returns the logits of just the given positions and advances the cache; any split
+of a sequence into calls gives the logits of one call.
 ``model.forward_train(input_ids)`` returns what training needs beyond logits (MTP logits, router statistics).
 """
 
@@ -20,6 +21,7 @@ from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
 from dsv4.model.packing import Packing
+from dsv4.model.precision import upcast
 
 
 class Block(nn.Module):
@@ -71,7 +73,7 @@ class MTPBlock(Block):
         dtype = self.e_proj.weight.dtype
         h = self.h_proj(self.hnorm(streams.to(dtype)))
         e = self.e_proj(self.enorm(next_embed.to(dtype)))
-        x = (h + e.unsqueeze(-2)).float()
+        x = upcast(h + e.unsqueeze(-2))
         x, route = self.forward(x, positions, None, cache, packing)
         return self.norm(self.hc_head(x).to(dtype)), x, route
 
@@ -204,7 +206,7 @@ class Transformer(nn.Module):
         packing = self._packing(input_ids, doc_ids, cache)
         x = self.embed(input_ids)
         # materialized: the first unit flattens the streams anyway, and products with a stride-0 axis are slow
-        streams = x.float().unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        streams = upcast(x).unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         routes = []
         for i, layer in enumerate(self.layers):
             streams, route = layer(streams, positions, input_ids,
@@ -216,7 +218,7 @@ class Transformer(nn.Module):
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
         dtype = self.head.weight.dtype
-        return self.head(self.norm(self.hc_head(streams).to(dtype))).float()
+        return upcast(self.head(self.norm(self.hc_head(streams).to(dtype))))
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -243,7 +245,7 @@ class Transformer(nn.Module):
             h = h[:, :-1]
             packing = self._packing(input_ids[:, :-k], doc_ids[:, :-k]) if doc_ids is not None else None
             hidden, h, route = block.predict(h, self.embed(input_ids[:, k:]), positions[:-k], None, packing)
-            out.mtp_logits.append(self.head(hidden).float())
+            out.mtp_logits.append(upcast(self.head(hidden)))
             out.routes.append(route)
         return out
 

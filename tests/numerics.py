@@ -1,0 +1,15 @@
+"""Tolerances for tests that compare two computation orders, so that they hold on any CPU (AVX2, AVX-512, the
+``ATEN_CPU_CAPABILITY=default`` kernels) and on GPUs: in float64 the orders agree to about 1e-15 relative, so 1e-9
+is a real check; in float32 the last bits differ between kernels, so the tolerance scales with the values."""
+
+import torch
+
+RELATIVE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, relative: float | None = None) -> None:
+    """``actual`` equals ``expected`` within ``relative`` (by dtype: ``RELATIVE``) times the largest magnitude of
+    ``expected`` (at least 1)."""
+    rel = RELATIVE[expected.dtype] if relative is None else relative
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=rel * scale, rtol=0)
