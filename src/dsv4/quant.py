@@ -1,6 +1,6 @@
 """Number formats of DeepSeek-V4's released checkpoints and of its FP4 quantization-aware training.
 
-Spec references (/work/shared/spec/deepseek-v4.md): §1.3 (which tensors use which dtype), §2.2 item 5 (FP8 simulation
+Spec references (docs/spec.md): §1.3 (which tensors use which dtype), §2.2 item 5 (FP8 simulation
 of the KV nope dims), §2.7 (Hadamard + FP4 on the indexer q/k), §6.4 (FP8 / MXFP4 recipe), §9 (checkpoint layout).
 
 Formats
