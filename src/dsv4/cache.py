@@ -193,6 +193,64 @@ class ModelCache:
         for layer, s in zip(self.layers, layers):
             layer.restore(s)
 
+    # ------------------------------------------------------------------ prefix snapshots (one row, at block boundaries)
+    def _compressors(self):
+        """(name such as ``"3.indexer"``, its LayerCache, the field, the CompressorState) of every compressor."""
+        for i, layer in enumerate(self.layers):
+            for which in ("compressor", "indexer"):
+                state = getattr(layer, which)
+                if state is not None:
+                    yield f"{i}.{which}", layer, which, state
+
+    def history(self, start: int, end: int, rates: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The compressed entries that tokens [start, end) emitted, by compressor name (``"3.indexer"``), of a
+        one-row cache; ``rates`` gives each compressor's rate and both ends are multiples of it. This is what a
+        sequence shares with every longer one that starts with the same tokens."""
+        if self.batch_size != 1:
+            raise ValueError("history is taken from a one-row cache")
+        out = {}
+        for name, _, _, state in self._compressors():
+            rate = rates[name]
+            if start % rate or end % rate or end > self.seen:
+                raise ValueError(f"history [{start}, {end}) is not on {name}'s blocks of {rate} within {self.seen}")
+            out[name] = state.entries[0, start // rate:end // rate].clone()
+        return out
+
+    def boundary_state(self) -> dict[str, torch.Tensor]:
+        """What a one-row cache holds beyond its entries at a block boundary (every compressor's incomplete block
+        empty): each layer's window ring and its positions, CSA's overlap series of the last complete block."""
+        if self.batch_size != 1:
+            raise ValueError("boundary_state is taken from a one-row cache")
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if layer.kv is not None:
+                out[f"{i}.ring"], out[f"{i}.pos"] = layer.kv[0].clone(), layer.pos.clone()
+        for name, _, _, state in self._compressors():
+            if state.kv is not None and state.kv.shape[1]:
+                raise ValueError(f"{name} holds an incomplete block: not at a block boundary")
+            if state.prev_kv is not None:
+                out[f"{name}.prev_kv"], out[f"{name}.prev_gate"] = state.prev_kv[0].clone(), state.prev_gate[0].clone()
+        return out
+
+    def fill(self, histories: list[dict[str, torch.Tensor]], state: dict[str, torch.Tensor], length: int
+             ) -> ModelCache:
+        """This empty one-row cache (``model.new_cache(1)``) set to ``length`` tokens from the ``history`` of its
+        blocks in order and the ``boundary_state`` at its end; returns it. The reverse of those two."""
+        if self.batch_size != 1 or self.seen:
+            raise ValueError("fill takes an empty one-row cache")
+        for i, layer in enumerate(self.layers):
+            if f"{i}.ring" in state:
+                layer.kv, layer.pos = state[f"{i}.ring"].unsqueeze(0).clone(), state[f"{i}.pos"].clone()
+        for name, _, _, comp in self._compressors():
+            parts = [h[name] for h in histories]
+            if parts and sum(p.shape[0] for p in parts):
+                comp.append(torch.cat(parts).unsqueeze(0))
+            if f"{name}.prev_kv" in state:
+                comp.prev_kv = state[f"{name}.prev_kv"].unsqueeze(0).clone()
+                comp.prev_gate = state[f"{name}.prev_gate"].unsqueeze(0).clone()
+        self.seen = length
+        return self
+
     def repeat_rows(self, n: int) -> ModelCache:
         """A new cache of ``batch_size * n`` rows, each row of this one ``n`` times in a row (copies; this cache is
         left as it is): one prefilled prompt, then ``n`` continuations decoded together as one batch."""

@@ -18,6 +18,7 @@ from dsv4.cache import CompressorState, LayerCache
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model import kernels
 from dsv4.model.compressor import Compressor
+from dsv4.model.decode import LayerRows, attend_rows
 from dsv4.model.indexer import (Indexer, IndexerStats, chunk_scores, indexer_kl, indexer_recall,
                                 topk_lower_index, topk_mask, visible_entries)
 from dsv4.model.linear import Linear
@@ -116,6 +117,8 @@ class Attention(nn.Module):
             out = self.reference(x, q, kv, q_latent, positions, cache, packing)
         elif self.impl == "dense":
             out = self.dense_baseline(q, kv, cache, packing)
+        elif isinstance(cache, LayerRows):  # rows at their own positions (dsv4.model.decode)
+            out = attend_rows(self, x, q, kv, q_latent, positions, cache)
         elif s <= self.decode_tokens and cache is not None and not self._tracks_indexer():
             out = self.decode(x, q, kv, q_latent, positions, cache)
         else:

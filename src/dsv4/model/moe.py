@@ -117,12 +117,18 @@ class Experts(nn.Module):
             return tuple(fake_quant_fp4(w, self.fp4_block) for w in (self.w1, self.w2, self.w3))
         return self.w1, self.w2, self.w3
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, d]; weights / indices [N, k] -> [N, d]. Tokens are grouped by expert, one matmul per expert."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, per_token: bool = False
+                ) -> torch.Tensor:
+        """x [N, d]; weights / indices [N, k] -> [N, d]. Tokens are grouped by expert, one matmul per expert; with
+        ``per_token`` (and no autograd) each token's experts run on that token alone, so that its output does not
+        depend on which other tokens share an expert (batch-invariant decoding)."""
         w1, w2, w3 = self.expert_weights()
         n, k = indices.shape
         if n == 1 and not torch.is_grad_enabled():
             return self._one_token(x, weights, indices, w1, w2, w3)
+        if per_token and not torch.is_grad_enabled():
+            return torch.cat([self._one_token(x[i:i + 1], weights[i:i + 1], indices[i:i + 1], w1, w2, w3)
+                              for i in range(n)])
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
@@ -178,11 +184,13 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = SharedExpert(config) if config.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, per_token: bool = False
+                ) -> tuple[torch.Tensor, RouterOutput]:
+        """x [..., d] -> ([..., d], the router's output); ``per_token``: see ``Experts.forward``."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.gate(flat, input_ids)
-        out = self.experts(flat, route.weights, route.indices)
+        out = self.experts(flat, route.weights, route.indices, per_token)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.reshape(shape), route

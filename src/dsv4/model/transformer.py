@@ -16,6 +16,7 @@ from torch import nn
 from dsv4.cache import LayerCache, ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
+from dsv4.model.decode import DecodeState, advance, positions_of
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
@@ -44,7 +45,8 @@ class Block(nn.Module):
         out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing)
         streams = HyperConnection.expand(streams, out, post, comb)
         y, post, comb = self.hc_ffn(streams)
-        out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids)
+        # a DecodeState's rows are batch-invariant: each token's experts run on their own
+        out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids, per_token=getattr(cache, "batch_invariant", False))
         return HyperConnection.expand(streams, out, post, comb), route
 
 
@@ -174,16 +176,22 @@ class Transformer(nn.Module):
         if cache is not None:
             if input_ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids batch {input_ids.shape[0]} != cache batch {cache.batch_size}")
+            if isinstance(cache, DecodeState):  # rows at their own positions
+                self._check_ids(input_ids)
+                return positions_of(cache, input_ids.shape[1], self.config.max_position_embeddings)
             start = cache.seen
         end = start + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence reaches position {end - 1}, beyond max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
+        self._check_ids(input_ids)
+        return torch.arange(start, end, device=input_ids.device)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.numel():
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{low}, {high}]")
-        return torch.arange(start, end, device=input_ids.device)
 
     @staticmethod
     def _packing(input_ids: torch.Tensor, doc_ids: torch.Tensor | None, cache: ModelCache | None = None
@@ -212,7 +220,9 @@ class Transformer(nn.Module):
             streams, route = layer(streams, positions, input_ids,
                                    cache.layers[i] if cache is not None else None, packing)
             routes.append(route)
-        if cache is not None:
+        if isinstance(cache, DecodeState):
+            advance(cache)
+        elif cache is not None:
             cache.seen += input_ids.shape[1]
         return streams, routes
 

@@ -1,0 +1,286 @@
+"""Decoding many sequences at once, each at its own length: the decode state of the serving engine (and the shape a
+compiled step needs).
+
+Legend: R rows (sequences), W the sliding window, c head dim, T entries, k the indexer's top-k.
+
+``DecodeState(model, rows, capacity)`` preallocates, per attention layer, the window ring of every row [R, W, c], the
+compressors' incomplete blocks [R, rate, width] (slot = position % rate), CSA's overlap series of the last complete
+block, and the compressed entries up to ``capacity`` tokens [R, capacity / rate, dim]; ``lengths`` [R] is each row's
+token count. ``model(tokens[:, None], cache=state)`` takes one token per row at that row's own position and returns
+[R, 1, vocab] logits, as ``ModelCache`` calls do; rows advance unevenly.
+
+Every shape of a step depends only on (rows, capacity), never on the rows' lengths or on what other rows hold, and
+each row's arithmetic reads only its own inputs: a row's logits are bit-identical whatever else is in the batch
+(batch invariance). To that end a row's attention runs over all ``capacity / rate`` entry slots with the empty ones
+masked, and each token's routed experts run on their own (``MoE(per_token=True)``), never grouped with other rows'.
+
+A row is filled from a prefilled ``ModelCache`` of one row (``load_row``), and read back into one (``extract_row``,
+which serializes: ``ModelCache.to_tensors``); that is how prompts are prefilled in chunks, shared by ``n`` samples,
+and cached as prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.cache import CompressorState, LayerCache, ModelCache
+from dsv4.model.indexer import chunk_scores, topk_lower_index
+from dsv4.model.precision import compute_dtype, upcast
+from dsv4.model.rope import apply_rope
+
+
+@dataclass
+class CompressorRows:
+    """One compressor's state for every row."""
+
+    part_kv: torch.Tensor  # [R, rate, width] projected values of each row's incomplete block, slot = position % rate
+    part_gate: torch.Tensor  # [R, rate, width] their gate logits (position bias not yet added)
+    prev_kv: torch.Tensor | None  # [R, rate, dim] CSA: overlap series (b) of the last complete block
+    prev_gate: torch.Tensor | None  # [R, rate, dim] its gate logits, position bias included; -inf before block 0
+    entries: torch.Tensor  # [R, ceil(capacity / rate), dim] entry i covers tokens [i rate, (i + 1) rate)
+
+    def reset(self, r: int) -> None:
+        self.part_kv[r] = 0
+        self.part_gate[r] = 0
+        self.entries[r] = 0
+        if self.prev_kv is not None:
+            self.prev_kv[r] = 0
+            self.prev_gate[r] = float("-inf")
+
+    def load(self, r: int, state: CompressorState, length: int, rate: int) -> None:
+        """Row ``r`` from a one-row ``CompressorState`` after ``length`` tokens."""
+        self.reset(r)
+        n, part = length // rate, length % rate
+        if state.count != n:
+            raise ValueError(f"a compressor state of {state.count} entries does not belong to {length} tokens")
+        if part:
+            self.part_kv[r, :part] = state.kv[0]
+            self.part_gate[r, :part] = state.gate[0]
+        if n:
+            if n > self.entries.shape[1]:
+                raise ValueError(f"{length} tokens exceed the decode state's capacity")
+            self.entries[r, :n] = state.entries[0, :n]
+            if self.prev_kv is not None:
+                self.prev_kv[r] = state.prev_kv[0]
+                self.prev_gate[r] = state.prev_gate[0]
+
+    def extract(self, r: int, length: int, rate: int) -> CompressorState:
+        """Row ``r`` after ``length`` tokens as a one-row ``CompressorState`` (copies)."""
+        n, part = length // rate, length % rate
+        st = CompressorState(kv=self.part_kv[r:r + 1, :part].clone(), gate=self.part_gate[r:r + 1, :part].clone())
+        if n:
+            st.append(self.entries[r:r + 1, :n].clone())
+            if self.prev_kv is not None:
+                st.prev_kv, st.prev_gate = self.prev_kv[r:r + 1].clone(), self.prev_gate[r:r + 1].clone()
+        return st
+
+
+@dataclass
+class LayerRows:
+    """One attention layer's state for every row."""
+
+    window: int
+    ring: torch.Tensor  # [R, W, c] K=V of the last W tokens, slot = position % W
+    ring_pos: torch.Tensor  # [R, W] the position in each slot, -1 when empty
+    compressor: CompressorRows | None = None
+    indexer: CompressorRows | None = None
+
+    batch_invariant = True  # the block runs each token's experts on their own (``MoE(per_token=True)``)
+
+    def parts(self) -> list[CompressorRows]:
+        return [p for p in (self.compressor, self.indexer) if p is not None]
+
+
+def _compressor_rows(compressor, rows: int, capacity: int, dtype: torch.dtype, device) -> CompressorRows:
+    rate, dim = compressor.rate, compressor.dim
+    width = 2 * dim if compressor.overlap else dim
+    prev_kv = prev_gate = None
+    if compressor.overlap:
+        prev_kv = torch.zeros(rows, rate, dim, dtype=dtype, device=device)
+        prev_gate = torch.full((rows, rate, dim), float("-inf"), dtype=dtype, device=device)
+    return CompressorRows(torch.zeros(rows, rate, width, dtype=dtype, device=device),
+                          torch.zeros(rows, rate, width, dtype=dtype, device=device), prev_kv, prev_gate,
+                          torch.zeros(rows, -(-capacity // rate), dim, dtype=dtype, device=device))
+
+
+class DecodeState:
+    """The decode state of ``rows`` sequences of up to ``capacity`` tokens each (see the module docstring)."""
+
+    def __init__(self, model, rows: int, capacity: int):
+        if rows < 1 or capacity < 1:
+            raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
+        if capacity > model.config.max_position_embeddings:
+            raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
+                             f"({model.config.max_position_embeddings})")
+        self.rows, self.capacity = rows, capacity
+        dtype = model.embed.weight.dtype
+        comp = compute_dtype(dtype)
+        dev = model.device
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
+        # rows that advance with a call; the others (free slots) compute on whatever they hold and stay at length 0
+        self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.layers: list[LayerRows] = []
+        for block in model.layers:
+            attn = block.attn
+            layer = LayerRows(attn.window, torch.zeros(rows, attn.window, attn.head_dim, dtype=dtype, device=dev),
+                              torch.full((rows, attn.window), -1, dtype=torch.long, device=dev))
+            if attn.compressor is not None:
+                layer.compressor = _compressor_rows(attn.compressor, rows, capacity, comp, dev)
+            if attn.indexer is not None:
+                layer.indexer = _compressor_rows(attn.indexer.compressor, rows, capacity, comp, dev)
+            self.layers.append(layer)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows
+
+    def nbytes(self) -> int:
+        """Bytes of the preallocated state (rings, incomplete blocks, entry slots) of every row."""
+        tensors = []
+        for layer in self.layers:
+            tensors += [layer.ring]
+            for p in layer.parts():
+                tensors += [p.part_kv, p.part_gate, p.entries] + ([p.prev_kv, p.prev_gate] if p.prev_kv is not None
+                                                                   else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def row_nbytes(self) -> int:
+        return self.nbytes() // self.rows
+
+    def reset_row(self, r: int) -> None:
+        """Row ``r`` back to an empty sequence, not active."""
+        self.lengths[r] = 0
+        self.active[r] = False
+        for layer in self.layers:
+            layer.ring[r] = 0
+            layer.ring_pos[r] = -1
+            for p in layer.parts():
+                p.reset(r)
+
+    def load_row(self, r: int, cache: ModelCache) -> None:
+        """Row ``r`` continues the sequence of a one-row ``ModelCache`` (copied; the cache is left as it is)."""
+        if cache.batch_size != 1 or len(cache.layers) != len(self.layers):
+            raise ValueError("load_row takes a one-row cache of this model's layers")
+        if cache.seen > self.capacity:
+            raise ValueError(f"a cache of {cache.seen} tokens exceeds the decode state's capacity {self.capacity}")
+        self.reset_row(r)
+        self.lengths[r] = cache.seen
+        self.active[r] = True
+        for layer, lc in zip(self.layers, cache.layers):
+            if lc.kv is not None:
+                layer.ring[r] = lc.kv[0]
+                layer.ring_pos[r] = lc.pos
+            for rows, st, rate in self._pairs(layer, lc):
+                rows.load(r, st, cache.seen, rate)
+
+    def extract_row(self, r: int) -> ModelCache:
+        """Row ``r`` as a one-row ``ModelCache`` (copies), which ``model(ids, cache=...)`` continues exactly."""
+        length = int(self.lengths[r])
+        layers = []
+        for layer in self.layers:
+            lc = LayerCache(window=layer.window)
+            if length:
+                lc.kv, lc.pos = layer.ring[r:r + 1].clone(), layer.ring_pos[r].clone()
+            for name, rows, rate in self._named(layer):
+                setattr(lc, name, rows.extract(r, length, rate))
+            layers.append(lc)
+        return ModelCache(1, layers, length)
+
+    @staticmethod
+    def _named(layer: LayerRows) -> list[tuple[str, CompressorRows, int]]:
+        """(the ``LayerCache`` field, the rows' state, the rate) of the layer's compressors."""
+        return [(name, rows, rows.part_kv.shape[1]) for name, rows in
+                (("compressor", layer.compressor), ("indexer", layer.indexer)) if rows is not None]
+
+    def _pairs(self, layer: LayerRows, lc: LayerCache) -> list[tuple[CompressorRows, CompressorState, int]]:
+        return [(rows, getattr(lc, name), rate) for name, rows, rate in self._named(layer)]
+
+
+def compressor_rates(model) -> dict[str, int]:
+    """Each compressor's rate by the name ``ModelCache.history`` gives it (``"3.compressor"``, ``"3.indexer"``)."""
+    rates = {}
+    for i, block in enumerate(model.layers):
+        if block.attn.compressor is not None:
+            rates[f"{i}.compressor"] = block.attn.rate
+        if block.attn.indexer is not None:
+            rates[f"{i}.indexer"] = block.attn.indexer.compressor.rate
+    return rates
+
+
+# ------------------------------------------------------------------------------------------------- the step's math
+def advance(state: DecodeState) -> None:
+    """After a call: the active rows are one token longer."""
+    state.lengths += state.active.long()
+
+
+def positions_of(state: DecodeState, tokens: int, limit: int) -> torch.Tensor:
+    """Positions [R, 1] of one new token per row; a clear error past the state's capacity or the model's limit."""
+    if tokens != 1:
+        raise ValueError(f"a DecodeState takes one token per row per call, got {tokens}")
+    positions = torch.where(state.active, state.lengths, 0)  # free slots compute at position 0
+    top = int(positions.max())
+    if top >= state.capacity:
+        raise ValueError(f"a row of the decode state is full ({top} tokens, capacity {state.capacity})")
+    if top >= limit:
+        raise ValueError(f"a row reaches position {top}, beyond max_position_embeddings ({limit})")
+    return positions.unsqueeze(1)
+
+
+def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos: torch.Tensor) -> torch.Tensor:
+    """Write each row's new token [R, 1, d] (at positions ``pos`` [R]) into its incomplete block; rows whose block
+    it completes emit their entry (the same pooling, norm and RoPE as ``Compressor.forward``). Returns every row's
+    entry slots [R, T, dim] (only the first ``(pos + 1) // rate`` of a row are filled)."""
+    rate = compressor.rate
+    idx = torch.arange(x.shape[0], device=x.device)
+    slot = pos % rate
+    rows.part_kv[idx, slot] = upcast(compressor.wkv(x))[:, 0].to(rows.part_kv.dtype)
+    rows.part_gate[idx, slot] = upcast(compressor.wgate(x))[:, 0].to(rows.part_gate.dtype)
+    done = (slot == rate - 1).nonzero()[:, 0]
+    if done.numel():
+        kv = rows.part_kv[done]  # [n, rate, width]
+        gate = rows.part_gate[done] + upcast(compressor.ape)
+        if compressor.overlap:  # slots [0, rate): series b of the previous block; [rate, 2 rate): series a of this
+            d = compressor.dim
+            prev_kv, prev_gate = rows.prev_kv[done], rows.prev_gate[done]
+            rows.prev_kv[done], rows.prev_gate[done] = kv[..., :d], gate[..., :d]
+            kv, gate = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_gate, gate[..., d:]], dim=1)
+        entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [n, dim]
+        block = pos[done] // rate
+        cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
+        rows.entries[done, block] = apply_rope(entry, cos, sin).to(rows.entries.dtype)
+    return rows.entries
+
+
+def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
+                positions: torch.Tensor, layer: LayerRows) -> torch.Tensor:
+    """``Attention`` for one token per row at its own position: x [R, 1, d], q [R, 1, H, c], kv [R, 1, c],
+    positions [R, 1] -> [R, 1, H, c]. One softmax per row over its window (the ring after this token's write), its
+    visible entries (HCA; CSA in the dense phase) or the indexer's top-k of them (CSA), and the sink."""
+    r, _, h, c = q.shape
+    pos = positions[:, 0]
+    idx = torch.arange(r, device=q.device)
+    slot = pos % attn.window
+    layer.ring[idx, slot] = kv[:, 0].to(layer.ring.dtype)
+    layer.ring_pos[idx, slot] = pos
+    keys, mask = upcast(layer.ring), layer.ring_pos >= 0  # the ring holds exactly each row's window: [R, W]
+    if attn.compressor is not None:
+        entries = upcast(compress_rows(attn.compressor, x, attn.rotary, layer.compressor, pos))  # [R, T, c]
+        t = entries.shape[1]
+        visible = torch.arange(t, device=q.device) < ((pos + 1) // attn.rate).unsqueeze(1)  # [R, T]
+        if attn.indexer is not None:  # its keys advance even when unused (dense phase)
+            index_keys = attn.indexer._fp4(compress_rows(attn.indexer.compressor, x, attn.rotary, layer.indexer, pos))
+        if attn.indexer is not None and attn.sparse:
+            qi, wi = attn.indexer.queries(x, q_latent, positions, attn.rotary)
+            scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))[:, 0]  # [R, T]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            pick = topk_lower_index(scores, min(attn.indexer.topk, t))  # [R, k]
+            visible = scores.gather(-1, pick) > float("-inf")  # fewer than k visible: the rest are masked
+            entries = entries.gather(1, pick.unsqueeze(-1).expand(-1, -1, c))  # [R, k, c]
+        keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=1)
+    qs = upcast(q).view(r, h, c) * attn.scale
+    logits = torch.bmm(qs, keys.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # [R, H, L]
+    sink = upcast(attn.attn_sink).view(1, h, 1).expand(r, h, 1)
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.bmm(probs, keys).view(r, 1, h, c).to(q.dtype)
