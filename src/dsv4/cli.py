@@ -19,6 +19,8 @@ COMMANDS = {
     "cost": ("dsv4.cost", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
     "posttrain": ("dsv4.posttrain.run",
                   "specialists (SFT, GRPO) merged by on-policy distillation, on small verifiable domains"),
+    "serve": ("dsv4.serve.cli", "the OpenAI API (chat and completions) on a saved model, with exact prefix reuse"),
+    "chat": ("dsv4.serve.chat_cli", "a conversation with a saved model in the terminal, in V4's chat format"),
 }
 
 

@@ -1,0 +1,92 @@
+"""``dsv4 serve``: the OpenAI-compatible server on a saved model (see ``dsv4.serve.server``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+def add_engine_arguments(p) -> None:
+    """The options of the model and its engine, shared by ``dsv4 serve`` and ``dsv4 chat``."""
+    p.add_argument("--model", required=True, help="a model directory (HF or official layout), or a `dsv4 train` run")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, a folder holding one, or 'deepseek-v4' (default: the one beside the model)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the longest sequence (prompt and completion) a request may reach; each decoding row holds "
+                        "this much (default: the model's max_position_embeddings, at most 32768)")
+    p.add_argument("--max-num-seqs", type=int, default=8,
+                   help="sequences decoded together (the fixed row count of every decoding step)")
+    p.add_argument("--kv-memory-gib", type=float, default=None,
+                   help="memory for the decode state; fewer rows than --max-num-seqs if they do not fit")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine turn, between decoding steps (a multiple of the block)")
+    p.add_argument("--kv-cache-memory-gib", type=float, default=2.0, help="the prefix cache's memory budget")
+    p.add_argument("--kv-cache-dir", default=None, help="a directory for the prefix cache's disk tier")
+    p.add_argument("--kv-cache-disk-gib", type=float, default=16.0, help="the disk tier's budget")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole")
+
+
+def add_arguments(p) -> None:
+    add_engine_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="answer only requests with 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder)")
+
+
+def build_engine(args):
+    """(engine, tokenizer, model directory) from the shared options."""
+    import dsv4
+    from dsv4.data import load_tokenizer
+    from dsv4.generate import resolve_model_dir
+    from dsv4.serve.engine import Engine
+
+    for name in ("max_model_len", "max_num_seqs", "prefill_chunk"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("kv_memory_gib", "kv_cache_memory_gib", "kv_cache_disk_gib"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    path = resolve_model_dir(args.model)
+    tok = args.tokenizer or path / "tokenizer.json"
+    if args.tokenizer is None and not Path(tok).exists():
+        raise FileNotFoundError(f"no tokenizer at {tok}; pass --tokenizer")
+    tokenizer = load_tokenizer(tok)
+    if not tokenizer.chat_ready:
+        logging.getLogger("dsv4.serve").warning(
+            "the tokenizer lacks DeepSeek-V4's chat tokens: /v1/chat/completions prompts spell them as text")
+    model = dsv4.from_pretrained(path).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
+    max_len = args.max_model_len or min(model.config.max_position_embeddings, 32768)
+    engine = Engine(model, tokenizer, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+                    kv_memory_bytes=None if args.kv_memory_gib is None else int(args.kv_memory_gib * GIB),
+                    prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache,
+                    cache_memory_bytes=int(args.kv_cache_memory_gib * GIB), cache_dir=args.kv_cache_dir,
+                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB))
+    return engine, tokenizer, path
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from dsv4.serve.server import build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine, tokenizer, path = build_engine(args)
+    name = args.served_model_name or path.resolve().name
+    app = build_app(engine, tokenizer, model_name=name, api_key=args.api_key)
+    engine.start()
+    print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.max_model_len} "
+          f"tokens, {engine.rows * engine.row_bytes / GIB:.2f} GiB of decode state; prefix cache "
+          f"{'off' if engine.prefix is None else 'on'})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
