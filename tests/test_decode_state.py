@@ -45,11 +45,12 @@ def run_rows(model, state, ids, prefill, rows):
     return torch.cat([torch.cat(o, dim=1) for o in out])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rows_at_their_own_lengths_equal_one_call(dtype):
-    """Rows prefilled to 1, 13 (mid block), 16 (on a boundary) and 40 tokens decode to 70: the ring wraps, CSA's
-    top-k picks from more entries than k, HCA entries are emitted, each at its own step."""
-    model = tiny(dtype)
+@pytest.mark.parametrize("dtype, topk", [(torch.float64, 8), (torch.float32, 8), (torch.float64, 32)])
+def test_rows_at_their_own_lengths_equal_one_call(dtype, topk):
+    """Rows prefilled to 1, 13 (mid block), 16 (on a boundary) and 40 tokens decode to 70: the ring wraps, HCA
+    entries are emitted, each at its own step; CSA's top-k picks from more entries than k (top-8), or, where the
+    capacity holds no more entries than k (top-32 of at most 20), every visible entry is attended."""
+    model = tiny(dtype, index_topk=topk)
     ids = torch.randint(0, VOCAB, (4, 70), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)

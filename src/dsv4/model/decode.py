@@ -271,7 +271,8 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
         visible = torch.arange(t, device=q.device) < ((pos + 1) // attn.rate).unsqueeze(1)  # [R, T]
         if attn.indexer is not None:  # its keys advance even when unused (dense phase)
             index_keys = attn.indexer._fp4(compress_rows(attn.indexer.compressor, x, attn.rotary, layer.indexer, pos))
-        if attn.indexer is not None and attn.sparse:
+        # the indexer chooses only when a row can see more entries than it picks (capacity decides, not the rows)
+        if attn.indexer is not None and attn.sparse and t > attn.indexer.topk:
             qi, wi = attn.indexer.queries(x, q_latent, positions, attn.rotary)
             scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))[:, 0]  # [R, T]
             scores = scores.masked_fill(~visible, float("-inf"))

@@ -120,15 +120,20 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, per_token: bool = False
                 ) -> torch.Tensor:
         """x [N, d]; weights / indices [N, k] -> [N, d]. Tokens are grouped by expert, one matmul per expert; with
-        ``per_token`` (and no autograd) each token's experts run on that token alone, so that its output does not
-        depend on which other tokens share an expert (batch-invariant decoding)."""
+        ``per_token`` (and no autograd) a token's output does not depend on which other tokens share its experts
+        (batch-invariant decoding): each expert that some token uses runs on all N tokens (the same shapes whatever
+        the routing), its routing weight 0 on the tokens that did not pick it, and each token sums its experts in
+        expert order, the others adding exact zeros."""
         w1, w2, w3 = self.expert_weights()
         n, k = indices.shape
         if n == 1 and not torch.is_grad_enabled():
             return self._one_token(x, weights, indices, w1, w2, w3)
         if per_token and not torch.is_grad_enabled():
-            return torch.cat([self._one_token(x[i:i + 1], weights[i:i + 1], indices[i:i + 1], w1, w2, w3)
-                              for i in range(n)])
+            out = torch.zeros_like(x)
+            for e in sorted(set(indices.view(-1).tolist())):
+                gate = (weights * (indices == e)).sum(-1, keepdim=True).to(x.dtype)  # a token picks an expert once
+                out += self._expert(x, w1[e], w2[e], w3[e], gate)
+            return out
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
@@ -190,7 +195,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.gate(flat, input_ids)
-        out = self.experts(flat, route.weights, route.indices, per_token)
+        out = self.experts(flat, route.weights, route.indices, per_token=per_token)  # args: what EP's hooks read
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.reshape(shape), route
