@@ -34,6 +34,7 @@ PLAN = [
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
+    ["serve", "--preset", "small"],
 ]
 # the same benchmarks on a GPU (benchmarks/gpu.sh runs them on a lent machine); no transformers comparison there
 GPU_PLAN = [
@@ -66,6 +67,15 @@ SPECULATIVE_NOTE = """The model that `make demo` trains (tiny preset), continuin
 by `speculative_stream` (the MTP block drafts one token, the model checks it with the pending
 ones in one call) in alternating runs; medians. Kept: drafts that passed speculative sampling's
 test."""
+
+
+SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
+weights: speed, not text). Concurrent: 16 clients at once, prompts of 256 to 1,024 tokens, 256
+output tokens each (EOS ignored), against the same requests one at a time on a server that
+decodes one row. Agent: one session whose every turn resends the conversation plus a tool result
+of about 400 tokens, to 32K tokens; TTFT is the mean over every 8th turn and the last, against the
+same turns on a server without the prefix cache; after restart: the next turn on a new server over
+the same --kv-cache-dir, against that turn served cold."""
 
 
 def machine_name() -> str:
@@ -177,6 +187,18 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
             ("roofline ms/token", "roofline_ms_per_token"), ("roofline ratio vs 4K", "roofline_ratio_vs_4k"),
             ("runs", "runs"), ("load", "load_average_at_start")])
+        serve = [r for r in rows if r["bench"] == "serve"]
+        lines += _table("### Serving\n\n" + SERVE_NOTE, [_serve_row(r, "concurrent") for r in serve
+                                                        if "concurrent" in r], [
+            ("requests", "requests"), ("output tokens/s", "tps"), ("one at a time", "tps_alone"),
+            ("speedup", "speedup"), ("TTFT p50 / p99 s", "ttft"), ("ITL p50 / p99 s", "itl"),
+            ("one at a time: TTFT / ITL p50 s", "alone_latency"), ("commit", "commit")])
+        lines += _table("### Agent sessions with the prefix cache", [_serve_row(r, "agent") for r in serve
+                                                                     if "agent" in r], [
+            ("turns", "turns"), ("final context", "final_context"), ("TTFT s", "ttft"),
+            ("no prefix cache", "ttft_cold"), ("speedup", "speedup"), ("all turns 2+ s", "ttft_all"),
+            ("hit rate", "hit_rate"), ("after restart s", "restart"), ("cold s", "cold"),
+            ("restart speedup", "restart_speedup"), ("disk bytes / token", "disk_per_token"), ("commit", "commit")])
         lines += _table("### Training", [r for r in rows if r["bench"] == "train"], [
             ("preset", "preset"), ("threads", "threads"), ("seq", "seq_len"), ("batch", "batch_size"),
             ("tokens/s", "tokens_per_s"),
@@ -226,6 +248,26 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                     [("model", "model"), ("accuracy", "accuracy"), ("steps (SFT / GRPO / OPD)", "steps"),
                      ("GRPO lr", "rl_lr"), ("commit", "commit")])
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+def _serve_row(r: dict, workload: str) -> dict:
+    """One row of a serving table from a ``dsv4 bench serve`` result."""
+    w = r[workload]
+
+    def pair(d: dict) -> str:
+        return f"{_fmt(d['p50'])} / {_fmt(d['p99'])}"
+
+    base = {"command": r["command"], "commit": r.get("commit")}
+    if workload == "concurrent":
+        one, alone = w["concurrent"], w["one_at_a_time"]
+        return dict(base, requests=w["requests"], tps=one["output_tokens_per_s"],
+                    tps_alone=alone["output_tokens_per_s"], speedup=w["speedup"], ttft=pair(one["ttft_s"]), itl=pair(one["itl_s"]),
+                    alone_latency=f"{_fmt(alone['ttft_s']['p50'])} / {_fmt(alone['itl_s']['p50'])}")
+    return dict(base, turns=w["turns"], final_context=w["final_context"], ttft=w["ttft_mean_s"],
+                ttft_cold=w["ttft_mean_no_prefix_cache_s"], speedup=w["ttft_speedup"],
+                ttft_all=w["ttft_mean_all_turns_after_first_s"], hit_rate=w["hit_rate"],
+                restart=w["restart_ttft_s"], cold=w["cold_ttft_s"], restart_speedup=w["restart_speedup"],
+                disk_per_token=w["disk_bytes_per_cached_token"])
 
 
 def _posttrain_rows(e: dict) -> list[dict]:

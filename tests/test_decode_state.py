@@ -116,8 +116,8 @@ def test_bad_use_is_a_clear_error():
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="capacity"):
             state.load_row(0, cache)
-        with pytest.raises(ValueError, match="one token per row"):
-            model(torch.zeros(2, 2, dtype=torch.long), cache=state)
+        with pytest.raises(ValueError, match="at least one token"):
+            model(torch.zeros(2, 0, dtype=torch.long), cache=state)
         with pytest.raises(ValueError, match="batch"):
             model(torch.zeros(3, 1, dtype=torch.long), cache=state)
         small = model.new_cache(1)
@@ -140,3 +140,36 @@ def test_per_token_experts_equal_the_grouped_path():
         grouped, _ = moe(x, None)
         alone, _ = moe(x, None, per_token=True)
     assert_close_scaled(alone, grouped)
+
+
+@pytest.mark.parametrize("topk", [8, 32])
+def test_several_tokens_per_call_and_rollback_equal_one_call(topk):
+    """Calls of 3 tokens per row (a speculative check: the pending token and drafts), of which each row keeps a
+    different number and rolls the rest back (undoing ring slots, completed blocks' overlap series): the kept
+    logits equal one full call, through ring wraps, CSA's top-k (or every entry) and HCA entries."""
+    model = tiny(torch.float64, index_topk=topk)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (3, 100), generator=g)
+    with torch.no_grad():
+        full = model(ids)
+        state = DecodeState(model, rows=3, capacity=110)
+        got = [[] for _ in range(3)]
+        for r, n in enumerate([4, 11, 16]):
+            cache = model.new_cache(1)
+            got[r].append(model(ids[r:r + 1, :n], cache=cache)[0])
+            state.load_row(r, cache)
+        step = 0
+        while int(state.lengths.min()) < 66:
+            lengths = state.lengths.tolist()
+            tokens = torch.stack([ids[r, lengths[r]:lengths[r] + 3] for r in range(3)])
+            mark = state.mark()
+            logits = model(tokens, cache=state)
+            keep = [(step + r) % 3 + 1 for r in range(3)]  # 1, 2 or 3 of the 3 tokens
+            for r in range(3):
+                got[r].append(logits[r, :keep[r]])
+            state.rollback(mark, keep, [0, 1, 2])
+            assert state.lengths.tolist() == [a + k for a, k in zip(lengths, keep)]
+            step += 1
+    for r in range(3):
+        row = torch.cat(got[r])
+        assert_close_scaled(row, full[r, :row.shape[0]])

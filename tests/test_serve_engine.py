@@ -167,6 +167,53 @@ def test_requests_that_can_never_run_are_refused(model):
         eng.shutdown()
 
 
+def test_speculative_decoding_gives_the_greedy_output_of_plain_decoding(model):
+    """Drafts right for some rows and steps and wrong for others (an oracle that knows each request's greedy output
+    stands in for a trained MTP block, whose drafts a random model never gets right), under concurrency: every
+    output equals plain decoding's; accepted drafts save steps, rejected ones are rolled back. Then the real MTP
+    block's drafts."""
+    eng = engine(model, speculative=True)
+    try:
+        ps = prompts(9, 33, 50, 70, 21, seed=11)
+        want = {tuple(p): solo(model, p, 24) for p in ps}
+        real_set_draft = eng._set_draft
+
+        def oracle(sample, draft_logits):
+            truth = want[tuple(sample.request.prompt_ids)]
+            k = len(sample.ids)
+            right = k < len(truth) and (k + sample.row) % 3 != 0
+            sample.draft, sample.draft_probs = (truth[k] if right else (truth[k - 1] + 1) % VOCAB), None
+
+        eng._set_draft = oracle
+        outs = [None] * len(ps)
+
+        def go(i):
+            outs[i] = eng.generate(ps[i], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(ps))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [o[0]["token_ids"] for o in outs] == [want[tuple(p)] for p in ps]
+        assert 0 < eng.stats["accepted"] < eng.stats["drafts"]
+        before = eng.stats["steps"]
+        assert eng.generate(ps[1], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]["token_ids"] \
+            == want[tuple(ps[1])]
+        assert eng.stats["steps"] - before < 23 * 0.8  # alone: kept drafts saved steps (plain decoding: 23)
+        eng._set_draft = real_set_draft
+        out = eng.generate(ps[0], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        assert out[0]["token_ids"] == want[tuple(ps[0])]
+    finally:
+        eng.shutdown()
+
+
+def test_speculative_decoding_needs_an_mtp_block():
+    model = lively(Transformer(ModelConfig.preset("tiny").replace(vocab_size=VOCAB, num_nextn_predict_layers=0)))
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(model.eval(), Letters(), max_model_len=64, max_num_seqs=1, speculative=True)
+
+
 # ------------------------------------------------------------------------------------------------- prefix cache
 def prefix_cache(model, **kw):
     kw.setdefault("memory_bytes", 1 << 30)

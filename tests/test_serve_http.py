@@ -307,3 +307,23 @@ def test_a_server_killed_while_writing_its_disk_cache_restarts_and_answers(serve
         assert any("skipping" in line for line in server.log)
     finally:
         server.stop()
+
+
+def test_speculative_server_and_terminal_chat_give_the_same_greedy_text(served):
+    """`dsv4 serve --speculative` (the MTP block drafts, every step checks) and `dsv4 chat` answer as the plain
+    server does."""
+    server, _, _, root = served
+    messages = [{"role": "user", "content": "Describe the tools section."}]
+    want = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, **greedy())
+    content = want.choices[0].message.content
+    spec = Server(root / "model", "--speculative", api_key=None)
+    try:
+        got = spec.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, **greedy())
+        assert got.choices[0].message.content == content
+    finally:
+        spec.stop()
+    out = subprocess.run([sys.executable, "-m", "dsv4", "chat", "--model", str(root / "model"), "--max-tokens", "12",
+                          "--temperature", "0", "--max-model-len", "1024"], input=messages[0]["content"] + "\n",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"[answer]\n{content}\n" in out.stdout

@@ -360,7 +360,9 @@ def bench_train(args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["prefill", "decode", "train"])
+    from dsv4.serve.bench import add_arguments as add_serve_arguments
+
+    p.add_argument("what", choices=["prefill", "decode", "train", "serve"])
     p.add_argument("--preset", default="small")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -380,6 +382,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timers wait for the device)")
     p.add_argument("--json", action="store_true")
+    add_serve_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -393,7 +396,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    result = {"prefill": bench_prefill, "decode": bench_decode, "train": bench_train}[args.what](args)
+    if args.what == "serve":
+        from dsv4.serve.bench import bench_serve
+
+        result = bench_serve(args)
+    else:
+        result = {"prefill": bench_prefill, "decode": bench_decode, "train": bench_train}[args.what](args)
     if args.json:
         print(json.dumps(result))
     else:

@@ -108,7 +108,7 @@ def _compressor_rows(compressor, rows: int, capacity: int, dtype: torch.dtype, d
 class DecodeState:
     """The decode state of ``rows`` sequences of up to ``capacity`` tokens each (see the module docstring)."""
 
-    def __init__(self, model, rows: int, capacity: int):
+    def __init__(self, model, rows: int, capacity: int, mtp: bool = False):
         if rows < 1 or capacity < 1:
             raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
         if capacity > model.config.max_position_embeddings:
@@ -131,6 +131,18 @@ class DecodeState:
             if attn.indexer is not None:
                 layer.indexer = _compressor_rows(attn.indexer.compressor, rows, capacity, comp, dev)
             self.layers.append(layer)
+        # with ``mtp``: the MTP block's window ring (a sliding-window layer), for drafting in speculative decoding
+        self.mtp: LayerRows | None = None
+        if mtp:
+            if not len(model.mtp):
+                raise ValueError("a decode state with mtp=True needs the model's MTP block")
+            attn = model.mtp[0].attn
+            self.mtp = LayerRows(attn.window, torch.zeros(rows, attn.window, attn.head_dim, dtype=dtype, device=dev),
+                                 torch.full((rows, attn.window), -1, dtype=torch.long, device=dev))
+
+    def all_layers(self) -> list[LayerRows]:
+        """The main layers' states, then the MTP block's if any."""
+        return self.layers + ([self.mtp] if self.mtp is not None else [])
 
     @property
     def batch_size(self) -> int:
@@ -139,7 +151,7 @@ class DecodeState:
     def nbytes(self) -> int:
         """Bytes of the preallocated state (rings, incomplete blocks, entry slots) of every row."""
         tensors = []
-        for layer in self.layers:
+        for layer in self.all_layers():
             tensors += [layer.ring]
             for p in layer.parts():
                 tensors += [p.part_kv, p.part_gate, p.entries] + ([p.prev_kv, p.prev_gate] if p.prev_kv is not None
@@ -153,14 +165,15 @@ class DecodeState:
         """Row ``r`` back to an empty sequence, not active."""
         self.lengths[r] = 0
         self.active[r] = False
-        for layer in self.layers:
+        for layer in self.all_layers():
             layer.ring[r] = 0
             layer.ring_pos[r] = -1
             for p in layer.parts():
                 p.reset(r)
 
-    def load_row(self, r: int, cache: ModelCache) -> None:
-        """Row ``r`` continues the sequence of a one-row ``ModelCache`` (copied; the cache is left as it is)."""
+    def load_row(self, r: int, cache: ModelCache, mtp: tuple[LayerCache, int] | None = None) -> None:
+        """Row ``r`` continues the sequence of a one-row ``ModelCache`` (copied; the cache is left as it is); ``mtp``:
+        (the MTP block's cache, its row) for the MTP ring (else it starts empty)."""
         if cache.batch_size != 1 or len(cache.layers) != len(self.layers):
             raise ValueError("load_row takes a one-row cache of this model's layers")
         if cache.seen > self.capacity:
@@ -174,6 +187,8 @@ class DecodeState:
                 layer.ring_pos[r] = lc.pos
             for rows, st, rate in self._pairs(layer, lc):
                 rows.load(r, st, cache.seen, rate)
+        if mtp is not None and self.mtp is not None and mtp[0].kv is not None:
+            self.mtp.ring[r], self.mtp.ring_pos[r] = mtp[0].kv[mtp[1]], mtp[0].pos
 
     def extract_row(self, r: int) -> ModelCache:
         """Row ``r`` as a one-row ``ModelCache`` (copies), which ``model(ids, cache=...)`` continues exactly."""
@@ -187,6 +202,41 @@ class DecodeState:
                 setattr(lc, name, rows.extract(r, length, rate))
             layers.append(lc)
         return ModelCache(1, layers, length)
+
+    def mark(self) -> tuple:
+        """What calls from now on change that ``rollback`` undoes: each row's length, and copies of the rings, the
+        compressors' incomplete blocks and CSA's overlap series. Entry slots need none: an entry of a rolled-back
+        position is written again before any query can see it."""
+        def parts(layer: LayerRows) -> list[tuple]:
+            return [(p.part_kv.clone(), p.part_gate.clone()) + ((p.prev_kv.clone(), p.prev_gate.clone())
+                                                                if p.prev_kv is not None else (None, None))
+                    for p in layer.parts()]
+
+        return self.lengths.clone(), [(layer.ring.clone(), layer.ring_pos.clone(), parts(layer))
+                                      for layer in self.all_layers()]
+
+    def rollback(self, mark: tuple, keep: list[int], rows: list[int]) -> None:
+        """Rows ``rows`` back to their length at ``mark`` plus ``keep[i]`` of the tokens they took since: the later
+        positions undone. Their ring slots come back; so do incomplete-block slots that they wrote past a block's
+        end (which hold the kept block's earlier tokens), and the overlap series of a block one of them completed.
+        The calls since ``mark`` must have taken at most ``rate`` tokens per row (so that no undone position shares
+        a slot with a kept one of the same calls)."""
+        lengths, saved = mark
+        for r, k in zip(rows, keep):
+            start, end = int(lengths[r]) + k, int(self.lengths[r])
+            for layer, (ring, ring_pos, parts) in zip(self.all_layers(), saved):
+                for p in range(start, end):
+                    layer.ring[r, p % layer.window] = ring[r, p % layer.window]
+                    layer.ring_pos[r, p % layer.window] = ring_pos[r, p % layer.window]
+                for part, (part_kv, part_gate, prev_kv, prev_gate) in zip(layer.parts(), parts):
+                    rate = part.part_kv.shape[1]
+                    for p in range(start, end):
+                        if p // rate > start // rate:  # a later block's slot: the kept block's token was there
+                            part.part_kv[r, p % rate] = part_kv[r, p % rate]
+                            part.part_gate[r, p % rate] = part_gate[r, p % rate]
+                    if prev_kv is not None and any(p % rate == rate - 1 for p in range(start, end)):
+                        part.prev_kv[r], part.prev_gate[r] = prev_kv[r], prev_gate[r]
+            self.lengths[r] = start
 
     @staticmethod
     def _named(layer: LayerRows) -> list[tuple[str, CompressorRows, int]]:
@@ -210,22 +260,22 @@ def compressor_rates(model) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------- the step's math
-def advance(state: DecodeState) -> None:
-    """After a call: the active rows are one token longer."""
-    state.lengths += state.active.long()
+def advance(state: DecodeState, tokens: int) -> None:
+    """After a call of ``tokens`` per row: the active rows are that much longer."""
+    state.lengths += state.active.long() * tokens
 
 
 def positions_of(state: DecodeState, tokens: int, limit: int) -> torch.Tensor:
-    """Positions [R, 1] of one new token per row; a clear error past the state's capacity or the model's limit."""
-    if tokens != 1:
-        raise ValueError(f"a DecodeState takes one token per row per call, got {tokens}")
-    positions = torch.where(state.active, state.lengths, 0)  # free slots compute at position 0
-    top = int(positions.max())
+    """Positions [R, S] of S new tokens per row; a clear error past the state's capacity or the model's limit."""
+    if tokens < 1:
+        raise ValueError(f"a DecodeState call takes at least one token per row, got {tokens}")
+    start = torch.where(state.active, state.lengths, 0)  # free slots compute from position 0
+    top = int(start.max()) + tokens - 1
     if top >= state.capacity:
-        raise ValueError(f"a row of the decode state is full ({top} tokens, capacity {state.capacity})")
+        raise ValueError(f"a row of the decode state is full (position {top}, capacity {state.capacity})")
     if top >= limit:
         raise ValueError(f"a row reaches position {top}, beyond max_position_embeddings ({limit})")
-    return positions.unsqueeze(1)
+    return start.unsqueeze(1) + torch.arange(tokens, device=start.device)
 
 
 def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos: torch.Tensor) -> torch.Tensor:
@@ -257,7 +307,10 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
                 positions: torch.Tensor, layer: LayerRows) -> torch.Tensor:
     """``Attention`` for one token per row at its own position: x [R, 1, d], q [R, 1, H, c], kv [R, 1, c],
     positions [R, 1] -> [R, 1, H, c]. One softmax per row over its window (the ring after this token's write), its
-    visible entries (HCA; CSA in the dense phase) or the indexer's top-k of them (CSA), and the sink."""
+    visible entries (HCA; CSA in the dense phase) or the indexer's top-k of them (CSA), and the sink. Several
+    tokens per row (S > 1: a speculative draft's check) take ``attend_rows_many``."""
+    if q.shape[1] > 1:
+        return attend_rows_many(attn, x, q, kv, q_latent, positions, layer)
     r, _, h, c = q.shape
     pos = positions[:, 0]
     idx = torch.arange(r, device=q.device)
@@ -285,3 +338,53 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
     sink = upcast(attn.attn_sink).view(1, h, 1).expand(r, h, 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     return torch.bmm(probs, keys).view(r, 1, h, c).to(q.dtype)
+
+
+def attend_rows_many(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_latent: torch.Tensor,
+                     positions: torch.Tensor, layer: LayerRows) -> torch.Tensor:
+    """``attend_rows`` for S tokens per row at positions [R, S]: each query's window is the ring before this call
+    and the new tokens up to its own; its entries are those emitted up to its own position (the tokens go through
+    the compressors in order); CSA picks top-k per query. The ring takes the new tokens last."""
+    r, s, h, c = q.shape
+    idx = torch.arange(r, device=q.device)
+    keys = torch.cat([upcast(layer.ring), upcast(kv)], dim=1)  # [R, W + S, c]
+    kpos = torch.cat([layer.ring_pos, positions], dim=1).unsqueeze(1)  # [R, 1, W + S]
+    t = positions.unsqueeze(-1)  # [R, S, 1]
+    mask = (kpos <= t) & (kpos > t - attn.window) & (kpos >= 0)  # [R, S, W + S]
+    for j in range(s):
+        layer.ring[idx, positions[:, j] % attn.window] = kv[:, j].to(layer.ring.dtype)
+        layer.ring_pos[idx, positions[:, j] % attn.window] = positions[:, j]
+    picked = None  # CSA's top-k: [R, S, k, c] and which picks each query may use
+    if attn.compressor is not None:
+        for j in range(s):
+            entries = compress_rows(attn.compressor, x[:, j:j + 1], attn.rotary, layer.compressor, positions[:, j])
+            if attn.indexer is not None:
+                index_keys = compress_rows(attn.indexer.compressor, x[:, j:j + 1], attn.rotary, layer.indexer,
+                                           positions[:, j])
+        entries = upcast(entries)
+        n = entries.shape[1]
+        visible = torch.arange(n, device=q.device) < ((positions + 1) // attn.rate).unsqueeze(-1)  # [R, S, T]
+        if attn.indexer is not None and attn.sparse and n > attn.indexer.topk:
+            qi, wi = attn.indexer.queries(x, q_latent, positions, attn.rotary)
+            scores = chunk_scores(qi, wi, upcast(attn.indexer._fp4(index_keys)).transpose(1, 2))  # [R, S, T]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            pick = topk_lower_index(scores, attn.indexer.topk)  # [R, S, k]
+            rows = entries.gather(1, pick.flatten(1).unsqueeze(-1).expand(-1, -1, c))  # [R, S k, c]
+            picked = rows.view(r, s, -1, c), scores.gather(-1, pick) > float("-inf")
+        else:
+            keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=-1)
+    qs = upcast(q) * attn.scale
+    logits = torch.matmul(qs.reshape(r, s * h, c), keys.transpose(1, 2)).view(r, s, h, -1)  # [R, S, H, L]
+    logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    if picked is not None:
+        own = torch.matmul(qs.reshape(r * s, h, c), picked[0].reshape(r * s, -1, c).transpose(1, 2))
+        own = own.view(r, s, h, -1).masked_fill(~picked[1].unsqueeze(2), float("-inf"))
+        logits = torch.cat([logits, own], dim=-1)
+    sink = upcast(attn.attn_sink).view(1, 1, h, 1).expand(r, s, h, 1)
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    shared = keys.shape[1]
+    out = torch.matmul(probs[..., :shared].reshape(r, s * h, shared), keys).view(r, s, h, c)
+    if picked is not None:
+        own = probs[..., shared:].reshape(r * s, h, -1)
+        out = out + torch.bmm(own, picked[0].reshape(r * s, -1, c)).view(r, s, h, c)
+    return out.to(q.dtype)

@@ -46,7 +46,8 @@ class Block(nn.Module):
         streams = HyperConnection.expand(streams, out, post, comb)
         y, post, comb = self.hc_ffn(streams)
         # a DecodeState's rows are batch-invariant: each token's experts run on their own
-        out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids, per_token=getattr(cache, "batch_invariant", False))
+        per_token = getattr(cache, "batch_invariant", False)
+        out, route = self.ffn(self.ffn_norm(y.to(dtype)), input_ids, per_token=per_token)
         return HyperConnection.expand(streams, out, post, comb), route
 
 
@@ -221,7 +222,7 @@ class Transformer(nn.Module):
                                    cache.layers[i] if cache is not None else None, packing)
             routes.append(route)
         if isinstance(cache, DecodeState):
-            advance(cache)
+            advance(cache, input_ids.shape[1])
         elif cache is not None:
             cache.seen += input_ids.shape[1]
         return streams, routes

@@ -78,12 +78,19 @@ def run(args) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
     engine, tokenizer, path = build_engine(args)
-    engine.start()
     start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
     out = sys.stdout
-    interactive = sys.stdin.isatty()
     out.write(f"dsv4 chat: {path.name} ({'thinking' if args.thinking else 'chat'} mode); /reset, /exit\n")
+    # the conversation in a thread, the engine in the main thread (where the model's steps run fastest)
+    threading.Thread(target=converse, args=(engine, tokenizer, args, start, out), daemon=True).start()
+    engine.run()
+    return 1 if engine.error is not None else 0
+
+
+def converse(engine, tokenizer, args, start: list[dict], out) -> None:
+    """Read lines, answer each; stops the engine at the end of input or ``/exit``."""
+    messages = list(start)
+    interactive = sys.stdin.isatty()
     try:
         while True:
             if interactive:
@@ -103,5 +110,4 @@ def run(args) -> int:
             messages.append({"role": "user", "content": text})
             messages.append(reply(engine, tokenizer, messages, args, out))
     finally:
-        engine.shutdown()
-    return 0
+        engine.stop()

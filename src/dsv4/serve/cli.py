@@ -27,6 +27,10 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--kv-cache-dir", default=None, help="a directory for the prefix cache's disk tier")
     p.add_argument("--kv-cache-disk-gib", type=float, default=16.0, help="the disk tier's budget")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole")
+    p.add_argument("--speculative", action="store_true",
+                   help="the MTP block drafts each row's next token and every step checks it (same outputs: greedy "
+                        "identical, sampling from the same distribution); pays where a step costs less than twice "
+                        "a one-token step")
 
 
 def add_arguments(p) -> None:
@@ -68,11 +72,14 @@ def build_engine(args):
                     kv_memory_bytes=None if args.kv_memory_gib is None else int(args.kv_memory_gib * GIB),
                     prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache,
                     cache_memory_bytes=int(args.kv_cache_memory_gib * GIB), cache_dir=args.kv_cache_dir,
-                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB))
+                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB), speculative=args.speculative)
     return engine, tokenizer, path
 
 
 def run(args) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     from dsv4.serve.server import build_app
@@ -81,12 +88,24 @@ def run(args) -> int:
     engine, tokenizer, path = build_engine(args)
     name = args.served_model_name or path.resolve().name
     app = build_app(engine, tokenizer, model_name=name, api_key=args.api_key)
-    engine.start()
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+
+    def serve_http() -> None:  # HTTP in a thread of its own; the model's steps run fastest in the main thread
+        try:
+            server.run()
+        finally:
+            engine.stop()
+
+    def stop(*_) -> None:
+        server.should_exit = True
+        engine.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=serve_http, name="dsv4-http", daemon=True).start()
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.max_model_len} "
           f"tokens, {engine.rows * engine.row_bytes / GIB:.2f} GiB of decode state; prefix cache "
           f"{'off' if engine.prefix is None else 'on'})", file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.shutdown()
-    return 0
+    engine.run()
+    server.should_exit = True
+    return 1 if engine.error is not None else 0

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.generate import next_token_probs
+from dsv4.generate import accept_draft, next_token_probs
 from dsv4.model.decode import DecodeState, compressor_rates
+from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
 
 log = logging.getLogger("dsv4.serve")
@@ -77,6 +78,19 @@ class Event:
     finish_reason: str | None = None
 
 
+def new_outputs(n: int) -> list[dict]:
+    """Per sample, what ``add_event`` gathers: its text, token ids, log-probabilities and finish reason."""
+    return [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
+
+
+def add_event(outs: list[dict], ev: Event) -> None:
+    o = outs[ev.index]
+    o["text"] += ev.text
+    o["token_ids"] += ev.token_ids
+    o["logprobs"] += ev.logprobs
+    o["finish_reason"] = ev.finish_reason or o["finish_reason"]
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -94,6 +108,21 @@ class Request:
         self.cancelled = True
 
 
+@dataclass
+class Prefill:
+    """A prompt being prefilled: its one-row cache up to ``position``, the positions where its chunks end, the rows
+    its samples will take; speculative: the MTP block's cache and the streams of its last position, which wait for
+    the token after them."""
+
+    request: Request
+    cache: object
+    position: int
+    cuts: list[int]
+    rows: list[int]
+    mtp: object = None
+    mtp_last: torch.Tensor | None = None
+
+
 class Sample:
     """One of a request's ``n`` continuations, decoding in row ``row``."""
 
@@ -109,21 +138,30 @@ class Sample:
         self.pending_ids: list[int] = []
         self.pending_lp: list[dict] = []
         self.done = False
+        self.draft: int | None = None  # speculative: the MTP block's guess of the token after the last one
+        self.draft_probs: torch.Tensor | None = None  # the distribution it was drawn from (sampling)
 
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_model_len: int | None = None, max_num_seqs: int = 8,
                  kv_memory_bytes: int | None = None, prefill_chunk: int = 512, prefix_cache: bool = True,
-                 cache_memory_bytes: int = 2 << 30, cache_dir=None, cache_disk_bytes: int = 16 << 30):
+                 cache_memory_bytes: int = 2 << 30, cache_dir=None, cache_disk_bytes: int = 16 << 30,
+                 speculative: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative decoding needs the model's MTP block (num_nextn_predict_layers >= 1)")
+        self.speculative = speculative
+        # speculative steps feed a draft one position past the last token: rows hold one position more
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings - int(speculative))
+        capacity = self.max_model_len + int(speculative)
         self.block = math.lcm(*[r for r in compressor_rates(model).values()] or [1])
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = max(self.block, prefill_chunk // self.block * self.block)
         with torch.inference_mode():
-            probe = DecodeState(model, 1, self.max_model_len)
+            probe = DecodeState(model, 1, capacity, mtp=speculative)
         self.row_bytes = probe.nbytes()
         rows = max_num_seqs
         if kv_memory_bytes is not None:
@@ -133,7 +171,7 @@ class Engine:
                                  f"({self.row_bytes / 2**30:.3f} GiB each); lower --max-model-len or raise it")
         self.rows = rows
         with torch.inference_mode():
-            self.state = DecodeState(model, rows, self.max_model_len)
+            self.state = DecodeState(model, rows, capacity, mtp=speculative)
         self.prefix: PrefixCache | None = None
         if prefix_cache:
             self.prefix = PrefixCache(
@@ -150,7 +188,9 @@ class Engine:
         self.stopped = False
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0}
+        self._kv_in_use = 0
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
+                      "drafts": 0, "accepted": 0}
 
     # ------------------------------------------------------------------------------------------------ interface
     def new_decoder(self):
@@ -159,13 +199,20 @@ class Engine:
         return IncrementalDecoder(self.tokenizer)
 
     def start(self) -> Engine:
-        self.thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        """Run the loop in a thread of its own. (On CPUs the model's steps run up to 2x slower outside the main
+        thread, whose OpenMP team PyTorch tunes: ``dsv4 serve`` runs ``run`` in the main thread instead and the
+        HTTP server in another.)"""
+        self.thread = threading.Thread(target=self.run, name="dsv4-engine", daemon=True)
         self.thread.start()
         return self
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to end after its current turn (from any thread)."""
         self.stopped = True
         self.wake.set()
+
+    def shutdown(self) -> None:
+        self.stop()
         if self.thread is not None:
             self.thread.join(timeout=30)
 
@@ -198,30 +245,23 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[dict]:
         """Blocking: every sample's text, ids and finish reason (``submit`` with a collecting callback)."""
-        outs = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(params.n)]
-
-        def emit(ev: Event) -> None:
-            o = outs[ev.index]
-            o["text"] += ev.text
-            o["token_ids"] += ev.token_ids
-            o["logprobs"] += ev.logprobs
-            o["finish_reason"] = ev.finish_reason or o["finish_reason"]
-
-        req = self.submit(Request(list(prompt_ids), params, emit))
+        outs = new_outputs(params.n)
+        req = self.submit(Request(list(prompt_ids), params, lambda ev: add_event(outs, ev)))
         req.finished.wait()
         return outs
 
     def kv_bytes_in_use(self) -> int:
-        """Decode-state bytes the running requests' tokens occupy (rings, blocks and entries up to each length),
-        plus the caches of prompts being prefilled."""
-        n = sum(self._row_used_bytes(int(self.state.lengths[r])) for r in list(self.running))
-        return n + sum(job[1].nbytes() for job in list(self.prefilling))
+        """Decode-state bytes the running requests' tokens occupy (each row's share of its capacity up to its
+        length), plus the caches of prompts being prefilled; as of the engine's last turn."""
+        return self._kv_in_use
 
-    def _row_used_bytes(self, length: int) -> int:
-        return round(self.row_bytes * min(1.0, length / self.max_model_len))
+    def _count_kv(self) -> int:
+        rows = sum(self.row_bytes * min(1.0, int(self.state.lengths[r]) / self.max_model_len) for r in self.running)
+        return round(rows) + sum(job.cache.nbytes() for job in self.prefilling)
 
     # ----------------------------------------------------------------------------------------------- the loop
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine's loop, until ``stop``."""
         try:
             with torch.inference_mode():
                 while not self.stopped:
@@ -232,9 +272,14 @@ class Engine:
                     if self.running:
                         self._decode_step()
                         worked = True
+                    self._kv_in_use = self._count_kv()
                     if not worked:
                         self.wake.wait(0.05)
                         self.wake.clear()
+        except KeyboardInterrupt:  # Ctrl-C: the requests in flight end, quietly
+            self.stopped = True
+            for req in self._in_flight():
+                self._finish_request(req, "abort")
         except BaseException as e:  # a failed step fails every request in flight, not silently
             log.exception("engine stopped")
             self.error = e
@@ -242,7 +287,7 @@ class Engine:
                 self._finish_request(req, "abort")
 
     def _in_flight(self) -> list[Request]:
-        reqs = list(self.waiting) + [job[0] for job in self.prefilling]
+        reqs = list(self.waiting) + [job.request for job in self.prefilling]
         reqs += list({id(s.request): s.request for s in self.running.values()}.values())
         while not self.incoming.empty():
             reqs.append(self.incoming.get_nowait())
@@ -259,10 +304,10 @@ class Engine:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
             self._finish_request(req, "abort")
-        for job in [j for j in self.prefilling if j[0].cancelled]:
+        for job in [j for j in self.prefilling if j.request.cancelled]:
             self.prefilling.remove(job)
-            self.free += job[4]
-            self._finish_request(job[0], "abort")
+            self.free += job.rows
+            self._finish_request(job.request, "abort")
         for row, sample in list(self.running.items()):
             if sample.request.cancelled:
                 self._end_sample(sample, "abort")
@@ -280,75 +325,157 @@ class Engine:
             last = (len(ids) - 1) // self.block * self.block  # the prompt's last block boundary below its end
             cuts = sorted({c for c in range(start + self.prefill_chunk, last, self.prefill_chunk)} |
                           ({last} if last > start else set()) | {len(ids)})
-            self.prefilling.append([req, cache, start, cuts, rows])
+            mtp = self.model.mtp[0].attn.new_cache() if self.speculative else None
+            self.prefilling.append(Prefill(req, cache, start, cuts, rows, mtp))
 
     def _prefill_one_chunk(self) -> bool:
         if not self.prefilling:
             return False
         job = self.prefilling[0]
-        req, cache, pos, cuts, rows = job
-        end = cuts.pop(0)
-        ids = torch.tensor([req.prompt_ids[pos:end]], device=self.model.device)
-        logits = self.model(ids, cache=cache, last_only=True)[0, -1]
-        self.stats["prefill_tokens"] += end - pos
-        job[2] = end
+        req, a = job.request, job.position
+        end = job.cuts.pop(0)
+        ids = torch.tensor([req.prompt_ids[a:end]], device=self.model.device)
+        streams, _ = self.model.hidden_streams(ids, cache=job.cache)
+        logits = self.model.logits_from_streams(streams[:, -1:])[0, -1]
+        if job.mtp is not None:  # the MTP block reads each position with the token after it
+            if job.mtp_last is not None:
+                streams = torch.cat([job.mtp_last, streams], dim=1)
+            first = a - (job.mtp_last is not None)
+            if end - 1 > first:
+                self._mtp(streams[:, :-1], req.prompt_ids[first + 1:end], torch.arange(first, end - 1), job.mtp)
+            job.mtp_last = streams[:, -1:]
+        self.stats["prefill_tokens"] += end - a
+        job.position = end
         if self.prefix is not None and end % self.block == 0:
-            self.prefix.store(req.prompt_ids, cache)
-        if cuts:
+            self.prefix.store(req.prompt_ids, job.cache)
+        if job.cuts:
             return True
         self.prefilling.pop(0)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
-        req.samples = [Sample(self, req, i, row) for i, row in enumerate(rows)]
-        for sample in req.samples:
-            self.state.load_row(sample.row, cache)
+        req.samples = [Sample(self, req, i, row) for i, row in enumerate(job.rows)]
+        tokens = [self._sample(logits, req.params, s.generator) for s in req.samples]
+        mtp = None
+        if job.mtp is not None:  # each sample's first token goes with the prompt's last position
+            mtp = job.mtp.repeat_rows(len(tokens))
+            n = len(tokens)
+            draft_logits = self._mtp(job.mtp_last.expand(n, -1, -1, -1), tokens, torch.tensor([end - 1]), mtp)[:, 0]
+        for i, sample in enumerate(req.samples):
+            self.state.load_row(sample.row, job.cache, None if mtp is None else (mtp, i))
             self.running[sample.row] = sample
-        for sample in req.samples:
-            self._accept(sample, logits)
+        for i, sample in enumerate(req.samples):
+            if self._take(sample, tokens[i], logits) and mtp is not None:
+                self._set_draft(sample, draft_logits[i])
         return True
 
+    def _mtp(self, streams: torch.Tensor, next_ids, positions: torch.Tensor, cache) -> torch.Tensor:
+        """The MTP block on the main model's streams [B, S, n, d] at ``positions`` with the ids after each
+        ([B, S] or, for one position, [B]); its logits [B, S, V] predict the token after those."""
+        ids = torch.as_tensor(next_ids, device=self.model.device).view(streams.shape[0], streams.shape[1])
+        hidden, _, _ = self.model.mtp[0].predict(streams, self.model.embed(ids), positions.to(self.model.device),
+                                                 cache)
+        return upcast(self.model.head(hidden))
+
+    def _set_draft(self, sample: Sample, draft_logits: torch.Tensor) -> None:
+        p = sample.request.params
+        if p.temperature == 0:
+            sample.draft, sample.draft_probs = int(draft_logits.argmax()), None
+        else:
+            sample.draft_probs = next_token_probs(draft_logits.unsqueeze(0), p.temperature, p.top_p)[0]
+            sample.draft = int(torch.multinomial(sample.draft_probs, 1, generator=sample.generator))
+
     def _decode_step(self) -> None:
+        if self.speculative:
+            return self._speculative_step()
         tokens = torch.zeros(self.state.rows, dtype=torch.long)
         for row, sample in self.running.items():
             tokens[row] = sample.all_ids[-1]
         logits = self.model(tokens.unsqueeze(1).to(self.model.device), cache=self.state)[:, 0]
         self.stats["steps"] += 1
         for row, sample in list(self.running.items()):
-            length = int(self.state.lengths[row])
-            if self.prefix is not None and length % self.block == 0:
-                self.prefix.store(sample.all_ids, self.state.extract_row(row))
-            self._accept(sample, logits[row])
+            self._store_boundary(sample)
+            self._take(sample, self._sample(logits[row], sample.request.params, sample.generator), logits[row])
+
+    def _store_boundary(self, sample: Sample) -> None:
+        """At a block boundary, the row's state goes to the prefix cache (an anchor of its prompt and output)."""
+        if self.prefix is not None and int(self.state.lengths[sample.row]) % self.block == 0:
+            self.prefix.store(sample.all_ids, self.state.extract_row(sample.row))
+
+    def _speculative_step(self) -> None:
+        """Every row takes its last token and its draft in one call; a row keeps the draft if it passes speculative
+        sampling's test (then one more token from the same call), else the corrected token, and the draft's
+        position is rolled back. The MTP block then drafts each row's next token. Greedy output equals plain
+        decoding's; sampled output follows the model's distribution exactly."""
+        rows = self.state.rows
+        tokens = torch.zeros(rows, 2, dtype=torch.long)
+        for row, sample in self.running.items():
+            tokens[row, 0], tokens[row, 1] = sample.all_ids[-1], sample.draft
+        start = torch.where(self.state.active, self.state.lengths, 0)
+        positions = start.unsqueeze(1) + torch.arange(2)
+        mark = self.state.mark()
+        streams, _ = self.model.hidden_streams(tokens.to(self.model.device), cache=self.state)
+        logits = self.model.logits_from_streams(streams)  # [R, 2, V]
+        self.stats["steps"] += 1
+        taken: dict[int, list[int]] = {}
+        after = torch.zeros(rows, 2, dtype=torch.long)  # the MTP block's next ids: the tokens at +1 and +2
+        for row, sample in self.running.items():
+            p = sample.request.params
+            self.stats["drafts"] += 1
+            if p.temperature == 0:
+                first = int(logits[row, 0].argmax())
+                kept = first == sample.draft
+            else:
+                target = next_token_probs(logits[row, 0].unsqueeze(0), p.temperature, p.top_p)[0]
+                kept, first = accept_draft(target, sample.draft_probs, sample.draft, sample.generator)
+            taken[row] = [first]
+            if kept:
+                self.stats["accepted"] += 1
+                taken[row].append(self._sample(logits[row, 1], p, sample.generator))
+            after[row, :len(taken[row])] = torch.tensor(taken[row])
+        short = [row for row in taken if len(taken[row]) == 1]
+        draft_logits = self._mtp(streams, after, positions, self.state.mtp)  # [R, 2, V]
+        self.state.rollback(mark, [1] * len(short), short)
+        for row, sample in list(self.running.items()):
+            ts = taken[row]
+            if not self._take(sample, ts[0], logits[row, 0]):
+                continue
+            if len(ts) == 2 and not self._take(sample, ts[1], logits[row, 1]):
+                continue
+            self._store_boundary(sample)  # a step of two may pass a boundary: then no anchor there
+            self._set_draft(sample, draft_logits[row, len(ts) - 1])
 
     # -------------------------------------------------------------------------------------------- per sample
-    def _accept(self, sample: Sample, logits: torch.Tensor) -> None:
-        """Sample the next token from a row's logits and emit what became final; end the sample if it is done."""
+    def _take(self, sample: Sample, token: int, logits: torch.Tensor) -> bool:
+        """Record a sampled token (``logits``: the distribution it came from, for log-probabilities) and emit what
+        became final; end the sample if it is done. Whether it goes on."""
         p = sample.request.params
-        token = self._sample(logits, p, sample.generator)
         req = sample.request
         if req.first_token is None:
             req.first_token = time.perf_counter()
         if token == self.eos and not p.ignore_eos:
             self._end_sample(sample, "stop")
-            return
+            return False
         sample.ids.append(token)
         sample.all_ids.append(token)
         self.stats["generation_tokens"] += 1
         sample.pending_ids.append(token)
         if p.logprobs is not None:
             sample.pending_lp.append(self._logprobs(logits, token, p.logprobs))
-        sample.text += sample.decoder.push(token)
+        if token != self.eos:  # an ignored EOS counts as a token but is no text (it would end a chat parse)
+            sample.text += sample.decoder.push(token)
         if p.stop:
             cut = min((i for i in (sample.text.find(s, max(0, sample.sent - len(s))) for s in p.stop) if i >= 0),
                       default=-1)
             if cut >= 0:
                 sample.text = sample.text[:cut]
                 self._end_sample(sample, "stop", flush=False)
-                return
+                return False
         limit = p.max_tokens if p.max_tokens is not None else self.max_model_len
         if len(sample.ids) >= limit or len(sample.all_ids) >= self.max_model_len:
             self._end_sample(sample, "length")
-            return
+            return False
         hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may still begin in the last chars
         self._emit(sample, len(sample.text) - hold)
+        return True
 
     def _emit(self, sample: Sample, upto: int, finish: str | None = None) -> None:
         upto = max(upto, sample.sent)
@@ -370,6 +497,7 @@ class Engine:
             del self.running[sample.row]
             self.state.reset_row(sample.row)
             self.free.append(sample.row)
+            self._kv_in_use = self._count_kv()
         if all(s.done for s in sample.request.samples):
             sample.request.finished.set()
 

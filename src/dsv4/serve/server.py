@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv4 import chat
-from dsv4.serve.engine import Engine, EngineError, Event, Request, SamplingParams
+from dsv4.serve.engine import Engine, EngineError, Event, Request, SamplingParams, add_event, new_outputs
 from dsv4.serve.metrics import Metrics
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "latest_reminder"}
@@ -196,6 +196,13 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
                 engine.wake.set()
             metrics.request_done(req)
 
+    async def collect(prompt_ids: list[int], params: SamplingParams, http: HTTPRequest) -> tuple[list[dict], Request]:
+        """A whole (non-streaming) request: each sample's outputs (``add_event``), and the request."""
+        outs, req = new_outputs(params.n), None
+        async for ev, req in run(prompt_ids, params, http):
+            add_event(outs, ev)
+        return outs, req
+
     def usage(req: Request, completion_tokens: int) -> dict:
         n = len(req.prompt_ids)
         return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
@@ -229,28 +236,22 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
                 req = None
                 async for ev, req in run(ids, params, http):
                     tokens += len(ev.token_ids)
-                    if ev.text or ev.finish_reason:
+                    if ev.text or ev.finish_reason or (body.logprobs is not None and ev.token_ids):
+                        choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev.logprobs),
+                                  "finish_reason": ev.finish_reason}
                         yield sse({"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                                   "choices": [{"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev.logprobs),
-                                                "finish_reason": ev.finish_reason}]})
+                                   "choices": [choice]})
                 if body.stream_options and body.stream_options.include_usage and req is not None:
                     yield sse({"id": rid, "object": "text_completion", "created": now, "model": body.model,
                                "choices": [], "usage": usage(req, tokens)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        outs = [{"text": "", "ids": 0, "lp": [], "finish": None} for _ in range(params.n)]
-        req = None
-        async for ev, req in run(ids, params, http):
-            o = outs[ev.index]
-            o["text"] += ev.text
-            o["ids"] += len(ev.token_ids)
-            o["lp"] += ev.logprobs
-            o["finish"] = ev.finish_reason or o["finish"]
+        outs, req = await collect(ids, params, http)
         return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [{"index": i, "text": o["text"], "logprobs": logprobs_of(o["lp"]),
-                             "finish_reason": o["finish"]} for i, o in enumerate(outs)],
-                "usage": usage(req, sum(o["ids"] for o in outs))}
+                "choices": [{"index": i, "text": o["text"], "logprobs": logprobs_of(o["logprobs"]),
+                             "finish_reason": o["finish_reason"]} for i, o in enumerate(outs)],
+                "usage": usage(req, sum(len(o["token_ids"]) for o in outs))}
 
     # ----------------------------------------------------------------------------------------------------- chat
     def chat_logprobs(lps: list[dict]) -> list[dict]:
@@ -312,25 +313,18 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        outs = [{"text": "", "ids": 0, "lp": [], "finish": None} for _ in range(params.n)]
-        req = None
-        async for ev, req in run(ids, params, http):
-            o = outs[ev.index]
-            o["text"] += ev.text
-            o["ids"] += len(ev.token_ids)
-            o["lp"] += ev.logprobs
-            o["finish"] = ev.finish_reason or o["finish"]
+        outs, req = await collect(ids, params, http)
         choices = []
         for i, o in enumerate(outs):
-            parsed = chat.parse_completion(o["text"], mode, finished=o["finish"] == "stop")
+            parsed = chat.parse_completion(o["text"], mode, finished=o["finish_reason"] == "stop")
             message = {"role": "assistant", "content": parsed["content"]}
             if mode == "thinking":
                 message["reasoning_content"] = parsed["reasoning_content"]
             if parsed["tool_calls"]:
                 message["tool_calls"] = parsed["tool_calls"]
             choices.append({"index": i, "message": message, "finish_reason": parsed["finish_reason"],
-                            "logprobs": {"content": chat_logprobs(o["lp"])} if body.logprobs else None})
+                            "logprobs": {"content": chat_logprobs(o["logprobs"])} if body.logprobs else None})
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model, "choices": choices,
-                "usage": usage(req, sum(o["ids"] for o in outs))}
+                "usage": usage(req, sum(len(o["token_ids"]) for o in outs))}
 
     return app
