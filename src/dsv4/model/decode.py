@@ -86,6 +86,7 @@ class LayerRows:
     ring_pos: torch.Tensor  # [R, W] the position in each slot, -1 when empty
     compressor: CompressorRows | None = None
     indexer: CompressorRows | None = None
+    keys: torch.Tensor | None = None  # [R, W + T, c]: the ring, then the entry slots (views of it), when compressed
 
     batch_invariant = True  # the block runs each token's experts on their own (``MoE(per_token=True)``)
 
@@ -93,7 +94,8 @@ class LayerRows:
         return [p for p in (self.compressor, self.indexer) if p is not None]
 
 
-def _compressor_rows(compressor, rows: int, capacity: int, dtype: torch.dtype, device) -> CompressorRows:
+def _compressor_rows(compressor, rows: int, capacity: int, dtype: torch.dtype, device,
+                     entries: torch.Tensor | None = None) -> CompressorRows:
     rate, dim = compressor.rate, compressor.dim
     width = 2 * dim if compressor.overlap else dim
     prev_kv = prev_gate = None
@@ -102,7 +104,13 @@ def _compressor_rows(compressor, rows: int, capacity: int, dtype: torch.dtype, d
         prev_gate = torch.full((rows, rate, dim), float("-inf"), dtype=dtype, device=device)
     return CompressorRows(torch.zeros(rows, rate, width, dtype=dtype, device=device),
                           torch.zeros(rows, rate, width, dtype=dtype, device=device), prev_kv, prev_gate,
-                          torch.zeros(rows, -(-capacity // rate), dim, dtype=dtype, device=device))
+                          torch.zeros(rows, slots(capacity, rate), dim, dtype=dtype, device=device)
+                          if entries is None else entries)
+
+
+def slots(capacity: int, rate: int) -> int:
+    """Entry slots a row of ``capacity`` tokens needs."""
+    return -(-capacity // rate)
 
 
 class DecodeState:
@@ -115,7 +123,7 @@ class DecodeState:
             raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
                              f"({model.config.max_position_embeddings})")
         self.rows, self.capacity = rows, capacity
-        dtype = model.embed.weight.dtype
+        self.dtype = dtype = model.embed.weight.dtype
         comp = compute_dtype(dtype)
         dev = model.device
         self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -124,10 +132,13 @@ class DecodeState:
         self.layers: list[LayerRows] = []
         for block in model.layers:
             attn = block.attn
-            layer = LayerRows(attn.window, torch.zeros(rows, attn.window, attn.head_dim, dtype=dtype, device=dev),
-                              torch.full((rows, attn.window), -1, dtype=torch.long, device=dev))
-            if attn.compressor is not None:
-                layer.compressor = _compressor_rows(attn.compressor, rows, capacity, comp, dev)
+            w, pos = attn.window, torch.full((rows, attn.window), -1, dtype=torch.long, device=dev)
+            if attn.compressor is None:
+                layer = LayerRows(w, torch.zeros(rows, w, attn.head_dim, dtype=dtype, device=dev), pos)
+            else:  # one buffer for the ring and the entry slots: a query over both reads it without a copy
+                keys = torch.zeros(rows, w + slots(capacity, attn.rate), attn.head_dim, dtype=comp, device=dev)
+                layer = LayerRows(w, keys[:, :w], pos, keys=keys)
+                layer.compressor = _compressor_rows(attn.compressor, rows, capacity, comp, dev, keys[:, w:])
             if attn.indexer is not None:
                 layer.indexer = _compressor_rows(attn.indexer.compressor, rows, capacity, comp, dev)
             self.layers.append(layer)
@@ -157,9 +168,6 @@ class DecodeState:
                 tensors += [p.part_kv, p.part_gate, p.entries] + ([p.prev_kv, p.prev_gate] if p.prev_kv is not None
                                                                    else [])
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def row_nbytes(self) -> int:
-        return self.nbytes() // self.rows
 
     def reset_row(self, r: int) -> None:
         """Row ``r`` back to an empty sequence, not active."""
@@ -197,7 +205,7 @@ class DecodeState:
         for layer in self.layers:
             lc = LayerCache(window=layer.window)
             if length:
-                lc.kv, lc.pos = layer.ring[r:r + 1].clone(), layer.ring_pos[r].clone()
+                lc.kv, lc.pos = layer.ring[r:r + 1].to(self.dtype, copy=True), layer.ring_pos[r].clone()
             for name, rows, rate in self._named(layer):
                 setattr(lc, name, rows.extract(r, length, rate))
             layers.append(lc)
@@ -332,7 +340,10 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
             pick = topk_lower_index(scores, min(attn.indexer.topk, t))  # [R, k]
             visible = scores.gather(-1, pick) > float("-inf")  # fewer than k visible: the rest are masked
             entries = entries.gather(1, pick.unsqueeze(-1).expand(-1, -1, c))  # [R, k, c]
-        keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=1)
+            keys = torch.cat([keys, entries], dim=1)
+        else:  # every entry slot: the ring and the slots are one buffer
+            keys = layer.keys
+        mask = torch.cat([mask, visible], dim=1)
     qs = upcast(q).view(r, h, c) * attn.scale
     logits = torch.bmm(qs, keys.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # [R, H, L]
     sink = upcast(attn.attn_sink).view(1, h, 1).expand(r, h, 1)

@@ -35,16 +35,16 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
-_SMALL = 8  # matrices: decoding a few tokens
+_SMALL = 64  # matrices: a decoding step of up to 64 rows
 
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
-    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. One matrix, or the residual's four
-    streams (n = 4, written out): each matrix by ``_sinkhorn_one`` in Python floats; else in numpy float64, batched.
-    Out in the logits' dtype."""
-    n = logits.shape[-1]
-    if n == 4 or logits[..., 0, 0].numel() == 1:
+    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. Up to 8 matrices of the residual's four
+    streams (n = 4, written out), or one matrix: each by ``_sinkhorn_one`` in Python floats; else (a decoding step
+    of many rows) in numpy float64, batched. Out in the logits' dtype."""
+    n, count = logits.shape[-1], logits[..., 0, 0].numel()
+    if (n == 4 and count <= 8) or count == 1:
         rows = logits.detach().double().reshape(-1, n, n).tolist()
         return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows], dtype=logits.dtype).view(logits.shape)
     x = logits.detach().double().numpy()
