@@ -6,9 +6,7 @@ requests with a third dropped; a server killed while writing its disk cache)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ openai = pytest.importorskip("openai")
 
 from dsv4 import ModelConfig, Transformer, chat  # noqa: E402
 from dsv4.data import train_bpe  # noqa: E402
+from dsv4.serve.bench import LiveServer  # noqa: E402
 
 KEY = "sk-test"
 NAME = "tiny-chat"
@@ -32,12 +31,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL = {"role": "assistant", "content": "", "tool_calls": [
     {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def corpus_text() -> str:
@@ -75,39 +68,17 @@ def taught_model(path: Path):
     return model, tok
 
 
-class Server:
+class Server(LiveServer):
+    """The test's server: four rows of 1,024 tokens, chunks of 64, the API key; with an ``openai`` client."""
+
     def __init__(self, model_dir: Path, *extra: str, api_key: str | None = KEY):
-        self.port = free_port()
-        self.args = [sys.executable, "-m", "dsv4", "serve", "--model", str(model_dir), "--port", str(self.port),
-                     "--served-model-name", NAME, "--max-model-len", "1024", "--max-num-seqs", "4",
-                     "--prefill-chunk", "64", *extra] + (["--api-key", api_key] if api_key else [])
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start:\n" + "".join(self.log))
-            time.sleep(0.2)
+        super().__init__(model_dir, "--max-model-len", "1024", "--max-num-seqs", "4", "--prefill-chunk", "64",
+                         *extra, *(["--api-key", api_key] if api_key else []), name=NAME, timeout=120)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ is measured is speed, not text).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import statistics
@@ -41,20 +40,20 @@ def _port() -> int:
 
 
 class LiveServer:
-    """A ``dsv4 serve`` process; ``stop()`` ends it."""
+    """A ``dsv4 serve`` process on a free port of localhost, ready when constructed (its ``/health`` answers);
+    ``log`` collects what it prints; ``stop()`` ends it (SIGTERM, or the signal given)."""
 
-    def __init__(self, model_dir: Path, *args: str, threads: int | None = None):
+    def __init__(self, model_dir: Path, *args: str, name: str = "bench", timeout: float = 300):
         import httpx
 
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen([sys.executable, "-m", "dsv4", "serve", "--model", str(model_dir), "--port",
-                                      str(self.port), "--served-model-name", "bench", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.time() + 300
+                                      str(self.port), "--served-model-name", name, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.time() + timeout
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -62,13 +61,13 @@ class LiveServer:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("dsv4 serve did not start: " + (self.proc.stderr.read() if self.proc.stderr
-                                                                   else ""))
+                self.stop()
+                raise RuntimeError("dsv4 serve did not start:\n" + "".join(self.log))
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:

@@ -211,6 +211,14 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def stream_end(body, req: Request | None, tokens: int, rid: str, now: int, kind: str) -> list[str]:
+        """A stream's last events: the usage chunk if ``stream_options.include_usage`` asked for it, then [DONE]."""
+        out = []
+        if body.stream_options and body.stream_options.include_usage and req is not None:
+            out.append(sse({"id": rid, "object": kind, "created": now, "model": body.model, "choices": [],
+                            "usage": usage(req, tokens)}))
+        return out + ["data: [DONE]\n\n"]
+
     # ------------------------------------------------------------------------------------------------ completions
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -241,10 +249,8 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
                                   "finish_reason": ev.finish_reason}
                         yield sse({"id": rid, "object": "text_completion", "created": now, "model": body.model,
                                    "choices": [choice]})
-                if body.stream_options and body.stream_options.include_usage and req is not None:
-                    yield sse({"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                               "choices": [], "usage": usage(req, tokens)})
-                yield "data: [DONE]\n\n"
+                for line in stream_end(body, req, tokens, rid, now, "text_completion"):
+                    yield line
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         outs, req = await collect(ids, params, http)
@@ -307,10 +313,8 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None
                     if ev.finish_reason is not None:
                         finish = parser.finish_reason if ev.finish_reason != "abort" else "abort"
                         yield sse(chunk(ev.index, {}, finish))
-                if body.stream_options and body.stream_options.include_usage and req is not None:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model,
-                               "choices": [], "usage": usage(req, tokens)})
-                yield "data: [DONE]\n\n"
+                for line in stream_end(body, req, tokens, rid, now, "chat.completion.chunk"):
+                    yield line
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         outs, req = await collect(ids, params, http)
