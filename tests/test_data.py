@@ -369,7 +369,7 @@ def test_corpus_too_small_for_one_sequence(shards):
 
 
 def test_write_atomically_keeps_the_old_file_and_no_temporary_when_the_write_fails(tmp_path):
-    from dsv4.runtime import write_atomically
+    from dsv4.atomic import write_atomically
 
     path = tmp_path / "training.json"
     write_atomically(path, lambda tmp: tmp.write_text("old"))

@@ -225,7 +225,7 @@ def _train(par_args: dict, job: dict) -> None:
 
         def save(state, checkpoint_id):
             real(state, checkpoint_id=checkpoint_id)
-            if par.rank == who and checkpoint_id.endswith(f"{step:08d}"):
+            if par.rank == who and Path(checkpoint_id).name.startswith(f".step-{step:08d}.tmp-"):
                 os._exit(17)
 
         dcp.save = save

@@ -8,7 +8,9 @@ Three namings of the same tensors are read:
   - HF transformers' in-memory names (``model.layers.N.self_attn.q_a_proj.weight``, ``mlp.experts.gate_up_proj``...).
 ``save_pretrained`` writes the second, which ``transformers.DeepseekV4ForCausalLM.from_pretrained`` loads; MTP weights
 go under ``mtp.`` with the official names (transformers ignores them). ``save_official`` writes the first, quantized
-as the released checkpoints are (FP8 matrices, FP4 routed experts). Both replace the target directory atomically.
+as the released checkpoints are (FP8 matrices, FP4 routed experts). Both replace the target directory atomically
+(``dsv4.atomic.write_directory_atomically``), and ``from_pretrained`` first recovers a directory whose writer was
+killed (``dsv4.atomic.recover_directory``).
 
 dsv4's own module names are the official ones, with the mHC units as modules (``hc_attn.fn``) and the routed experts
 stacked per layer (``ffn.experts.w1`` [E, I, d]).
@@ -18,16 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from dsv4.config import ModelConfig
+from dsv4.atomic import recover_directory, write_directory_atomically
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,12 @@ _META_BUILD_ABOVE = 20_000_000  # parameters
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None):
-    """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring)."""
+    """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring), after putting
+    back the previous version of it if a writer was killed while replacing it."""
     from dsv4.model import Transformer
 
     path = Path(path)
+    recover_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     config = ModelConfig.from_json(path / "config.json")
@@ -322,29 +324,6 @@ def official_state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[internal_to_official(name)] = t
     return out
-
-
-def _atomic_dir_write(path: Path, write) -> None:
-    """Write a directory's files into a temporary sibling, then swap it in: a failure leaves ``path`` as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "dir")
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old / "dir", path)  # put the previous directory back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_safetensors(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
@@ -395,7 +374,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype
         config.to_json(tmp / "config.json")
         _write_safetensors(tmp, tensors, max_shard_bytes)
 
-    _atomic_dir_write(Path(path), write)
+    write_directory_atomically(path, write)
 
 
 def _keeps_fp32(name: str) -> bool:
@@ -491,4 +470,4 @@ def save_official(model: torch.nn.Module, path: str | Path, fp8: bool = True, fp
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _write_safetensors(tmp, tensors, max_shard_bytes)
 
-    _atomic_dir_write(Path(path), write)
+    write_directory_atomically(path, write)

@@ -55,7 +55,8 @@ def convert(model: str | Path, out: str | Path, to: str = "official", fp8: bool 
     copying its side files (tokenizer and the like). ``fp8`` / ``fp4_experts`` / ``dtype`` are ``save_official``'s
     (``dtype`` alone for ``"hf"``). Returns the directory written."""
     import dsv4
-    from dsv4.checkpoint import _atomic_dir_write, save_official, save_pretrained
+    from dsv4.checkpoint import save_official, save_pretrained
+    from dsv4.atomic import write_directory_atomically
 
     if to not in LAYOUTS:
         raise ValueError(f"unknown layout {to!r}; choose one of {list(LAYOUTS)}")
@@ -81,7 +82,7 @@ def convert(model: str | Path, out: str | Path, to: str = "official", fp8: bool 
         for name, data in extra.items():
             (tmp / name).write_bytes(data)
 
-    _atomic_dir_write(out, write)
+    write_directory_atomically(out, write)
     return out
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.runtime import write_atomically
+from dsv4.atomic import write_atomically
 
 TRAINING_META = "training.json"
 DEFAULTS = {"seq_len": 256, "batch_size": 8, "val_fraction": 0.02, "seed": 0}  # dsv4 train's

@@ -1,5 +1,5 @@
-"""Process-level helpers: allocator tuning for the dsv4 commands (``dsv4 ...`` calls it first; library users may
-call it themselves), and ``write_atomically`` for single files.
+"""Process tuning for the dsv4 commands: allocator tuning (``dsv4 ...`` calls it first; library users may call it
+themselves). Atomic writes of files and directories are in ``dsv4.atomic``.
 
 glibc's malloc hands every allocation above its mmap threshold (dynamic, at most 32 MiB) back to the kernel when it is
 freed, and trims the heap top above 2x that; the next tensor of that size then page-faults all its memory again. On
@@ -14,8 +14,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
-from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
@@ -38,16 +36,3 @@ def tune_allocator() -> bool:
     pad_ok = mallopt(_M_TOP_PAD, 256 << 20) == 1
     _done = mmap_ok and trim_ok and pad_ok
     return _done
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file or
-    the new one, never half of one; if ``write`` fails the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

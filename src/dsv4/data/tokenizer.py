@@ -46,7 +46,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from dsv4 import chat
 from dsv4.data.corpus import Corpus, open_corpus
-from dsv4.runtime import write_atomically
+from dsv4.atomic import write_atomically
 
 BOS_TOKEN = chat.BOS  # "<｜begin▁of▁sentence｜>", id 0 of every tokenizer train_bpe makes
 EOS_TOKEN = chat.EOS  # "<｜end▁of▁sentence｜>", id 1

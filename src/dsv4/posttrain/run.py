@@ -136,7 +136,7 @@ def _report(log: Callable[[str], None] | None, stage: str, step: int, steps: int
 def run(args: argparse.Namespace) -> int:
     from dsv4.config import ModelConfig
     from dsv4.model import Transformer
-    from dsv4.runtime import write_atomically
+    from dsv4.atomic import write_atomically
 
     names = [n for n in args.tasks.split(",") if n]
     tasks = [task(n) for n in names]

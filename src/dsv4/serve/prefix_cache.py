@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dsv4.cache import ModelCache
-from dsv4.runtime import write_atomically
+from dsv4.atomic import write_atomically
 
 log = logging.getLogger("dsv4.serve")
 FORMAT = "dsv4-prefix-1"

@@ -21,8 +21,10 @@ The model knows nothing of any of this; ``Parallel.parallelize(model)`` applies 
 - **The aux-loss-free bias update** all-reduces the expert loads over all ranks (``update_router_bias``).
 - **Checkpoints** (``torch.distributed.checkpoint``): the model, the Muon and AdamW states (by parameter name) and
   the RNG in a ``step-XXXXXXXX`` directory, the experts stored as one ``[E, I, d]`` tensor sharded along E, so that
-  a checkpoint loads at any number of ranks and any ``ep``. Written into a temporary directory and renamed into place
-  by rank 0 after every rank finished; ``meta.json``, written last, marks it complete. Single-process checkpoints
+  a checkpoint loads at any number of ranks and any ``ep``. Rank 0 creates a temporary sibling directory
+  (``dsv4.atomic.atomic_directory``) and broadcasts its name, every rank writes its part into it, and after a barrier
+  rank 0 writes ``meta.json`` (the marker), fsyncs it all and renames it into place, the previous one of that step
+  removed only after that; older checkpoints are pruned after it. Single-process checkpoints
   (``dsv4.train.checkpoint``) load too.
 - ``save_pretrained`` gathers the full weights and writes the HF layout from rank 0, at any rank count.
 
@@ -37,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -559,17 +560,19 @@ class Parallel:
         tensors (the same on every rank) stored as ``trainer.<name>``."""
         import torch.distributed.checkpoint as dcp
 
-        from dsv4.train.checkpoint import list_checkpoints
+        from dsv4.atomic import atomic_directory
+        from dsv4.train.checkpoint import prune_checkpoints
 
         root = Path(root)
         final = root / f"step-{step:08d}"
-        tmp = root / f".tmp-step-{step:08d}"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        dist.barrier()
-        try:
+        # rank 0 owns the temporary directory (dsv4.atomic.atomic_directory) and tells the others its name; every
+        # rank writes its part into it, and rank 0 adds meta.json and renames it into place once all have finished
+        name: list[str | None] = [None]
+        with (atomic_directory(final) if self.is_main else contextlib.nullcontext()) as tmp:
+            if self.is_main:
+                name[0] = tmp.name
+            dist.broadcast_object_list(name, src=0, device=self.device)
+            tmp = root / name[0]
             state, _ = self._checkpoint_state(model, optimizer)
             state.update({f"trainer.{k}": v for k, v in (extra or {}).items()})
             dcp.save(state, checkpoint_id=str(tmp))
@@ -577,16 +580,9 @@ class Parallel:
             if self.is_main:
                 (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "format": "dcp",
                                                            "layout": self.layout()}, indent=2))  # last: the marker
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-        except BaseException:  # a failed write (or a lost rank) leaves no half-written directory behind
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # a failed write (or a lost rank) raised above: rank 0 removed the temporary directory, the old one stays
         if self.is_main:
-            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(root, keep, final)
         dist.barrier()
         return final
 
@@ -598,7 +594,10 @@ class Parallel:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
+        from dsv4.atomic import recover_directory
+
         path = Path(path)
+        recover_directory(path)  # on every rank: safe when several recover at once
         if not (path / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: meta.json is missing")
         if not is_distributed_checkpoint(path):

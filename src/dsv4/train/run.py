@@ -79,8 +79,10 @@ def add_arguments(p: argparse.ArgumentParser, demo: bool = False) -> None:
 
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse, before any work, a --resume with nothing to resume and a fresh run over existing checkpoints."""
-    from dsv4.train.checkpoint import list_checkpoints
+    from dsv4.train.checkpoint import list_checkpoints, recover_checkpoints
 
+    if resume:  # a checkpoint whose rewrite was killed between its two renames counts
+        recover_checkpoints(out / "checkpoints")
     found = list_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []
     if resume and not found:
         raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out / 'checkpoints'}")
