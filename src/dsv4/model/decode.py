@@ -286,6 +286,11 @@ def positions_of(state: DecodeState, tokens: int, limit: int) -> torch.Tensor:
     return start.unsqueeze(1) + torch.arange(tokens, device=start.device)
 
 
+def compiled_positions(state: DecodeState, tokens: int) -> torch.Tensor:
+    """``positions_of`` without its checks (which read values back): inside a compiled step."""
+    return torch.where(state.active, state.lengths, 0).unsqueeze(1) + torch.arange(tokens, device=state.lengths.device)
+
+
 def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos: torch.Tensor) -> torch.Tensor:
     """Write each row's new token [R, 1, d] (at positions ``pos`` [R]) into its incomplete block; rows whose block
     it completes emit their entry (the same pooling, norm and RoPE as ``Compressor.forward``). Returns every row's
@@ -295,6 +300,8 @@ def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos
     slot = pos % rate
     rows.part_kv[idx, slot] = upcast(compressor.wkv(x))[:, 0].to(rows.part_kv.dtype)
     rows.part_gate[idx, slot] = upcast(compressor.wgate(x))[:, 0].to(rows.part_gate.dtype)
+    if torch.compiler.is_compiling():  # static shapes: every row's entry computed, kept where its block ended
+        return _emit_static(compressor, rotary, rows, pos)
     done = (slot == rate - 1).nonzero()[:, 0]
     if done.numel():
         kv = rows.part_kv[done]  # [n, rate, width]
@@ -308,6 +315,27 @@ def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos
         block = pos[done] // rate
         cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
         rows.entries[done, block] = apply_rope(entry, cos, sin).to(rows.entries.dtype)
+    return rows.entries
+
+
+def _emit_static(compressor, rotary, rows: CompressorRows, pos: torch.Tensor) -> torch.Tensor:
+    """``compress_rows``'s emission with static shapes (a compiled step): each row's block pooled, and the entry and
+    overlap series written only where this token ended the block."""
+    rate = compressor.rate
+    done = (pos % rate == rate - 1).view(-1, 1, 1)
+    kv, gate = rows.part_kv, rows.part_gate + upcast(compressor.ape)
+    if compressor.overlap:
+        d = compressor.dim
+        prev_kv, prev_gate = rows.prev_kv.clone(), rows.prev_gate.clone()
+        rows.prev_kv.copy_(torch.where(done, kv[..., :d], rows.prev_kv))
+        rows.prev_gate.copy_(torch.where(done, gate[..., :d], rows.prev_gate))
+        kv, gate = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_gate, gate[..., d:]], dim=1)
+    entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [R, dim]
+    block = pos // rate
+    cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
+    idx = torch.arange(pos.shape[0], device=pos.device)
+    old = rows.entries[idx, block]
+    rows.entries[idx, block] = torch.where(done.view(-1, 1), apply_rope(entry, cos, sin).to(old.dtype), old)
     return rows.entries
 
 

@@ -24,8 +24,8 @@ from dsv4.model.precision import upcast
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix."""
-    if logits.device.type == "cpu" and logits[..., 0, 0].numel() <= _SMALL and \
-            not (torch.is_grad_enabled() and logits.requires_grad):
+    if logits.device.type == "cpu" and logits[..., 0, 0].numel() <= _SMALL and not torch.compiler.is_compiling() \
+            and not (torch.is_grad_enabled() and logits.requires_grad):
         return _sinkhorn_small(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
@@ -140,8 +140,8 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, d] -> (collapsed [B, S, d] float32, post [B, S, n], comb [B, S, n, n])."""
         n = self.n
-        if streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 and \
-                not (torch.is_grad_enabled() and (streams.requires_grad or self.fn.requires_grad)):
+        if streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 and not torch.compiler.is_compiling() \
+                and not (torch.is_grad_enabled() and (streams.requires_grad or self.fn.requires_grad)):
             return self._forward_one(streams)
         mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)

@@ -16,7 +16,7 @@ from torch import nn
 from dsv4.cache import LayerCache, ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
-from dsv4.model.decode import DecodeState, advance, positions_of
+from dsv4.model.decode import DecodeState, advance, compiled_positions, positions_of
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
@@ -178,6 +178,8 @@ class Transformer(nn.Module):
             if input_ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids batch {input_ids.shape[0]} != cache batch {cache.batch_size}")
             if isinstance(cache, DecodeState):  # rows at their own positions
+                if torch.compiler.is_compiling():  # a compiled step: its caller checked ids and room
+                    return compiled_positions(cache, input_ids.shape[1])
                 self._check_ids(input_ids)
                 return positions_of(cache, input_ids.shape[1], self.config.max_position_embeddings)
             start = cache.seen

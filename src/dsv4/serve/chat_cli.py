@@ -12,6 +12,7 @@ from dsv4.serve.cli import add_engine_arguments, build_engine
 
 def add_arguments(p) -> None:
     add_engine_arguments(p)
+    p.set_defaults(max_num_seqs=1)  # one conversation
     p.add_argument("--system", default=None, help="a system message at the start of the conversation")
     p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before it answers")
     p.add_argument("--reasoning-effort", choices=["high", "max"], default=None, help="with --thinking")

@@ -27,6 +27,10 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--kv-cache-dir", default=None, help="a directory for the prefix cache's disk tier")
     p.add_argument("--kv-cache-disk-gib", type=float, default=16.0, help="the disk tier's budget")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="compile the decoding step (torch.compile; minutes the first time, cached after). Default: "
+                        "on where it pays, with rows enough that every step runs all the experts")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="decode eager")
     p.add_argument("--speculative", action="store_true",
                    help="the MTP block drafts each row's next token and every step checks it (same outputs: greedy "
                         "identical, sampling from the same distribution); pays where a step costs less than twice "
@@ -72,7 +76,8 @@ def build_engine(args):
                     kv_memory_bytes=None if args.kv_memory_gib is None else int(args.kv_memory_gib * GIB),
                     prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache,
                     cache_memory_bytes=int(args.kv_cache_memory_gib * GIB), cache_dir=args.kv_cache_dir,
-                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB), speculative=args.speculative)
+                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB), speculative=args.speculative,
+                    compile=args.compile)
     return engine, tokenizer, path
 
 
@@ -105,7 +110,9 @@ def run(args) -> int:
     threading.Thread(target=serve_http, name="dsv4-http", daemon=True).start()
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.max_model_len} "
           f"tokens, {engine.rows * engine.row_bytes / GIB:.2f} GiB of decode state; prefix cache "
-          f"{'off' if engine.prefix is None else 'on'})", file=sys.stderr, flush=True)
+          f"{'off' if engine.prefix is None else 'on'}; decoding step "
+          f"{'eager' if engine.compile_seconds is None else f'compiled in {engine.compile_seconds:.0f} s'})",
+          file=sys.stderr, flush=True)
     engine.run()
     server.should_exit = True
     return 1 if engine.error is not None else 0

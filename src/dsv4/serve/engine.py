@@ -146,7 +146,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_model_len: int | None = None, max_num_seqs: int = 8,
                  kv_memory_bytes: int | None = None, prefill_chunk: int = 512, prefix_cache: bool = True,
                  cache_memory_bytes: int = 2 << 30, cache_dir=None, cache_disk_bytes: int = 16 << 30,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool | None = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         if speculative and not len(model.mtp):
@@ -172,6 +172,12 @@ class Engine:
         self.rows = rows
         with torch.inference_mode():
             self.state = DecodeState(model, rows, capacity, mtp=speculative)
+        self.step = self._eager_step
+        self.compile_seconds: float | None = None
+        if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row)
+            compile = not speculative and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
+        if compile:
+            self._compile()
         self.prefix: PrefixCache | None = None
         if prefix_cache:
             self.prefix = PrefixCache(
@@ -191,6 +197,32 @@ class Engine:
         self._kv_in_use = 0
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
                       "drafts": 0, "accepted": 0}
+
+    # ---------------------------------------------------------------------------------------------- the step
+    def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decoding step: a token per row -> logits [R, V]."""
+        return self.model(tokens.unsqueeze(1).to(self.model.device), cache=self.state)[:, 0]
+
+    def _compile(self) -> None:
+        """The decoding step compiled once for this engine's (rows, capacity) (``torch.compile``: inductor's C++ on
+        the CPU; its cache keeps the result between runs) and warmed up on the empty state. Where no compiler
+        works, one warning and the eager step."""
+        compiled = torch.compile(self._eager_step, dynamic=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            try:
+                compiled(torch.zeros(self.rows, dtype=torch.long))
+            except Exception as e:  # no C++ compiler, an unsupported backend: serve eager
+                log.warning("the compiled decoding step is not available (%s: %s); decoding eager",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                return
+            finally:
+                for r in range(self.rows):  # the warm-up computed on the free rows: clear them
+                    self.state.reset_row(r)
+        self.compile_seconds = time.perf_counter() - t0
+        self.step = compiled
+        log.info("decoding step compiled for %d rows of %d tokens in %.1f s", self.rows, self.state.capacity,
+                 self.compile_seconds)
 
     # ------------------------------------------------------------------------------------------------ interface
     def new_decoder(self):
@@ -389,7 +421,7 @@ class Engine:
         tokens = torch.zeros(self.state.rows, dtype=torch.long)
         for row, sample in self.running.items():
             tokens[row] = sample.all_ids[-1]
-        logits = self.model(tokens.unsqueeze(1).to(self.model.device), cache=self.state)[:, 0]
+        logits = self.step(tokens)
         self.stats["steps"] += 1
         for row, sample in list(self.running.items()):
             self._store_boundary(sample)
