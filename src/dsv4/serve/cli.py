@@ -34,7 +34,7 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="the MTP block drafts each row's next token and every step checks it (same outputs: greedy "
                         "identical, sampling from the same distribution); pays where a step costs less than twice "
-                        "a one-token step")
+                        "a one-token step; its steps run eager")
 
 
 def add_arguments(p) -> None:

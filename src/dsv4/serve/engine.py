@@ -175,8 +175,8 @@ class Engine:
         self.step = self._eager_step
         self.compile_seconds: float | None = None
         if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row)
-            compile = not speculative and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
-        if compile:
+            compile = rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
+        if compile and not speculative:  # speculative steps (two tokens a row, then the MTP block) run eager
             self._compile()
         self.prefix: PrefixCache | None = None
         if prefix_cache:
@@ -187,7 +187,7 @@ class Engine:
         self.eos = tokenizer.eos_id
         self.incoming: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Request] = deque()
-        self.prefilling: list = []  # [request, cache, position, cuts] of admitted prompts, oldest first
+        self.prefilling: list[Prefill] = []  # admitted prompts, oldest first
         self.running: dict[int, Sample] = {}  # row -> sample
         self.free = list(range(rows))
         self.wake = threading.Event()
