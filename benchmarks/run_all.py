@@ -72,7 +72,8 @@ test."""
 SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
 weights: speed, not text). Concurrent: 16 clients at once, prompts of 256 to 1,024 tokens, 256
 output tokens each (EOS ignored), against the same requests one at a time on a server that
-decodes one row. Agent: one session whose every turn resends the conversation plus a tool result
+decodes one row (the 16-row server compiles its decoding step, dsv4 serve's default there; the
+one-row servers decode eager, their faster form). Agent: one session whose every turn resends the conversation plus a tool result
 of about 400 tokens, to 32K tokens; TTFT is the mean over every 8th turn and the last, against the
 same turns on a server without the prefix cache; after restart: the next turn on a new server over
 the same --kv-cache-dir, against that turn served cold."""
