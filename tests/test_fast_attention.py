@@ -114,14 +114,14 @@ def test_decode_step_token_by_token_matches_reference_full(sparse, batch):
 def test_decode_of_a_few_tokens_per_call_matches_reference_full(sparse, monkeypatch):
     # calls of 1 to 16 tokens, all on the decoding path (the general one is made to fail): entries emitted inside a
     # call are visible to its later queries only; the ring wraps within a call
-    from dsv4.model.attention import Attention
+    from dsv4.model import attention
 
     model = model_for(index_topk=3).eval().set_indexer_phase(sparse, False)
     ids = torch.randint(0, 211, (2, 60), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         ref = model.set_attention("reference")(ids)
         model.set_attention("fast")
-        monkeypatch.setattr(Attention, "fast", lambda *a, **k: pytest.fail("a short cached call took the block path"))
+        monkeypatch.setattr(attention, "fast", lambda *a, **k: pytest.fail("a short cached call took the block path"))
         cache, steps, i = model.new_cache(2), [], 0
         for n in (2, 3, 1, 5, 16, 4, 7, 2, 11, 9):
             steps.append(model(ids[:, i:i + n], cache=cache))
@@ -170,6 +170,7 @@ def test_attend_and_merge_equal_one_softmax(spread):
     """Key sets joined by ``merge`` give the reference's single softmax, also when logits span far more than the
     exp floor (weights under e^-80 dropped), and a fully masked set weighs exactly 0."""
     from dsv4.model import kernels
+    from dsv4.model.reference import reference_attention
 
     g = torch.Generator().manual_seed(3)
     b, nq, h, c, kw, kc = 2, 5, 3, 8, 7, 4
@@ -184,7 +185,7 @@ def test_attend_and_merge_equal_one_softmax(spread):
     for i in range(nq):
         keys = torch.cat([wk, ck[:, i]], dim=1)
         mask = torch.cat([wmask[:, i:i + 1].expand(b, 1, kw), cmask[:, i:i + 1]], dim=-1)
-        ref = kernels.reference_attention(q[:, i:i + 1], keys, mask, sinks, 1.0)
+        ref = reference_attention(q[:, i:i + 1], keys, mask, sinks, 1.0)
         torch.testing.assert_close(out[:, i:i + 1], ref, atol=1e-5, rtol=1e-5)
 
 

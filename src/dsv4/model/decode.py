@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.cache import CompressorState, LayerCache, ModelCache
+from dsv4.model import kernels
 from dsv4.model.indexer import chunk_scores, topk_lower_index
 from dsv4.model.precision import compute_dtype, upcast
+from dsv4.model.reference import window_visible
 from dsv4.model.rope import apply_rope
 
 
@@ -389,7 +391,7 @@ def attend_rows_many(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q
     keys = torch.cat([upcast(layer.ring), upcast(kv)], dim=1)  # [R, W + S, c]
     kpos = torch.cat([layer.ring_pos, positions], dim=1).unsqueeze(1)  # [R, 1, W + S]
     t = positions.unsqueeze(-1)  # [R, S, 1]
-    mask = (kpos <= t) & (kpos > t - attn.window) & (kpos >= 0)  # [R, S, W + S]
+    mask = window_visible(kpos, t, attn.window)  # [R, S, W + S]
     for j in range(s):
         layer.ring[idx, positions[:, j] % attn.window] = kv[:, j].to(layer.ring.dtype)
         layer.ring_pos[idx, positions[:, j] % attn.window] = positions[:, j]
@@ -427,3 +429,73 @@ def attend_rows_many(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q
         own = probs[..., shared:].reshape(r * s, h, -1)
         out = out + torch.bmm(own, picked[0].reshape(r * s, -1, c)).view(r, s, h, c)
     return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------- a few tokens against a ModelCache
+def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> torch.Tensor:
+    """The fast path for a few new tokens per row with a cache (decoding; a speculative draft's check) in a few
+    batched ops, where the general one spends some hundred small ops on blocks, masks and merges. One softmax
+    per query joins its window (the ring before this call's writes, plus the new tokens up to its own; for one
+    token, the ring after its write, unmasked once full), its visible entries (HCA and CSA's dense phase: all;
+    CSA: the indexer's top-k of them) and the sink. Tests hold it to the reference path, outputs and
+    gradients."""
+    b, s, h, c = q.shape
+    t = positions.unsqueeze(-1)  # [s, 1]
+    if s == 1 and not kv.requires_grad:  # once this token is written, the ring holds exactly its window (slot
+        # order does not matter); with autograd the ring's detached copy would cut the new key's gradient
+        cache.write_window(kv, positions)
+        keys, kpos = cache.window_keys()
+        keys = upcast(keys)
+        # empty slots hold -1; on a GPU the position is not read back (a wait on the device per layer)
+        full = positions.device.type == "cpu" and int(positions[0]) >= attn.window - 1
+        mask = None if full else (kpos >= 0).unsqueeze(0)
+    else:
+        ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes
+        keys, kpos = upcast(kv), positions
+        if ring is not None:
+            keys, kpos = torch.cat([upcast(ring), keys], dim=1), torch.cat([ring_pos, positions])
+        mask = (kpos <= t) & (kpos > t - attn.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
+        cache.write_window(kv, positions)
+    own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
+    if attn.compressor is not None:
+        entries = upcast(attn.compressor.all_entries(x, attn.rotary, cache.compressor))  # [B, T, c]
+        n = entries.shape[1]
+
+        def visible() -> torch.Tensor:  # [s, n]: one query sees every entry emitted so far
+            return torch.arange(n, device=q.device) < torch.div(t + 1, attn.rate, rounding_mode="floor")
+
+        if attn.indexer is not None:  # its keys advance even when unused (dense phase, no entry yet)
+            xd, qd = x.detach(), q_latent.detach()
+            index_keys = attn.indexer.keys(xd, attn.rotary, cache.indexer)
+            if attn.sparse and n > attn.indexer.topk:
+                qi, wi = attn.indexer.queries(xd, qd, positions, attn.rotary)
+                scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))  # [B, s, T]
+                if s > 1:  # the last queries see entries that the first do not
+                    scores = scores.masked_fill(~visible(), float("-inf"))
+                idx = topk_lower_index(scores, attn.indexer.topk)  # [B, s, k]
+                picked = kernels.gather_rows(entries.reshape(b * n, c), kernels.flat_rows(idx, n)).view(b, s, -1, c)
+                # one query sees every entry emitted so far, so each of its k > n picks is visible
+                own = picked, None if s == 1 else scores.gather(-1, idx) > float("-inf")
+        if own is None:
+            keys = torch.cat([keys, entries], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
+    qs = upcast(q) * attn.scale
+    if own is None:  # one key set for every query: [B, s H, c] x [B, c, L]
+        logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
+        mask = None if mask is None else mask.unsqueeze(-2)  # [s, 1, L]
+    else:  # each query its own keys: the window's, then its top-k entries
+        keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, s, L, c]
+        if mask is not None or own[1] is not None:
+            picks = own[1] if own[1] is not None else mask.new_ones(1, 1, own[0].shape[2]).expand(b, s, -1)
+            mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, s, 1, L]
+        logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    sink = upcast(attn.attn_sink).view(1, 1, h, 1).expand(b, s, h, 1)
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    if own is None:
+        out = torch.matmul(probs.reshape(b, s * h, -1), keys)
+    else:
+        out = torch.bmm(probs.reshape(b * s, h, -1), keys.reshape(b * s, -1, c))
+    return out.view(b, s, h, c).to(q.dtype)

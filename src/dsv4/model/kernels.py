@@ -1,9 +1,8 @@
-"""Attention math: one softmax over every key a query may use (window keys and compressed entries alike) plus a
-per-head sink logit that adds to the denominator only (spec 2.2.6).
-
-``reference_attention``: plain, dense, masked; written to be read, not to be fast. The fast path splits a query's keys
-into sets (its window band, its compressed entries), computes each set's unnormalized ``Partial`` with ``attend`` and
-joins them with ``merge``: the same softmax, assembled as flash attention does, without concatenating keys.
+"""Attention math of the fast paths: one softmax over every key a query may use (window keys and compressed entries
+alike) plus a per-head sink logit that adds to the denominator only (spec 2.2.6). A query's keys come in sets (its
+window band, its compressed entries); ``attend`` computes each set's unnormalized ``Partial`` and ``merge`` joins them:
+the same softmax as ``dsv4.model.reference.reference_attention``, assembled as flash attention does, without
+concatenating keys.
 """
 
 from __future__ import annotations
@@ -13,19 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.model.precision import upcast
-
-
-def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """q [B, S, H, c]; keys [B, K, c] (K = V, one shared head); mask [B or 1, S, K] bool; sinks [H].
-
-    Returns [B, S, H, c] in q's dtype. Softmax in float32.
-    """
-    logits = torch.einsum("bshc,bkc->bhsk", upcast(q), upcast(keys)) * scale
-    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    sink = upcast(sinks).view(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], 1)
-    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bhsk,bkc->bshc", probs, upcast(keys)).to(q.dtype)
 
 
 _MASKED = -1e30  # a finite "minus infinity" for masked logits: a fully masked key set then weighs exactly 0
@@ -165,3 +151,14 @@ def merge(parts: list[Partial], sinks: torch.Tensor) -> tuple[torch.Tensor, list
         den = den + p.s * w
         factors.append(w)
     return num / den.unsqueeze(-1), [w / den for w in factors]
+
+
+def flat_rows(idx: torch.Tensor, t: int) -> torch.Tensor:
+    """Entry indices idx [B, ...] into each row's T entries -> rows of the flattened entries [B T, c]."""
+    b = idx.shape[0]
+    return idx + (torch.arange(b, device=idx.device) * t).view(b, *[1] * (idx.dim() - 1))
+
+
+def gather_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows [...] of flat [N, c] as [..., c]: one gather of the shared K=V serves every head."""
+    return flat.index_select(0, rows.flatten()).view(*rows.shape, flat.shape[-1])

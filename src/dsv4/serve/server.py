@@ -20,7 +20,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from dsv4 import chat
 from dsv4.serve.engine import Engine, EngineError, Event, Request, SamplingParams, add_event, new_outputs
