@@ -164,7 +164,7 @@ torch.set_num_threads(1)
 import safetensors.torch
 sys.path.insert(0, sys.argv[2])
 from test_atomic_write import model
-from dsv4.checkpoint import save_pretrained
+from dsv4.weights import save_pretrained
 from dsv4.train.checkpoint import save_checkpoint
 
 work = Path(sys.argv[1])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv4
 from dsv4 import ModelConfig, quant
-from dsv4.checkpoint import read_tensors, save_official, save_pretrained
+from dsv4.weights import read_tensors, save_official, save_pretrained
 from dsv4.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 
 FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
@@ -191,9 +191,9 @@ def test_official_tid2eid_is_loaded(model, official_loaded):
 
 
 def test_meta_device_build_loads_the_same(official_dir, official_loaded, monkeypatch):
-    import dsv4.checkpoint
+    import dsv4.weights.hf
 
-    monkeypatch.setattr(dsv4.checkpoint, "_META_BUILD_ABOVE", 0)
+    monkeypatch.setattr(dsv4.weights.hf, "_META_BUILD_ABOVE", 0)
     assert_state_equals(dsv4.from_pretrained(official_dir), official_loaded.state_dict())
 
 

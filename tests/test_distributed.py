@@ -97,7 +97,7 @@ def reference_trainer(out: Path):
 
 
 def distributed_trainer(par, model, data, cfg, out):
-    from dsv4.train.distributed import DistributedTrainer
+    from dsv4.parallel.trainer import DistributedTrainer
 
     class DistTrainer(DistributedTrainer):
         def make_optimizer(self):
@@ -124,7 +124,7 @@ def _ep_layer_check(par) -> None:
     import torch.distributed as dist
 
     from dsv4.model.moe import MoE
-    from dsv4.train.distributed import expert_parallel
+    from dsv4.parallel.expert import expert_parallel
 
     cfg = tiny_config()
     rank, world = par.rank, par.world
@@ -166,7 +166,7 @@ def _muon_check(par) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from dsv4.train.distributed import DistributedMuon
+    from dsv4.parallel.muon import DistributedMuon
     from dsv4.train.optim import Muon
 
     mesh = init_device_mesh("cpu", (par.world,))
@@ -199,7 +199,7 @@ def one_backward(trainer) -> None:
 
 
 def _grads(job: dict) -> None:
-    from dsv4.train.distributed import Parallel
+    from dsv4.parallel.mesh import Parallel
 
     par = Parallel.init(timeout_s=PG_TIMEOUT_S, ep=job["ep"])
     model = par.parallelize(new_model())
@@ -212,7 +212,7 @@ def _grads(job: dict) -> None:
 
 
 def _train(par_args: dict, job: dict) -> None:
-    from dsv4.train.distributed import Parallel
+    from dsv4.parallel.mesh import Parallel
 
     par = Parallel.init(timeout_s=job.get("timeout", PG_TIMEOUT_S), **par_args)
     model = par.parallelize(new_model())
@@ -243,7 +243,7 @@ def _train(par_args: dict, job: dict) -> None:
 def worker(spec_path: str) -> None:
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
-    from dsv4.train.distributed import Parallel
+    from dsv4.parallel.mesh import Parallel
 
     first = Parallel.init(timeout_s=PG_TIMEOUT_S)
     for job in spec["jobs"]:
@@ -477,7 +477,7 @@ def one_rank_group(monkeypatch):
     """A one-rank gloo process group in the pytest process, ended afterwards."""
     import torch.distributed as dist
 
-    from dsv4.train.distributed import Parallel
+    from dsv4.parallel.mesh import Parallel
 
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -512,7 +512,7 @@ def test_a_checkpoint_of_another_model_or_a_truncated_one_is_a_clear_error(one_r
 def test_a_failing_checkpoint_write_stops_the_run_with_a_clear_error(one_rank_group, tmp_path, monkeypatch, capsys):
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    from dsv4.train.distributed import DistributedError
+    from dsv4.parallel.mesh import DistributedError
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -182,7 +182,7 @@ def test_convert_to_official_and_back_reproduces_the_qat_weights(tmp_path, capsy
                                     "--out", str(tmp_path / "official"), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["experts"] == "fp4" and "tokenizer.json" in record["files"]
-    stored = dsv4.checkpoint.read_tensors(tmp_path / "official")
+    stored = dsv4.weights.read_tensors(tmp_path / "official")
     assert stored["layers.1.ffn.experts.0.w2.weight"].dtype == torch.int8
     assert tuple(stored["layers.1.ffn.experts.0.w2.scale"].shape) == (64, 96 // 32)
     assert (tmp_path / "official" / "tokenizer.json").read_text() == '{"stand-in": true}'

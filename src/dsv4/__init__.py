@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def from_pretrained(path, **kwargs) -> Transformer:
     """Load a model from a directory in HF transformers layout or DeepSeek's official layout (safetensors only)."""
-    from dsv4.checkpoint import from_pretrained as _load
+    from dsv4.weights import from_pretrained as _load
 
     return _load(path, **kwargs)
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "bench": ("dsv4.bench", "prefill / decode benchmarks of V4 attention against dense attention (JSON)"),
     "convert": ("dsv4.convert", "rewrite a saved model in DeepSeek's official layout (FP8 + FP4 experts) or HF layout"),
     "eval": ("dsv4.evaluate", "validation loss of a saved model; --fp4: also with real FP4 routed experts"),
-    "cost": ("dsv4.cost", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
+    "cost": ("dsv4.cost.report", "analytic per-token decode FLOPs and KV-cache bytes against V3.2, V3 and GQA-8"),
     "posttrain": ("dsv4.posttrain.run",
                   "specialists (SFT, GRPO) merged by on-policy distillation, on small verifiable domains"),
     "serve": ("dsv4.serve.cli", "the OpenAI API (chat and completions) on a saved model, with exact prefix reuse"),

@@ -1,9 +1,9 @@
-"""ModelConfig: the shape of a DeepSeek-V4 model.
+"""ModelConfig: the shape of a DeepSeek-V4 model, its presets and its validation.
 
 Field names are those of HF transformers' ``DeepseekV4Config`` so that a ``config.json`` moves between the two
-unchanged. ``from_json`` also reads the legacy fields of DeepSeek's released configs (``compress_ratios``,
-``num_hash_layers``, ``qk_rope_head_dim``, ``rope_scaling``) and the ``inference/config.json`` names of the official
-reference code (``dim``, ``n_layers``, ``window_size``, ...). Facts: spec sections 1 and 9.
+unchanged. ``from_dict`` / ``from_json`` also read the legacy fields of DeepSeek's released configs
+(``compress_ratios``, ``num_hash_layers``, ...) and the ``inference/config.json`` names of the official reference code
+(``dim``, ``n_layers``, ...): ``dsv4.config_compat`` folds them into the HF fields first. Facts: spec sections 1 and 9.
 """
 
 from __future__ import annotations
@@ -22,29 +22,6 @@ LAYER_TYPES = (SLIDING, CSA, HCA)
 HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
-
-# The official inference/config.json (ModelArgs) names -> HF names.
-_OFFICIAL_ARG_NAMES = {
-    "dim": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "moe_inter_dim": "moe_intermediate_size",
-    "n_routed_experts": "n_routed_experts",
-    "n_shared_experts": "n_shared_experts",
-    "n_activated_experts": "num_experts_per_tok",
-    "score_func": "scoring_func",
-    "route_scale": "routed_scaling_factor",
-    "window_size": "sliding_window",
-    "norm_eps": "rms_norm_eps",
-    "n_mtp_layers": "num_nextn_predict_layers",
-    "max_seq_len": None,  # a runtime buffer size of the reference code, not a model fact
-    "max_batch_size": None,
-    "dtype": "_dtype",  # "fp8" on the released checkpoints -> quantization_config
-    "scale_fmt": "_scale_fmt",
-    "expert_dtype": "_expert_dtype",
-    "scale_dtype": None,
-}
-
 
 def _default_rope_parameters(rope_theta: float, compress_rope_theta: float, prf: float, flat: dict | None) -> dict:
     """HF's nesting: {"main": plain RoPE at rope_theta, "compress": ``flat`` (YaRN or plain) at compress_rope_theta}."""
@@ -300,68 +277,17 @@ class ModelConfig:
     def from_dict(cls, raw: dict) -> "ModelConfig":
         """Build from a config dict: HF ``DeepseekV4Config`` names, legacy DeepSeek names, or official ModelArgs names.
 
-        Legacy folding (spec 1.2, 9): ``compress_ratios`` (one entry per layer, MTP entries after the last layer are
-        dropped; 0 = sliding, 4 = CSA, any other positive ratio = HCA at that rate) -> ``layer_types`` (and the HCA
-        rate); ``num_hash_layers`` -> ``mlp_layer_types``; ``qk_rope_head_dim`` -> ``partial_rotary_factor``;
-        ``rope_scaling`` (YaRN) -> ``rope_parameters['compress']``; ``expert_dtype`` -> ``quantization_config``.
-        Unknown keys (``torch_dtype``, ``transformers_version``, ...) are ignored.
+        The legacy and official names are folded into HF's by ``dsv4.config_compat.to_hf_fields`` (spec 1.2, 9):
+        ``compress_ratios`` -> ``layer_types`` (and the HCA rate), ``num_hash_layers`` -> ``mlp_layer_types``,
+        ``qk_rope_head_dim`` -> ``partial_rotary_factor``, ``rope_scaling`` (YaRN) -> ``rope_parameters['compress']``,
+        ``expert_dtype`` -> ``quantization_config``. Unknown keys (``torch_dtype``, ``transformers_version``, ...) are
+        ignored.
         """
+        from dsv4.config_compat import to_hf_fields
+
         if not isinstance(raw, dict):
             raise ValueError(f"ModelConfig.from_dict: a config must be a dict, got {type(raw).__name__}")
-        d = dict(raw)
-        if "text_config" in d and isinstance(d["text_config"], dict):
-            d = {**{k: v for k, v in d.items() if k == "quantization_config"}, **d["text_config"]}
-        # Official inference/config.json (ModelArgs) names.
-        if "dim" in d or "n_layers" in d:
-            d = _from_official_args(d)
-        legacy_ratios = d.pop("compress_ratios", None)
-        num_hash = d.pop("num_hash_layers", None)
-        rope_head = d.pop("qk_rope_head_dim", None)
-        csa_rate = d.pop("compress_rate_csa", None)
-        hca_rate = d.pop("compress_rate_hca", None)
-        rope_scaling = d.pop("rope_scaling", None)
-        expert_dtype = d.pop("expert_dtype", None)
-        n = d.get("num_hidden_layers", cls.num_hidden_layers)
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"ModelConfig.num_hidden_layers: must be a positive integer, got {n!r}")
-        rates = d.get("compress_rates")
-        if rates is not None and not isinstance(rates, dict):
-            raise ValueError(f"ModelConfig.compress_rates: must be a dict {{layer type: rate}}, got {rates!r}")
-        rates = dict(rates or {})
-        if csa_rate is not None:
-            rates[CSA] = csa_rate
-        if hca_rate is not None:
-            rates[HCA] = hca_rate
-        if legacy_ratios is not None and d.get("layer_types") is None:
-            d["layer_types"], hca_from_ratios = _layer_types_from_ratios(legacy_ratios, n, rates.get(CSA, 4))
-            if hca_from_ratios is not None:
-                if rates.get(HCA, hca_from_ratios) != hca_from_ratios:
-                    raise ValueError(f"ModelConfig.compress_ratios: HCA ratio {hca_from_ratios} disagrees with "
-                                     f"compress_rates[{HCA!r}] = {rates[HCA]}")
-                rates[HCA] = hca_from_ratios
-        if rates:
-            d["compress_rates"] = rates
-        if d.get("mlp_layer_types") is None and num_hash is not None:
-            if not isinstance(num_hash, int) or isinstance(num_hash, bool) or num_hash < 0:
-                raise ValueError(f"ModelConfig.num_hash_layers: must be an integer >= 0, got {num_hash!r}")
-            d["mlp_layer_types"] = [HASH_MOE] * min(n, num_hash) + [MOE] * max(0, n - num_hash)
-        if d.get("partial_rotary_factor") is None and rope_head is not None:
-            head_dim = d.get("head_dim", cls.head_dim)
-            if not isinstance(rope_head, (int, float)) or not isinstance(head_dim, int) or head_dim <= 0:
-                raise ValueError(f"ModelConfig.qk_rope_head_dim: must be a number of dims, got {rope_head!r} "
-                                 f"(head_dim {head_dim!r})")
-            d["partial_rotary_factor"] = rope_head / head_dim
-        if d.get("rope_parameters") is None and rope_scaling is not None:
-            if not isinstance(rope_scaling, dict):
-                raise ValueError(f"ModelConfig.rope_parameters: rope_scaling must be a dict, got {rope_scaling!r}")
-            d["rope_parameters"] = dict(rope_scaling)
-        q = d.get("quantization_config")
-        if expert_dtype is not None and isinstance(q, dict) and "expert_dtype" not in q:
-            d["quantization_config"] = {**q, "expert_dtype": expert_dtype}
-        # Like HF, a schedule longer than num_hidden_layers is cut (released configs list the MTP layer last).
-        for k in ("layer_types", "mlp_layer_types"):
-            if isinstance(d.get(k), list):
-                d[k] = d[k][:n]
+        d = to_hf_fields(raw, cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if isinstance(kwargs.get("eos_token_id"), list) and len(kwargs["eos_token_id"]) == 1:
@@ -435,60 +361,6 @@ class ModelConfig:
         if include_mtp:
             total += self.num_nextn_predict_layers * mtp
         return total
-
-
-def _from_official_args(d: dict) -> dict:
-    """The official ``inference/config.json`` (``ModelArgs``) names -> HF / legacy names."""
-    d = dict(d)
-    for old, new in _OFFICIAL_ARG_NAMES.items():
-        if old in d:
-            v = d.pop(old)
-            if new is not None:
-                d.setdefault(new, v)
-    if "rope_head_dim" in d:
-        d.setdefault("qk_rope_head_dim", d.pop("rope_head_dim"))
-    if "n_hash_layers" in d:
-        d.setdefault("num_hash_layers", d.pop("n_hash_layers"))
-    factor = d.pop("rope_factor", None)
-    orig = d.pop("original_seq_len", None)
-    beta_fast, beta_slow = d.pop("beta_fast", 32), d.pop("beta_slow", 1)
-    # ModelArgs applies YaRN (to the compressed layers only) when original_seq_len > 0.
-    if factor and orig:
-        d.setdefault("rope_scaling", {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig,
-                                      "beta_fast": beta_fast, "beta_slow": beta_slow})
-    if d.get("quantization_config") is None and d.get("_dtype") == "fp8":
-        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": d.get("_scale_fmt") or "ue8m0",
-                                    "weight_block_size": [128, 128]}
-        if d.get("_expert_dtype"):
-            d["quantization_config"]["expert_dtype"] = d["_expert_dtype"]
-    return d
-
-
-def _layer_types_from_ratios(ratios: Any, n: int, csa_rate: int) -> tuple[list[str], int | None]:
-    """Legacy per-layer ``compress_ratios`` -> (layer_types for the first n layers, the HCA rate they use or None).
-
-    0 (and 1) = no compressor; ``csa_rate`` (4) = CSA, with overlap and indexer; any other positive ratio = HCA.
-    Entries past n (the MTP layers of the released configs) are dropped.
-    """
-    if not isinstance(ratios, (list, tuple)):
-        raise ValueError(f"ModelConfig.compress_ratios: must be a list of per-layer ratios, got {ratios!r}")
-    if len(ratios) < n:
-        raise ValueError(f"ModelConfig.compress_ratios: has {len(ratios)} entries but num_hidden_layers is {n}")
-    bad = [r for r in ratios if not isinstance(r, int) or isinstance(r, bool) or r < 0]
-    if bad:
-        raise ValueError(f"ModelConfig.compress_ratios: ratios must be integers >= 0, got {bad}")
-    types, hca = [], set()
-    for r in ratios[:n]:
-        if r in (0, 1):
-            types.append(SLIDING)
-        elif r == csa_rate:
-            types.append(CSA)
-        else:
-            types.append(HCA)
-            hca.add(r)
-    if len(hca) > 1:
-        raise ValueError(f"ModelConfig.compress_ratios: more than one HCA ratio {sorted(hca)}; V4 has one")
-    return types, (hca.pop() if hca else None)
 
 
 def _v4_schedule(n: int, first: list[str]) -> list[str]:

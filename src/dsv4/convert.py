@@ -55,7 +55,7 @@ def convert(model: str | Path, out: str | Path, to: str = "official", fp8: bool 
     copying its side files (tokenizer and the like). ``fp8`` / ``fp4_experts`` / ``dtype`` are ``save_official``'s
     (``dtype`` alone for ``"hf"``). Returns the directory written."""
     import dsv4
-    from dsv4.checkpoint import save_official, save_pretrained
+    from dsv4.weights import save_official, save_pretrained
     from dsv4.atomic import write_directory_atomically
 
     if to not in LAYOUTS:

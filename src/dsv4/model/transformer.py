@@ -271,6 +271,6 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def save_pretrained(self, path, **kwargs) -> None:
-        from dsv4.checkpoint import save_pretrained
+        from dsv4.weights import save_pretrained
 
         save_pretrained(self, path, **kwargs)

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.base:
-        from dsv4.checkpoint import from_pretrained
+        from dsv4.weights import from_pretrained
 
         base = from_pretrained(args.base, dtype=torch.float32)
     else:

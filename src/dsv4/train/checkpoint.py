@@ -74,7 +74,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> tuple[dict, dic
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from dsv4.checkpoint import load_state
+    from dsv4.weights import load_state
 
     path = Path(path)
     recover_directory(path)

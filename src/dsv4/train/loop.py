@@ -134,7 +134,7 @@ def lm_losses(model: Transformer, batch: Batch, alpha: float, total: Callable | 
     the indexer's KL loss and recall when its training is on (``Transformer.set_indexer_phase``).
 
     No loss crosses a document: targets in another segment than their input are ignored (``dsv4.data.packing``).
-    ``total`` (data parallel, ``dsv4.train.distributed``) sums a count over all ranks: each loss is then this rank's
+    ``total`` (data parallel, ``dsv4.parallel.trainer``) sums a count over all ranks: each loss is then this rank's
     share of the mean over the global batch (token counts and sequence counts of all ranks), so that the shares of
     all ranks add up to the loss one process computes on the whole global batch.
     """
@@ -218,7 +218,7 @@ class Trainer:
         self.anticipatory = AnticipatoryRouting(routers, cfg.anticipatory_delay, cfg.anticipatory_duration,
                                                 sigma=cfg.spike_sigma) if cfg.anticipatory_routing and routers else None
 
-    # ------------------------------------------------ hooks (dsv4.train.distributed.DistributedTrainer overrides them)
+    # --------------------------------------------------- hooks (dsv4.parallel.DistributedTrainer overrides them)
     def make_optimizer(self):
         return build_optimizer(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 

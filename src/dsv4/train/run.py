@@ -7,7 +7,8 @@ The run directory holds ``tokenizer.json`` (trained on the corpus unless ``--tok
 ``tb/``, and at the end ``model/`` in HF layout (what ``dsv4 generate --model`` and ``dsv4.from_pretrained`` read).
 
 Under ``torchrun --nproc_per_node=N`` the same command trains on N ranks (FSDP2 + expert parallelism, ``--ep``,
-``--dp-shard``; ``--batch-size`` rows per rank): docs/distributed.md, ``dsv4.train.distributed``.
+``--dp-shard``; ``--batch-size`` rows per rank): docs/distributed.md, ``dsv4.parallel`` (``dsv4.parallel.launch`` is
+what this module calls).
 
 A directory that already holds checkpoints is only continued with ``--resume`` (which then needs one); a
 ``tokenizer.json`` and ``shards/`` already there are re-used, so a run that stopped before its first checkpoint
@@ -72,9 +73,9 @@ def add_arguments(p: argparse.ArgumentParser, demo: bool = False) -> None:
                                                                 if demo else "PyTorch's)"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if not demo:
-        from dsv4.train import distributed
+        from dsv4.parallel import launch
 
-        distributed.add_arguments(p)  # --ep, --dp-shard, --dist-timeout
+        launch.add_arguments(p)  # --ep, --dp-shard, --dist-timeout
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -158,7 +159,7 @@ class TrainResult:
 def train(args: argparse.Namespace, say=print) -> TrainResult:
     """The whole ``dsv4 train`` run: prepare, train (resuming with ``args.resume``), evaluate, save ``model/``."""
     from dsv4.model import Transformer
-    from dsv4.train import distributed
+    from dsv4.parallel import launch
     from dsv4.train.flops import matmul_peak_flops, train_flops_per_token
     from dsv4.train.loop import TrainConfig, evaluate
     from dsv4.train.tensorboard import EventWriter
@@ -174,9 +175,9 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     check_run_dir(out, args.resume)
     if args.threads:
         torch.set_num_threads(args.threads)
-    par = distributed.from_args(args)  # None in one process; else this rank of a torchrun launch
-    say = distributed.main_only(say)
-    with distributed.main_first(par):  # rank 0 builds the tokenizer and shards, then the others read them
+    par = launch.from_args(args)  # None in one process; else this rank of a torchrun launch
+    say = launch.main_only(say)
+    with launch.main_first(par):  # rank 0 builds the tokenizer and shards, then the others read them
         tokenizer, shards, config, train_data, val = prepare(args, say)
     torch.manual_seed(args.seed)
     model = Transformer(config)
@@ -194,15 +195,15 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
                       bias_speed=args.bias_speed, dense_steps=getattr(args, "dense_steps", 0),
                       indexer_warmup_steps=getattr(args, "indexer_warmup", 0))
     token_bytes = tokenizer.token_bytes()
-    trainer = distributed.make_trainer(par, model, train_data, cfg, out, val_batches=val)  # Trainer in one process
-    val, token_bytes = distributed.to_device(par, val, token_bytes)
+    trainer = launch.make_trainer(par, model, train_data, cfg, out, val_batches=val)  # Trainer in one process
+    val, token_bytes = launch.to_device(par, val, token_bytes)
     if args.resume:
         say(f"resumed from step {trainer.resume()}")
     before = evaluate(model, val, token_bytes)
     say(f"validation before: {before[0]:.4f} nats/token, {before[1]:.4f} bits/byte")
     peak = matmul_peak_flops(torch.bfloat16 if bf16 else torch.float32)
-    tb = EventWriter(out / "tb") if distributed.is_main() else distributed.NullWriter()
-    if not args.resume and distributed.is_main():
+    tb = EventWriter(out / "tb") if launch.is_main() else launch.NullWriter()
+    if not args.resume and launch.is_main():
         metrics = out / "metrics.jsonl"
         if metrics.exists():  # left by an attempt that stopped before its first checkpoint: not this run's steps
             old = metrics.with_name(f"metrics-replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -228,8 +229,8 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
     elapsed = time.perf_counter() - t0
     after = evaluate(model, val, token_bytes)
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    if distributed.is_main():
+    launch.save_pretrained(par, model, model_dir)  # with par: gathered, written by rank 0
+    if launch.is_main():
         tokenizer.save(model_dir / "tokenizer.json")
         from dsv4.evaluate import write_training_meta
 
@@ -242,7 +243,7 @@ def train(args: argparse.Namespace, say=print) -> TrainResult:
         "fp4_qat": bool(getattr(args, "fp4_qat", False)),
         "val_loss": after[0], "val_bits_per_byte": after[1], "val_loss_before": before[0],
         "val_bits_per_byte_before": before[1],
-        "mfu": summary["tokens_per_s"] * flops_per_token / (peak * distributed.world_size()),
+        "mfu": summary["tokens_per_s"] * flops_per_token / (peak * launch.world_size()),
         "train_flops_per_token": flops_per_token, "matmul_peak_flops": peak, "bf16": bf16,
         "threads": torch.get_num_threads(), "seconds": elapsed, "model_dir": str(model_dir),
     })
@@ -262,13 +263,13 @@ def json_safe(obj):
 
 def run(args: argparse.Namespace) -> int:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    from dsv4.train import distributed
+    from dsv4.parallel import launch
 
     try:
         summary = train(args, say).summary
-    except distributed.DistributedError:  # a rank died or hung: already explained on stderr
+    except launch.DistributedError:  # a rank died or hung: already explained on stderr
         return 1
-    if not distributed.finish():  # ends the process group; ranks other than 0 report nothing
+    if not launch.finish():  # ends the process group; ranks other than 0 report nothing
         return 0
     if args.json:
         print(json.dumps(json_safe(summary)))
