@@ -73,13 +73,12 @@ class Attention(nn.Module):
         self.window_block = 32
         self.span = 2048  # queries per span: the window band of a span's blocks is one batched matmul
         self.gather_rows = 16  # CSA: queries whose top-k entries are gathered at once (small: they stay in cache)
-        self.decode_tokens = 16  # cached calls of at most this many tokens take ``decode`` (decoding, draft checks)
+        self.decode_tokens = 16  # cached calls of at most this many tokens take ``attend_cached`` (decoding, checks)
         # CSA training switches (spec 6.6): sparse=False attends to every visible compressed entry (the dense
-        # phase); with indexer_training on, a forward in training mode leaves the indexer's KL loss and recall in
-        # indexer_stats
+        # phase); with indexer_training on, a forward in training mode given a ``stats`` list appends the indexer's
+        # KL loss and recall to it
         self.sparse = True
         self.indexer_training = False
-        self.indexer_stats: IndexerStats | None = None
 
     def new_cache(self) -> LayerCache:
         return LayerCache(window=self.window,
@@ -87,9 +86,10 @@ class Attention(nn.Module):
                           indexer=CompressorState() if self.indexer is not None else None)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, stats: list[IndexerStats] | None = None) -> torch.Tensor:
         """x [B, S, d] (the normed block input); positions [S] absolute (ignored with a ``packing``, whose
-        per-document positions are used); returns [B, S, d]."""
+        per-document positions are used); returns [B, S, d]. ``stats``: a CSA layer training its indexer appends
+        this forward's ``IndexerStats`` (its KL loss and recall) to the list."""
         b, s, _ = x.shape
         if packing is not None:
             if cache is not None:
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         elif s <= self.decode_tokens and cache is not None and not self._tracks_indexer():
             out = attend_cached(self, x, q, kv, q_latent, positions, cache)
         else:
-            out = fast(self, x, q, kv, q_latent, positions, cache, packing)
+            out = fast(self, x, q, kv, q_latent, positions, cache, packing, stats)
         out = apply_rope(out, cos_h, sin_h, inverse=True)
         return self.project_out(out)
 

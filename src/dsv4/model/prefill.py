@@ -24,7 +24,7 @@ def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
     return kernels.attend(q, kernels.gather_rows(entries, rows), mask, keep)
 
 
-def fast(attn, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
+def fast(attn, x, q, kv, q_latent, positions, cache, packing, collect: list | None = None) -> torch.Tensor:
     """Each query against only the keys it can use, nothing of shape sequence x sequence built: the window band
     in blocks of ``chunk`` queries (all blocks of a span in one batched matmul), HCA's visible entries per span,
     CSA per block: the indexer scored, each query's top-k entries gathered (one gather serves every head). The
@@ -60,8 +60,9 @@ def fast(attn, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
         if s > attn.chunk:  # several blocks: one contiguous copy makes every prefix a plain strided operand
             keys_t = keys_t.contiguous()
     # in training mode only: validation and generation never pay for the indexer's loss
-    stats = IndexerStats() if attn._tracks_indexer() else None
-    attn.indexer_stats = stats
+    stats = IndexerStats() if attn._tracks_indexer() and collect is not None else None
+    if stats is not None:
+        collect.append(stats)
     q_doc = packing.doc if packing is not None else None
     span = max(attn.chunk, attn.span // attn.chunk * attn.chunk)
     outs = []

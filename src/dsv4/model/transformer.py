@@ -18,6 +18,7 @@ from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.decode import DecodeState, advance, compiled_positions, positions_of
 from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.indexer import IndexerStats
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
@@ -38,11 +39,11 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(config)
 
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
-                cache: LayerCache | None = None, packing: Packing | None = None
-                ) -> tuple[torch.Tensor, RouterOutput]:
+                cache: LayerCache | None = None, packing: Packing | None = None,
+                stats: list[IndexerStats] | None = None) -> tuple[torch.Tensor, RouterOutput]:
         dtype = self.attn.wq_a.weight.dtype
         y, post, comb = self.hc_attn(streams)
-        out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing)
+        out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing, stats)
         streams = HyperConnection.expand(streams, out, post, comb)
         y, post, comb = self.hc_ffn(streams)
         # a DecodeState's rows are batch-invariant: each token's experts run on their own
@@ -89,6 +90,7 @@ class ModelOutput:
     streams: torch.Tensor | None = None  # final residual streams before the hc head
     indexer_kl: torch.Tensor | None = None  # sum over CSA layers of the mean KL (with indexer training on)
     indexer_recall: float = float("nan")  # mean over CSA layers of the indexer's top-k recall (dense phase)
+    indexer_stats: list[IndexerStats] = field(default_factory=list)  # per CSA layer training its indexer, this call
 
 
 class Transformer(nn.Module):
@@ -208,10 +210,12 @@ class Transformer(nn.Module):
         return Packing.from_doc_ids(doc_ids)
 
     def hidden_streams(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                       doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RouterOutput]]:
+                       doc_ids: torch.Tensor | None = None, stats: list[IndexerStats] | None = None
+                       ) -> tuple[torch.Tensor, list[RouterOutput]]:
         """Final residual streams [B, S, n, d] (float32) and the router outputs of the main layers.
 
-        ``doc_ids`` [B, S] marks packed documents (see ``dsv4.model.packing``); not with a cache.
+        ``doc_ids`` [B, S] marks packed documents (see ``dsv4.model.packing``); not with a cache. ``stats``
+        receives the ``IndexerStats`` of the CSA layers that train their indexer in this forward.
         """
         positions = self._positions(input_ids, cache)
         packing = self._packing(input_ids, doc_ids, cache)
@@ -221,7 +225,7 @@ class Transformer(nn.Module):
         routes = []
         for i, layer in enumerate(self.layers):
             streams, route = layer(streams, positions, input_ids,
-                                   cache.layers[i] if cache is not None else None, packing)
+                                   cache.layers[i] if cache is not None else None, packing, stats)
             routes.append(route)
         if isinstance(cache, DecodeState):
             advance(cache, input_ids.shape[1])
@@ -243,9 +247,9 @@ class Transformer(nn.Module):
 
     def forward_train(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> ModelOutput:
         """Logits, MTP logits (depth k predicts token t+1+k from position t) and router outputs of one full call."""
-        streams, routes = self.hidden_streams(input_ids, None, doc_ids)
-        out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams)
-        stats = [layer.attn.indexer_stats for layer in self.layers if layer.attn.indexer_stats is not None]
+        stats: list[IndexerStats] = []
+        streams, routes = self.hidden_streams(input_ids, None, doc_ids, stats)
+        out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams, indexer_stats=stats)
         if stats:
             out.indexer_kl = sum(st.kl for st in stats)
             recalls = [st.recall for st in stats if st.recall_count]
