@@ -26,7 +26,10 @@ from dsv4.train.balance import expert_loads, load_imbalance, sequence_balance_lo
 from dsv4.train.anticipatory import AnticipatoryRouting
 from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv4.train.optim import build_optimizer
+from dsv4.train.options import TrainOptions
 from dsv4.train.schedule import WSDSchedule, mtp_weight
+
+_OPTIONS = TrainOptions()  # the command line's defaults
 
 
 class BatchSource(Protocol):
@@ -41,27 +44,31 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    lr: float = 3e-3
-    warmup_steps: int = 20
+    """The loop's settings. Those a run is given on its command line take their defaults from
+    ``dsv4.train.options.TrainOptions`` (``TrainOptions.train_config`` maps the options onto them); the others are
+    the recipe's."""
+
+    steps: int = _OPTIONS.steps
+    lr: float = _OPTIONS.lr
+    warmup_steps: int = _OPTIONS.warmup
     decay_fraction: float = 0.2  # last fraction of the steps: cosine decay to final_ratio * lr
     final_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bias_speed: float = 1e-3
+    bias_speed: float = _OPTIONS.bias_speed
     balance_alpha: float = 1e-4
     mtp_weight: float = 0.3
     mtp_weight_decay_phase: float = 0.1
-    val_every: int = 50
-    ckpt_every: int = 100
+    val_every: int = _OPTIONS.val_every
+    ckpt_every: int = _OPTIONS.ckpt_every
     keep_checkpoints: int = 3
     autocast_bf16: bool = False
-    seed: int = 0
+    seed: int = _OPTIONS.seed
     log_every: int = 1
     # the V4 sparse-attention schedule (spec 6.2, 6.6): dense CSA attention first, then a short indexer warm-up
     # with the rest of the model frozen, then top-k attention; the indexer learns by its KL loss throughout
-    dense_steps: int = 0
-    indexer_warmup_steps: int = 0
+    dense_steps: int = _OPTIONS.dense_steps
+    indexer_warmup_steps: int = _OPTIONS.indexer_warmup
     train_indexer: bool = True
     indexer_loss_weight: float = 1.0
     # anticipatory routing after a loss spike (spec 6.5; dsv4.train.anticipatory documents the detector)
@@ -160,7 +167,7 @@ def lm_losses(model: Transformer, batch: Batch, alpha: float, total: Callable | 
         loads.append(expert_loads(route, model.config.n_routed_experts))
     kl = out.indexer_kl
     if total is not None and kl is not None:  # with total: each CSA layer's KL sum over all ranks' query count
-        stats = [layer.attn.indexer_stats for layer in model.layers if layer.attn.indexer_stats is not None]
+        stats = out.indexer_stats
         counts = total(torch.tensor([st.kl_count for st in stats], device=inputs.device)).tolist()
         kl = sum(st.kl_sum / max(int(c), 1) for st, c in zip(stats, counts))
     return Losses(lm, mtp, balance, loads, kl, out.indexer_recall)
