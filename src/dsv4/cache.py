@@ -1,5 +1,9 @@
 """Decode state: per attention layer a window ring buffer, the compressed entries, and the compressors' partial blocks.
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also the compressor's rate, dim (its entries' size) and width (dim, or 2 dim with overlap).
+
 ``model.new_cache(batch_size)`` builds one; ``model(ids, cache=cache)`` reads and advances it. The state is exactly
 what the next call needs and nothing more:
   - the window ring holds the last ``sliding_window`` K=V vectors with their absolute positions;
@@ -24,9 +28,9 @@ def _repeat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 def append_rows(buffer: torch.Tensor | None, filled: int, new: torch.Tensor, room: int = 0) -> torch.Tensor:
-    """Write ``new`` [B, n, c] after the first ``filled`` rows (dim 1) of ``buffer`` and return the buffer: the same
+    """Write ``new`` [B, S, c] after the first ``filled`` rows (dim 1) of ``buffer`` and return the buffer: the same
     one while it has space, else a new one of at least twice the size (plus ``room`` spare rows) holding the old
-    rows. Appending one row at a time then copies the past O(log n) times, not n times."""
+    rows. Appending one row at a time then copies the past a logarithmic number of times, not once per row."""
     n = filled + new.shape[1]
     if buffer is None or buffer.shape[1] < n or buffer.dtype != new.dtype:
         grown = new.new_empty(new.shape[0], max(n + room, 2 * filled), new.shape[-1])
@@ -51,7 +55,7 @@ class CompressorState:
     _room: torch.Tensor | None = None  # buffer whose leading rows are ``entries`` (capacity doubles when full)
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        """Add newly emitted entries [B, n, dim]; returns all entries so far. Without autograd they go to a buffer
+        """Add newly emitted entries [B, T, dim]; returns all entries so far. Without autograd they go to a buffer
         that doubles when full, so decoding does not copy every entry each time one is emitted."""
         if new.shape[1] == 0 and self.entries is not None:  # a decoding step inside a block: nothing to add
             return self.entries
@@ -97,8 +101,8 @@ class LayerCache:
     """Decode state of one attention layer."""
 
     window: int
-    kv: torch.Tensor | None = None  # [B, window, head_dim] ring buffer, slot = position % window
-    pos: torch.Tensor | None = None  # [window] absolute position held in each slot, -1 when empty
+    kv: torch.Tensor | None = None  # [B, W, c] ring buffer, slot = position % W
+    pos: torch.Tensor | None = None  # [W] absolute position held in each slot, -1 when empty
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
     dense_len: int = 0  # the dense baseline only: rows of ``kv`` in use (see ``append_dense``)
@@ -113,7 +117,7 @@ class LayerCache:
             self.kv = kv.new_zeros(kv.shape[0], self.window, kv.shape[-1])
             self.pos = torch.full((self.window,), -1, dtype=torch.long, device=kv.device)
         if positions.shape[0] == 1 and positions.device.type == "cpu":  # a decoding step: one slot by a Python index
-            # (index_put costs ~5x more; on a GPU the index would wait for the device)
+            # (an index_put costs more: docs/performance-notes.md; on a GPU the index would wait for the device)
             slot = int(positions[0]) % self.window
             self.kv[:, slot] = kv[:, 0].detach()
             self.pos[slot] = positions[0]

@@ -1,7 +1,11 @@
 """The attention block of the three layer types (spec 2): sliding window, CSA, HCA.
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also g output groups (o_groups).
+
 q: low-rank (wq_a -> weighted q_norm -> wq_b), then a weightless RMSNorm per head and RoPE on the trailing dims.
-K = V: one shared head, wkv -> weighted kv_norm -> RoPE. Keys of a query: the window (the last ``sliding_window``
+K=V: one shared head, wkv -> weighted kv_norm -> RoPE. Keys of a query: the window (the last ``sliding_window``
 positions, itself included), plus for HCA every visible compressed entry, plus for CSA the indexer's top-k visible
 entries. One softmax with a per-head sink; the output's rope dims are de-rotated at the query position; then the
 grouped low-rank output projection (wo_a block-diagonal over ``o_groups`` groups of heads, then wo_b).
@@ -53,7 +57,7 @@ class Attention(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, h * c, bias=False)
         self.wkv = Linear(d, c, bias=False)
         self.kv_norm = RMSNorm(c, config.rms_norm_eps)
-        # block-diagonal: row block j of wo_a maps the heads of group j (h c / g inputs) to o_lora_rank outputs
+        # block-diagonal: row block j of wo_a maps the heads of group j (H c / g inputs) to o_lora_rank outputs
         self.wo_a = Linear(h * c // self.groups, self.groups * config.o_lora_rank, bias=False)
         self.wo_b = Linear(self.groups * config.o_lora_rank, d, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(h))
@@ -67,9 +71,10 @@ class Attention(nn.Module):
         # "fast" (default); "reference": the plain dense-mask path the fast one is tested against; "dense": the
         # benchmarks' baseline, plain causal MQA over every past token (no window, no compression, no sinks)
         self.impl = "fast"
-        self.chunk = 256  # queries per block of CSA's indexer and top-k in the fast path (its matmul: M = 8 chunk)
+        # queries per block of CSA's indexer and top-k in the fast path (the indexer's matmul: chunk x its heads rows)
+        self.chunk = 256
         # queries per block of the window band: a block of nq queries reads nq + window - 1 keys, so small blocks
-        # waste less (32: about 1.7x faster than 128 on CPU)
+        # waste less (32, not 128: docs/performance-notes.md)
         self.window_block = 32
         self.span = 2048  # queries per span: the window band of a span's blocks is one batched matmul
         self.gather_rows = 16  # CSA: queries whose top-k entries are gathered at once (small: they stay in cache)
@@ -144,6 +149,6 @@ class Attention(nn.Module):
         """[B, S, H, c] -> grouped low-rank projection -> [B, S, d]."""
         b, s = out.shape[:2]
         grouped = out.reshape(b, s, self.groups, -1)
-        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora_rank, h c / g]
+        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H c / g]
         low = torch.einsum("bsgi,goi->bsgo", grouped, w).reshape(b, s, -1)
         return self.wo_b(low)

@@ -1,5 +1,9 @@
 """Gated pooling of K=V along the sequence (spec 2.4): one entry per ``rate`` tokens.
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also the compressor's rate, dim (its entries' size) and width (dim, or 2 dim with overlap).
+
 HCA (no overlap): entry i = sum over the ``rate`` tokens of block i of softmax_j(Z_j + B_j) * C_j, per channel.
 CSA (overlap): ``wkv`` / ``wgate`` project to two series of width ``dim``; channels [dim:2dim] pool the tokens of
 block i ("current" series a) and channels [0:dim] pool the tokens of block i-1 ("overlap" series b), all 2*rate slots
@@ -39,7 +43,7 @@ class Compressor(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding,
                 state: CompressorState | None = None) -> tuple[torch.Tensor, int]:
-        """x [B, S, d] -> (entries completed by these tokens [B, n, dim], index of the first of them)."""
+        """x [B, S, d] -> (entries completed by these tokens [B, T, dim], index of the first of them)."""
         b = x.shape[0]
         kv = upcast(self.wkv(x))
         gate = upcast(self.wgate(x))

@@ -1,7 +1,9 @@
 """Decoding many sequences at once, each at its own length: the decode state of the serving engine (and the shape a
 compiled step needs).
 
-Legend: R rows (sequences), W the sliding window, c head dim, T entries, k the indexer's top-k.
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also the compressor's rate, dim (its entries' size) and width (dim, or 2 dim with overlap).
 
 ``DecodeState(model, rows, capacity)`` preallocates, per attention layer, the window ring of every row [R, W, c], the
 compressors' incomplete blocks [R, rate, width] (slot = position % rate), CSA's overlap series of the last complete
@@ -306,14 +308,14 @@ def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos
         return _emit_static(compressor, rotary, rows, pos)
     done = (slot == rate - 1).nonzero()[:, 0]
     if done.numel():
-        kv = rows.part_kv[done]  # [n, rate, width]
+        kv = rows.part_kv[done]  # [done, rate, width]
         gate = rows.part_gate[done] + upcast(compressor.ape)
         if compressor.overlap:  # slots [0, rate): series b of the previous block; [rate, 2 rate): series a of this
             d = compressor.dim
             prev_kv, prev_gate = rows.prev_kv[done], rows.prev_gate[done]
             rows.prev_kv[done], rows.prev_gate[done] = kv[..., :d], gate[..., :d]
             kv, gate = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_gate, gate[..., d:]], dim=1)
-        entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [n, dim]
+        entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [done, dim]
         block = pos[done] // rate
         cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
         rows.entries[done, block] = apply_rope(entry, cos, sin).to(rows.entries.dtype)
@@ -375,7 +377,7 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
             keys = layer.keys
         mask = torch.cat([mask, visible], dim=1)
     qs = upcast(q).view(r, h, c) * attn.scale
-    logits = torch.bmm(qs, keys.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # [R, H, L]
+    logits = torch.bmm(qs, keys.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # [R, H, K]
     sink = upcast(attn.attn_sink).view(1, h, 1).expand(r, h, 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     return torch.bmm(probs, keys).view(r, 1, h, c).to(q.dtype)
@@ -415,7 +417,7 @@ def attend_rows_many(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q
         else:
             keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, visible], dim=-1)
     qs = upcast(q) * attn.scale
-    logits = torch.matmul(qs.reshape(r, s * h, c), keys.transpose(1, 2)).view(r, s, h, -1)  # [R, S, H, L]
+    logits = torch.matmul(qs.reshape(r, s * h, c), keys.transpose(1, 2)).view(r, s, h, -1)  # [R, S, H, K]
     logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
     if picked is not None:
         own = torch.matmul(qs.reshape(r * s, h, c), picked[0].reshape(r * s, -1, c).transpose(1, 2))
@@ -440,7 +442,7 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
     CSA: the indexer's top-k of them) and the sink. Tests hold it to the reference path, outputs and
     gradients."""
     b, s, h, c = q.shape
-    t = positions.unsqueeze(-1)  # [s, 1]
+    t = positions.unsqueeze(-1)  # [S, 1]
     if s == 1 and not kv.requires_grad:  # once this token is written, the ring holds exactly its window (slot
         # order does not matter); with autograd the ring's detached copy would cut the new key's gradient
         cache.write_window(kv, positions)
@@ -454,14 +456,14 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
         keys, kpos = upcast(kv), positions
         if ring is not None:
             keys, kpos = torch.cat([upcast(ring), keys], dim=1), torch.cat([ring_pos, positions])
-        mask = (kpos <= t) & (kpos > t - attn.window) & (kpos >= 0)  # [s, window keys]; empty slots at -1
+        mask = (kpos <= t) & (kpos > t - attn.window) & (kpos >= 0)  # [S, window keys]; empty slots at -1
         cache.write_window(kv, positions)
-    own = None  # CSA's top-k: each query's own entries [B, s, k, c] and which of them it may use
+    own = None  # CSA's top-k: each query's own entries [B, S, k, c] and which of them it may use
     if attn.compressor is not None:
         entries = upcast(attn.compressor.all_entries(x, attn.rotary, cache.compressor))  # [B, T, c]
         n = entries.shape[1]
 
-        def visible() -> torch.Tensor:  # [s, n]: one query sees every entry emitted so far
+        def visible() -> torch.Tensor:  # [S, T]: one query sees every entry emitted so far
             return torch.arange(n, device=q.device) < torch.div(t + 1, attn.rate, rounding_mode="floor")
 
         if attn.indexer is not None:  # its keys advance even when unused (dense phase, no entry yet)
@@ -469,26 +471,26 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
             index_keys = attn.indexer.keys(xd, attn.rotary, cache.indexer)
             if attn.sparse and n > attn.indexer.topk:
                 qi, wi = attn.indexer.queries(xd, qd, positions, attn.rotary)
-                scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))  # [B, s, T]
+                scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))  # [B, S, T]
                 if s > 1:  # the last queries see entries that the first do not
                     scores = scores.masked_fill(~visible(), float("-inf"))
-                idx = topk_lower_index(scores, attn.indexer.topk)  # [B, s, k]
+                idx = topk_lower_index(scores, attn.indexer.topk)  # [B, S, k]
                 picked = kernels.gather_rows(entries.reshape(b * n, c), kernels.flat_rows(idx, n)).view(b, s, -1, c)
-                # one query sees every entry emitted so far, so each of its k > n picks is visible
+                # one query sees every entry emitted so far, so each of its k < T picks is visible
                 own = picked, None if s == 1 else scores.gather(-1, idx) > float("-inf")
         if own is None:
             keys = torch.cat([keys, entries], dim=1)
             if mask is not None:
                 mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
     qs = upcast(q) * attn.scale
-    if own is None:  # one key set for every query: [B, s H, c] x [B, c, L]
+    if own is None:  # one key set for every query: [B, S H, c] x [B, c, K]
         logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
-        mask = None if mask is None else mask.unsqueeze(-2)  # [s, 1, L]
+        mask = None if mask is None else mask.unsqueeze(-2)  # [S, 1, K]
     else:  # each query its own keys: the window's, then its top-k entries
-        keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, s, L, c]
+        keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, S, K, c]
         if mask is not None or own[1] is not None:
             picks = own[1] if own[1] is not None else mask.new_ones(1, 1, own[0].shape[2]).expand(b, s, -1)
-            mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, s, 1, L]
+            mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, S, 1, K]
         logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))

@@ -1,5 +1,8 @@
 """mHC: manifold-constrained hyper-connections (spec 3).
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+
 The residual is ``hc_mult`` streams [B, S, n, d], kept in float32. Each block has two units, one around attention and
 one around the MoE. A unit reads all streams (flattened, weightless RMSNorm), projects them to 2n + n^2 mixing
 logits split [pre | post | comb], and
@@ -40,7 +43,7 @@ _SMALL = 64  # matrices: a decoding step of up to 64 rows
 
 def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
-    2 * iters * 3 tensor dispatches cost some thirty times the arithmetic. Up to 8 matrices of the residual's four
+    the 2 * iters * 3 tensor dispatches cost far more than the arithmetic. Up to 8 matrices of the residual's four
     streams (n = 4, written out), or one matrix: each by ``_sinkhorn_one`` in Python floats; else (a decoding step
     of many rows) in numpy float64, batched. Out in the logits' dtype."""
     n, count = logits.shape[-1], logits[..., 0, 0].numel()
@@ -83,7 +86,7 @@ def _balance(k: list[list[float]], c: list[float], iters: int, eps: float) -> li
 
 def _balance_4(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
     """``_balance`` for 4 x 4 (the residual's four streams, spec 3) written out: the same operations in the same
-    order, so the same floats, about 3x faster than the loops over lists (decoding runs one per mHC unit)."""
+    order, so the same floats, faster than the loops over lists (decoding runs one per mHC unit)."""
     (k00, k01, k02, k03), (k10, k11, k12, k13), (k20, k21, k22, k23), (k30, k31, k32, k33) = k
     c0, c1, c2, c3 = c
     r0 = r1 = r2 = r3 = 1.0
@@ -119,7 +122,7 @@ def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """sum_k pre_k X_k: streams [B, S, n, d], pre [B, S, n] -> [B, S, d] float32, as a batched [1, n] x [n, d]
-    product (2x faster on CPU than building the [B, S, n, d] product and summing it)."""
+    product, faster on CPU than building the [B, S, n, d] product and summing it."""
     return torch.matmul(pre.unsqueeze(-2), upcast(streams)).squeeze(-2)
 
 
@@ -155,7 +158,7 @@ class HyperConnection(nn.Module):
     def _forward_one(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward`` for one position without autograd (a decoding row): the 2n + n^2 mixing values and the norm
         of the streams come to Python floats (float64) in one list, where the tensor path spends some forty small
-        ops on them; the three results are one tensor's views. About 1.6x faster per unit."""
+        ops on them; the three results are one tensor's views."""
         n, lead, d = self.n, streams.shape[:-2], streams.shape[-1]
         x = upcast(streams.reshape(1, n * d))
         vals = torch.cat([linear(x, upcast(self.fn)).view(-1), torch.linalg.vector_norm(x).view(1)]).tolist()

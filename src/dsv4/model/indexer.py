@@ -1,5 +1,9 @@
 """The lightning indexer of CSA layers (spec 2.7): its own compressed keys, ReLU scores weighted per head, causal top-k.
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here H and c are the indexer's own heads and head dim (index_n_heads, index_head_dim).
+
 I_{t,s} = sum_h w_{t,h} ReLU(q_{t,h} . K_s) with w = weights_proj(x) / sqrt(n_heads) and the dot product scaled by
 1 / sqrt(head_dim). Entry s is a candidate for query t iff s < (t + 1) // rate (spec 2.5); top-k ties break toward the
 lower index, and picks that are not candidates (fewer than k visible) are dropped.
@@ -69,15 +73,15 @@ class Indexer(nn.Module):
 
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
-        """All indexer keys visible after these tokens [B, T, head_dim] (advancing ``state`` if given)."""
+        """All indexer keys visible after these tokens [B, T, c] (advancing ``state`` if given)."""
         if packing is None:
             return self._fp4(self.compressor.all_entries(x, rotary, state))
         return self._fp4(self.compressor.entries(x, rotary, state, packing).kv)
 
     def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indexer queries [B, S, heads, head_dim] (RoPE at the query position) and head weights [B, S, heads],
-        the latter carrying the 1/sqrt(heads) and 1/sqrt(head_dim) scales; float32."""
+        """Indexer queries [B, S, H, c] (RoPE at the query position) and head weights [B, S, H], the latter
+        carrying the 1/sqrt(H) and 1/sqrt(c) scales; float32."""
         b, s, _ = x.shape
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         cos, sin = rotary.cos_sin(positions, "compress", compute_dtype(x.dtype))
@@ -93,22 +97,22 @@ class Indexer(nn.Module):
         return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
 
 
-_SCORE_TILE = 512  # entries per matmul of a long chunk_scores call: a tile's [Q h, tile] dots stay in cache
+_SCORE_TILE = 512  # entries per matmul of a long chunk_scores call: a tile's [Q H, tile] dots stay in cache
 # entries from which a decoding step's few queries are scored on every thread: one span of entries per thread in one
-# bmm (a matmul of 8 rows runs on one core; 2 threads at 8K entries: about 0.11 ms against 0.16-0.3, at 32K 1.0-1.1
-# against 1.5-2.0)
+# bmm (a matmul of 8 rows runs on one core; docs/performance-notes.md)
 _PARTS_MIN = 2048
 
 
 def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
-    """Index scores of a chunk of queries: q [B, Q, h, c], w [B, Q, h], keys transposed keys_t [B, c, T]
+    """Index scores of a chunk of queries: q [B, Q, H, c], w [B, Q, H], keys transposed keys_t [B, c, T]
     -> [B, Q, T] float32.
 
-    One matmul for all heads ([B, Q h, c] x [B, c, T]; keys given transposed so that a prefix of the entries is a
+    One matmul for all heads ([B, Q H, c] x [B, c, T]; keys given transposed so that a prefix of the entries is a
     plain strided operand), ReLU, then the weighted head sum as a batched matmul; for a block of 64 or more queries
-    beyond 4 tiles of entries, tile by tile (about 1.4x at 8K entries: the dots are read back from cache instead of
-    memory; a few queries, as in decoding, are faster in one product). Without autograd, a few queries (up to 64
-    query-heads, batch 1) against ``_PARTS_MIN`` entries or more split the entries into one span per thread.
+    beyond 4 tiles of entries, tile by tile (the dots are read back from cache instead of memory; a few queries, as
+    in decoding, are faster in one product). Without autograd, a few queries (up to 64 query-heads, batch 1)
+    against ``_PARTS_MIN`` entries or more split the entries into one span per thread. Measurements:
+    docs/performance-notes.md.
     """
     b, nq, h, c = q.shape
     qf, wf = q.reshape(b, nq * h, c), w.unsqueeze(-2)

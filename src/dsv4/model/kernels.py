@@ -3,6 +3,9 @@ alike) plus a per-head sink logit that adds to the denominator only (spec 2.2.6)
 window band, its compressed entries); ``attend`` computes each set's unnormalized ``Partial`` and ``merge`` joins them:
 the same softmax as ``dsv4.model.reference.reference_attention``, assembled as flash attention does, without
 concatenating keys.
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from dsv4.model.precision import upcast
 
 
 _MASKED = -1e30  # a finite "minus infinity" for masked logits: a fully masked key set then weighs exactly 0
-# exp(x) for x below about -87 is a float32 denormal, which the vectorized exp of x86 CPUs computes ~30x slower than
-# a normal value; the fast path clamps its exp arguments here (weights below e^-80 = 1.8e-35 relative are dropped)
+# exp(x) for x below about -87 is a float32 denormal, which the vectorized exp of x86 CPUs computes on a slow path
+# (docs/performance-notes.md); the fast path clamps its exp arguments here (weights below e^-80 = 1.8e-35 relative
+# are dropped)
 _EXP_FLOOR = -80.0
 
 
@@ -54,18 +58,18 @@ class Partial:
 def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, keep: bool = False) -> Partial:
     """One key set's ``Partial`` for queries q [..., Q, H, c] (float32, already scaled by 1/sqrt(c)).
 
-    keys (K = V, one head shared by every query head): [..., K, c] shared by the Q queries, or [..., Q, K, c] per
-    query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K], or None when every query sees every key
-    (two masking passes saved). K must be > 0. Differentiable in q and keys; backward recomputes the weights (flash
-    attention's trade), so no [..., Q, H, K] tensor is stored.
+    keys (the values too: one K=V head shared by every query head): [..., K, c] shared by the Q queries, or
+    [..., Q, K, c] per query (CSA's gathered top-k). mask: bool, broadcastable to [..., Q, K], or None when every
+    query sees every key (two masking passes saved). K must be > 0. Differentiable in q and keys; backward
+    recomputes the weights (flash attention's trade), so no [..., Q, H, K] tensor is stored.
     """
     out, m, s, e = _Attend.apply(q, keys, mask, keys.dim() == q.dim() - 1)
     return Partial(out, m, s, e if keep else None)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [..., m, k] @ b [..., k, n] with equal leading dims, as one 3-d ``bmm`` (for the many small products of
-    per-query keys, about 1.4x faster on CPU than ``matmul``'s 4-d path)."""
+    """a [..., rows, inner] @ b [..., inner, cols] with equal leading dims, as one 3-d ``bmm`` (for the many small
+    products of per-query keys, where it is faster on CPU than ``matmul``'s 4-d path)."""
     lead = a.shape[:-2]
     return torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])).view(*lead, a.shape[-2], -1)
 
@@ -160,5 +164,5 @@ def flat_rows(idx: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def gather_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows [...] of flat [N, c] as [..., c]: one gather of the shared K=V serves every head."""
+    """The rows [...] of flat [B T, c] as [..., c]: one gather of the shared K=V serves every head."""
     return flat.index_select(0, rows.flatten()).view(*rows.shape, flat.shape[-1])

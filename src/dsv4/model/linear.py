@@ -1,13 +1,16 @@
 """``linear``: ``F.linear`` with faster forms for a few rows on the CPU; ``Linear``, the ``nn.Linear`` using it.
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+
 Without autograd, on the CPU:
 - one row (a decoding step): the weight's output rows split into one part per thread, one ``bmm`` of the parts.
-  ``F.linear`` of one row runs on one core, which reads the weight from memory at about half the machine's
-  bandwidth; the parts run on every thread (the LM head of the small preset on 2 cores: 1.3 ms against 2.6-3.0).
-- 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's few tokens): W x^T, which
-  this CPU's BLAS runs about 1.5-3x faster than x W^T (the LM head at 2 rows: 2.2 ms against 6.2).
+  ``F.linear`` of one row runs on one core, which alone does not draw the machine's full memory bandwidth to read
+  the weight; the parts run on every thread.
+- 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's few tokens): weight x^T,
+  which this CPU's BLAS runs faster than x weight^T.
 The result is the same product up to rounding; tests hold it to ``F.linear``. With autograd (training) it is
-``F.linear``.
+``F.linear``. Measurements: docs/performance-notes.md.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def row_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-    """x [1, in] W^T as ``parts`` slices of W's output rows in one ``bmm`` (its batch runs in parallel); with fewer
-    rows than that, or rows not divisible into parts of equal size, the largest divisor that fits."""
+    """x [1, in] weight^T as ``parts`` slices of the weight's output rows in one ``bmm`` (its batch runs in
+    parallel); with fewer rows than that, or rows not divisible into parts of equal size, the largest divisor that
+    fits."""
     out = weight.shape[0]
     parts = max(1, min(parts, out))
     while out % parts:

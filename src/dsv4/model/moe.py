@@ -1,5 +1,9 @@
 """DeepSeekMoE of V4 (spec 4): sqrt-softplus affinities, a selection-only bias, hash routing in the first layers,
 clamped SwiGLU experts and one shared expert.
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also I the experts' hidden size (moe_intermediate_size).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""RMS norms. Weights and math in float32 whatever the activation dtype (float64 for a float64 model)."""
+"""RMS norms. Weights and math in float32 whatever the activation dtype (float64 for a float64 model).
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+"""
 
 from __future__ import annotations
 

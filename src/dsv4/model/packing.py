@@ -1,5 +1,8 @@
 """Packed sequences: several documents in one row, kept apart (spec 6.3).
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+
 A row of token ids may hold several documents, marked by ``doc_ids`` [B, S] (any labels; a document is a maximal
 run of equal labels). Within a document positions restart at 0; attention never reaches another document, and each
 document is compressed on its own (its blocks start at its first token; an incomplete tail is dropped).

@@ -1,7 +1,11 @@
 """The compute dtype of the parts that run in float32 whatever the activation dtype (DESIGN: numerics): mHC, router
 scores, compressor softmax, sinks, norms, RoPE and the attention softmax run in float32 for bf16 / fp16 / float32
 models and in float64 for a float64 model, so that a float64 model is float64 end to end (equivalence tests hold
-two computation orders to 1e-9 there, on any CPU)."""
+two computation orders to 1e-9 there, on any CPU).
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ matmul); HCA's visible entries per span; CSA per block of ``chunk`` queries: the
 entries gathered (one gather serves every head). The key sets are joined in one softmax by ``kernels.merge``; in
 training with indexer training on, the indexer's KL loss and recall are gathered on the way. Tests hold it to
 ``dsv4.model.reference``, outputs and gradients.
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
 
 def fast(attn, x, q, kv, q_latent, positions, cache, packing, collect: list | None = None) -> torch.Tensor:
     """Each query against only the keys it can use, nothing of shape sequence x sequence built: the window band
-    in blocks of ``chunk`` queries (all blocks of a span in one batched matmul), HCA's visible entries per span,
+    in blocks of ``window_block`` queries (all blocks of a span in one batched matmul), HCA's visible entries per span,
     CSA per block: the indexer scored, each query's top-k entries gathered (one gather serves every head). The
     key sets are joined in one softmax by ``kernels.merge``."""
     s = q.shape[1]
@@ -163,7 +166,7 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
         # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
         recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
         parts = []
-        for a in range(0, r1 - r0, attn.gather_rows):  # gathered keys [B, rows, k, c] stay in cache
+        for a in range(0, r1 - r0, attn.gather_rows):  # gathered keys [B, gather_rows, k, c] stay in cache
             z = min(r1 - r0, a + attn.gather_rows)
             args = (qb[:, a:z], flat, rows[:, a:z], None if amask is None else amask[:, a:z], keep)
             part = checkpoint(_gathered_attend, *args, use_reentrant=False) if recompute \

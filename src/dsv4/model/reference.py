@@ -1,6 +1,9 @@
 """The plain attention every fast path is tested against, written to be read: each query's keys (its window, then
 the compressed entries it may use: HCA all visible ones, CSA the indexer's top-k of them) in one dense masked
 softmax with the sink. ``window_visible`` is the window rule every path shares.
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ def window_visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int) 
 
 def reference_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    """q [B, S, H, c]; keys [B, K, c] (K = V, one shared head); mask [B or 1, S, K] bool; sinks [H].
+    """q [B, S, H, c]; keys [B, K, c] (the values too: one shared K=V head); mask [B or 1, S, K] bool; sinks [H].
 
     Returns [B, S, H, c] in q's dtype. Softmax in float32.
     """
@@ -53,7 +56,7 @@ def window_keys(attn, kv: torch.Tensor, positions: torch.Tensor, cache: LayerCac
 
 
 def reference(attn, x, q, kv, q_latent, positions, cache, packing) -> torch.Tensor:
-    """Dense attention over every key with a [S, keys] mask: the path written to be read."""
+    """Dense attention over every key with a [S, K] mask: the path written to be read."""
     keys, mask = window_keys(attn, kv, positions, cache, packing)
 
     if attn.compressor is not None:

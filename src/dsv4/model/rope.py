@@ -1,5 +1,9 @@
 """Interleaved partial RoPE on the trailing dims, YaRN frequencies, and the output de-rotation (spec 2.2.3-4, 2.2.7).
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also r rope dims.
+
 V4 rotates only the last ``r`` channels of each head, in adjacent pairs (2k, 2k+1), with frequency theta^(-2k/r).
 Sliding-window layers use the "main" RoPE (theta 1e4, no YaRN); every layer with a compressor uses the "compress"
 RoPE (theta 1.6e5 with YaRN on the released models) for everything in that layer. YaRN's attention magnitude factor
@@ -74,7 +78,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     ``cos``/``sin`` broadcast against ``x[..., :r/2]`` (callers unsqueeze a head axis where needed).
     ``inverse`` rotates by the negative angle: the de-rotation of attention outputs at the query position.
     Each pair (a, b) is the complex number a + ib times cos + i sin: one complex product on a contiguous copy of the
-    rope channels (about 5x faster on CPU than real arithmetic on the strided pair views, and the same values).
+    rope channels (faster on CPU than real arithmetic on the strided pair views, and the same values).
     """
     r = 2 * cos.shape[-1]
     if torch.compiler.is_compiling():  # the compiler fuses real arithmetic (it does not generate complex code)

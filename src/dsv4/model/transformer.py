@@ -1,5 +1,9 @@
 """The whole model: embedding -> hc_mult streams -> blocks -> hc head -> RMSNorm -> lm head (DESIGN: data flow).
 
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts;
+here also D the MTP depth.
+
 ``model(input_ids)`` returns float32 logits [B, S, vocab] (float64 for a float64 model: ``dsv4.model.precision``).
 With ``cache=model.new_cache(B)`` it returns the logits of just the given positions and advances the cache; any split
 of a sequence into calls gives the logits of one call.
@@ -85,7 +89,7 @@ class MTPBlock(Block):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, S, vocab] float32
-    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, S - k, vocab], predicts t + 1 + k
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth D: [B, S - D, vocab], predicts t + 1 + D
     routes: list[RouterOutput] = field(default_factory=list)  # one per main layer, then one per MTP block
     streams: torch.Tensor | None = None  # final residual streams before the hc head
     indexer_kl: torch.Tensor | None = None  # sum over CSA layers of the mean KL (with indexer training on)
@@ -246,7 +250,7 @@ class Transformer(nn.Module):
         return self.logits_from_streams(streams)
 
     def forward_train(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> ModelOutput:
-        """Logits, MTP logits (depth k predicts token t+1+k from position t) and router outputs of one full call."""
+        """Logits, MTP logits (depth D predicts token t+1+D from position t) and router outputs of one full call."""
         stats: list[IndexerStats] = []
         streams, routes = self.hidden_streams(input_ids, None, doc_ids, stats)
         out = ModelOutput(self.logits_from_streams(streams), routes=routes, streams=streams, indexer_stats=stats)
