@@ -7,6 +7,7 @@ import pytest
 from dsv4 import ModelConfig
 from dsv4.bench import check_context
 from dsv4.cli import main
+from numerics import assert_close_scaled
 
 
 def run_json(capsys, *argv):
@@ -89,7 +90,7 @@ def test_dense_baseline_decodes_like_one_call():
         full = model(ids)
         cache = model.new_cache(1)
         parts = [model(ids[:, :17], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(17, 40)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert_close_scaled(torch.cat(parts, dim=1), full)  # float32: scaled to the logits' magnitude
     assert cache.nbytes() == 40 * cfg.head_dim * 4 * cfg.num_hidden_layers
 
 

@@ -1,15 +1,16 @@
 """The `dsv4 train`, `dsv4 generate` and `dsv4 plot` commands end to end, on a small corpus and a reduced model."""
 
 import contextlib
+import dataclasses
 import io
 import json
+import re
 import shutil
-import struct
 
 import pytest
 
 from dsv4 import ModelConfig, cli
-from dsv4.train.tensorboard import read_records
+from dsv4.train.options import TrainOptions, option_name
 
 SMALL = dict(hidden_size=32, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=32,
              q_lora_rank=32, o_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2,
@@ -179,61 +180,78 @@ def test_plot_writes_a_png(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _varint(buf, i):
-    n = shift = 0
-    while True:
-        b = buf[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return n, i
-        shift += 7
-
-
-def _fields(buf):
-    """Top-level protobuf fields of a message: [(number, value)], value bytes / int / raw 8 bytes / raw 4 bytes."""
-    i, out = 0, []
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        out.append((number, value))
-    return out
-
-
 def test_tensorboard_events_parse(trained):
+    """The events are TensorBoard's own (read back with its EventAccumulator), with the values of metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = list((trained[0] / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1
-    records = read_records(events[0])  # CRCs checked
-    first = dict(_fields(records[0]))
-    assert first[3] == b"brain.Event:2"
-    scalars = {}
-    for payload in records[1:]:
-        event = dict(_fields(payload))
-        (value,) = [dict(_fields(v)) for n, v in _fields(event[5]) if n == 1]
-        scalars.setdefault(value[1].decode(), []).append((event[2], struct.unpack("<f", value[2])[0]))
+    acc = EventAccumulator(str(events[0]), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    assert acc.file_version == 2.0  # "brain.Event:2"
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
     assert {"train/lm_loss", "train/lr", "train/val_loss", "experts/max_load_ratio_0"} <= set(scalars)
     metrics = [json.loads(line) for line in (trained[0] / "metrics.jsonl").read_text().splitlines()]
     assert [step for step, _ in scalars["train/val_loss"]] == [0, 2, 3]  # 0: before training
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+    assert [v for _, v in scalars["train/lr"]] == pytest.approx([r["lr"] for r in metrics], rel=1e-6)
+    assert [v for _, v in scalars["experts/max_load_ratio_0"]] == \
+        pytest.approx([r["max_load_ratio"][0] for r in metrics], rel=1e-6)
 
-    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    acc = ea.EventAccumulator(str(events[0]))
-    acc.Reload()
-    assert "train/loss" in acc.Tags()["scalars"]
-    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
-    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+
+def help_options(command: str) -> list[str]:
+    """The options `dsv4 <command> --help` lists, in order (``-h`` / ``--help`` left out)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    listing = out.getvalue().split("options:", 1)[1]
+    return [name for name in re.findall(r"^ {2}(--[a-z0-9-]+)", listing, re.M) if name != "--help"]
+
+
+def test_train_help_lists_exactly_the_options_fields():
+    names = [f.name for f in dataclasses.fields(TrainOptions)]
+    assert help_options("train") == [option_name(n) for n in names]
+    demo_own = ["--prompt", "--max-tokens", "--temperature", "--top-p"]
+    assert help_options("demo") == [option_name(n) for n in TrainOptions.demo_fields()] + demo_own
+    assert set(names) - set(TrainOptions.demo_fields()) == {"resume", "json", "ep", "dp_shard", "dist_timeout"}
+
+
+class Captured(Exception):
+    """Raised by the stand-in for `train` with the options it was given."""
+
+    def __init__(self, options):
+        super().__init__("captured")
+        self.options = options
+
+
+def captured_options(monkeypatch, *argv) -> TrainOptions:
+    """The TrainOptions that `dsv4 <argv>` hands to `dsv4.train.run.train` (which then stops the command)."""
+    from dsv4.train import run
+
+    def stand_in(options, say=print):
+        raise Captured(options)
+
+    monkeypatch.setattr(run, "train", stand_in)
+    with pytest.raises(Captured) as caught, contextlib.redirect_stdout(io.StringIO()):
+        cli.main([str(a) for a in argv])
+    return caught.value.options
+
+
+def test_demo_and_train_give_the_trainer_the_same_defaults(monkeypatch, tmp_path):
+    from dsv4.train.loop import TrainConfig
+
+    trained = captured_options(monkeypatch, "train", "--out", tmp_path / "train")
+    demo = captured_options(monkeypatch, "demo", "--out", tmp_path / "demo")
+    assert isinstance(trained, TrainOptions) and isinstance(demo, TrainOptions)
+    assert trained == TrainOptions(out=str(tmp_path / "train"))
+    assert demo == TrainOptions.preset_for_demo(out=str(tmp_path / "demo"), threads=demo.threads)
+    # the demo differs from the command only where its preset sizes the run (and the threads it picks)
+    differ = {f.name for f in dataclasses.fields(TrainOptions) if getattr(trained, f.name) != getattr(demo, f.name)}
+    assert differ - {"threads"} == {"out", "steps", "seq_len", "warmup", "bias_speed", "val_every", "ckpt_every"}
+    # the loop's own defaults are the command's
+    assert TrainConfig() == TrainOptions().train_config(bf16=False)
+    assert trained.train_config(bf16=False) == TrainConfig()
 
 
 def test_mfu_halves_are_sane(monkeypatch):

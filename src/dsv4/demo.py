@@ -14,7 +14,9 @@ then
 The run directory (default ``runs/demo``) is the demo's own: a rerun starts training afresh there, deleting the
 previous demo's checkpoints, metrics, events and model but keeping its tokenizer and shards when they were made from
 the same corpus and settings (that saves the minute of tokenization). A non-empty directory that is not a demo run
-is refused, so nothing else is ever deleted. ``dsv4 train`` options (``--steps``, ``--seq-len``, ...) apply.
+is refused, so nothing else is ever deleted. ``dsv4 train``'s options (``--steps``, ``--seq-len``, ...) apply, less
+those for resuming, JSON output and several processes: the fields of ``dsv4.train.options.TrainOptions`` with the
+defaults of ``TrainOptions.preset_for_demo()`` (which says how they were sized).
 """
 
 from __future__ import annotations
@@ -29,14 +31,8 @@ from pathlib import Path
 
 import torch
 
-# Sized on a shared 2-core AVX2 CPU: a step of 8 x 128 tokens took 1.6-2.5 s on one thread (a third to a half of it
-# Muon's Newton-Schulz iterations, a fixed cost per step), so 100 steps plus the tokenizer and shards (~30 s) make
-# 3-4 minutes in all. 100 steps: the load-balance target is stated over the last 100 steps. The router-bias speed
-# is 10x the report's 1e-3: at 1e-3 the routers of a run this short collapse onto two experts within 20 steps and
-# stay there (busiest / mean over the last 100 steps 1.5-3.1); at 1e-2 it is 1.06-1.25, and validation loss is
-# lower too (6.57 against 6.68 nats per token).
-DEFAULTS = dict(out="runs/demo", steps=100, seq_len=128, batch_size=8, warmup=10, lr=3e-3, bias_speed=1e-2,
-                val_every=50, val_batches=8, ckpt_every=50)
+from dsv4.train.options import TrainOptions, add_options
+
 BALANCE_WINDOW = 100  # steps
 BALANCE_TARGET = 1.5  # busiest expert / mean load
 MARKER = "demo.json"
@@ -45,10 +41,9 @@ PREP_OUTPUTS = ("tokenizer.json", "shards")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsv4.train.run import add_arguments as train_arguments
-
-    train_arguments(p, demo=True)
-    p.set_defaults(**DEFAULTS)
+    """``dsv4 train``'s options that the demo takes (``TrainOptions.demo_fields()``, with the demo's defaults), then
+    the sample's."""
+    add_options(p, TrainOptions.preset_for_demo(), only=TrainOptions.demo_fields())
     p.add_argument("--prompt", default="def ", help="the prompt of the sample (default: 'def ')")
     p.add_argument("--max-tokens", type=int, default=120, help="tokens to sample")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -135,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
     from dsv4.train.plot import plot_run, read_metrics, window_load_ratios
     from dsv4.train.run import train
 
-    args.resume, args.json = False, False
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     t_start = time.perf_counter()
@@ -153,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
           f"{base.num_nextn_predict_layers}; Muon + AdamW, router-bias speed {args.bias_speed:g}; "
           f"{args.threads} thread{'s' if args.threads != 1 else ''}{why}")
     sys.stdout.flush()
-    result = train(args, say=lambda *a: print("     ", *a, flush=True))
+    options = TrainOptions.from_args(args, base=TrainOptions.preset_for_demo())
+    result = train(options, say=lambda *a: print("     ", *a, flush=True))
     s, model, tokenizer = result.summary, result.model, result.tokenizer
     print(f"[2/5] validation, nats per token: {s['val_loss_before']:.3f} -> {s['val_loss']:.3f}; bits per byte: "
           f"{s['val_bits_per_byte_before']:.3f} -> {s['val_bits_per_byte']:.3f}")

@@ -4,10 +4,12 @@
 
 The model directory (HF or official layout, or a ``dsv4 train`` run standing for its ``model/``) must hold the
 ``tokenizer.json`` it was trained with (or pass ``--tokenizer``). The corpus is tokenized into shards with the
-validation split of ``dsv4 train`` (same ``val_fraction`` 0.02 and ``seed``, so the same held-out documents): a
+validation split of ``dsv4 train`` (same ``val_fraction``, ``dsv4.data.VAL_FRACTION``, and ``seed``, so the same
+held-out documents, ``dsv4.data.split_documents``): a
 run directory's own ``shards/`` when they match, else a cache folder (``--cache``, default ``$DSV4_CACHE`` or
 ``~/.cache/dsv4``, then ``shards/<corpus>-<key>``). Every row of the split's first epoch is evaluated once, in batches
-of ``--batch-size`` rows of ``--seq-len`` tokens packed with document boundaries (``--batches`` caps the count).
+of ``--batch-size`` rows of ``--seq-len`` tokens packed with document boundaries (``--batches`` caps the count):
+``dsv4.data.validation_batches``, what a training run validates on.
 
 Figures: next-token cross-entropy in nats per token and bits per byte.
 * ``val_loss``: the model as it was trained: float32 masters, through the FP4 QAT forward (``dsv4.train.qat``: FP4
@@ -20,7 +22,7 @@ Figures: next-token cross-entropy in nats per token and bits per byte.
   next token stays). For a QAT model the masters without quantization are reported too (``float_val_loss``).
 
 ``seq_len``, ``batch_size``, ``val_fraction``, ``seed`` and ``data`` default to the values in ``training.json``,
-else 256, 8, 0.02, 0 and (``--data`` required).
+else ``dsv4 train``'s defaults (``TrainOptions``, ``VAL_FRACTION``) and (``--data`` required).
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ from pathlib import Path
 import torch
 
 from dsv4.atomic import write_atomically
+from dsv4.data.packing import validation_batches
+from dsv4.data.shards import VAL_FRACTION
+from dsv4.train.options import TrainOptions
 
 TRAINING_META = "training.json"
-DEFAULTS = {"seq_len": 256, "batch_size": 8, "val_fraction": 0.02, "seed": 0}  # dsv4 train's
+DEFAULTS = {"seq_len": TrainOptions.seq_len, "batch_size": TrainOptions.batch_size, "val_fraction": VAL_FRACTION,
+            "seed": TrainOptions.seed}  # dsv4 train's, for a model without training.json
 
 
 # --------------------------------------------------------------------------------------------- training metadata
@@ -81,7 +87,7 @@ def shard_cache_dir(corpus, tokenizer, val_fraction: float, seed: int, root: str
     return Path(root or default_cache_root()) / "shards" / f"{name}-{key}"
 
 
-def validation_shards(data, tokenizer, *, val_fraction: float = 0.02, seed: int = 0,
+def validation_shards(data, tokenizer, *, val_fraction: float = VAL_FRACTION, seed: int = 0,
                       candidates: list[Path] = (), cache: str | Path | None = None):
     """Token shards of ``data`` with the validation split ``dsv4 train`` uses: the first of ``candidates`` built
     from the same inputs (never rebuilt or replaced), else built (once) in the cache."""
@@ -96,27 +102,6 @@ def validation_shards(data, tokenizer, *, val_fraction: float = 0.02, seed: int 
                 continue  # other inputs: leave them alone
     return build_shards(corpus, tokenizer, shard_cache_dir(corpus, tokenizer, val_fraction, seed, cache),
                         val_fraction=val_fraction, seed=seed)
-
-
-def validation_batches(shards, *, seq_len: int, batch_size: int, max_batches: int | None = None,
-                       seed: int = 0) -> list:
-    """Every row of the validation split's first epoch once, in order, as ``Batch``es of ``batch_size`` rows (the
-    last one shorter), at most ``max_batches`` of them."""
-    from dsv4.data import Batch, PackedLoader
-
-    if "val" not in shards.splits or len(shards.split_docs("val")) == 0:
-        raise ValueError(f"the shards at {shards.path} have no validation split")
-    loader = PackedLoader(shards, "val", batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=False)
-    rows = loader.rows_in_epoch(0)
-    n = math.ceil(rows / batch_size)
-    if max_batches is not None:
-        n = min(n, max_batches)
-    out = []
-    for i in range(n):
-        b = next(loader)
-        keep = min(batch_size, rows - i * batch_size)
-        out.append(b if keep == batch_size else Batch(b.tokens[:keep], b.doc_ids[:keep], b.positions[:keep]))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- the figures
@@ -217,11 +202,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate 'as trained' with the FP4 QAT forward (auto: as training.json says)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: training's, else 256)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: training's, else 8)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per row (default: training's, else {DEFAULTS['seq_len']})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"rows per batch (default: training's, else {DEFAULTS['batch_size']})")
     p.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
-    p.add_argument("--val-fraction", type=float, default=None, help="validation split (default: training's, 0.02)")
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: training's, else 0)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"validation split (default: training's, else {DEFAULTS['val_fraction']})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"split seed (default: training's, else {DEFAULTS['seed']})")
     p.add_argument("--cache", default=None, help="folder for token shards (default: $DSV4_CACHE or ~/.cache/dsv4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

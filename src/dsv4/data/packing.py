@@ -26,6 +26,10 @@ when none fits it takes the longest piece's head to fill the row and puts the re
 epoch, fewer than one row, are dropped. The plan depends only on document lengths, so it is computed per epoch
 without reading tokens, and any row of any epoch is reached directly.
 
+Validation (``validation_batches``): every row of the ``val`` split's first epoch once, in corpus order
+(``shuffle=False``), in batches (the last one shorter), at most a given number of them: what ``dsv4 train`` validates
+on during a run and what ``dsv4 eval`` evaluates.
+
 Resuming: the state is the (epoch, row) cursor plus the step count. ``state_dict()`` / ``load_state_dict()``
 continue exactly where a run stopped: a resumed run sees the batches an uninterrupted run would. One step takes
 ``world_size * batch_size`` consecutive rows and rank ``r`` keeps rows ``[r * B, (r + 1) * B)`` of them; since the
@@ -221,3 +225,24 @@ class PackedLoader:
                 at += length
         batch = Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids), torch.from_numpy(positions))
         return batch if self.device is None else batch.to(self.device)
+
+
+def validation_batches(shards: ShardSet | str | os.PathLike, *, seq_len: int, batch_size: int,
+                       max_batches: int | None = None, seed: int = 0) -> list[Batch]:
+    """The validation rows, defined once for training and evaluation: every row of the ``val`` split's first epoch
+    once, in order, as ``Batch``es of ``batch_size`` rows (the last one shorter), at most ``max_batches`` of them.
+    (The split's documents are ``dsv4.data.shards.split_documents``'.)"""
+    shards = shards if isinstance(shards, ShardSet) else load_shards(shards)
+    if "val" not in shards.splits or len(shards.split_docs("val")) == 0:
+        raise ValueError(f"the shards at {shards.path} have no validation split")
+    loader = PackedLoader(shards, "val", batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=False)
+    rows = loader.rows_in_epoch(0)
+    n = math.ceil(rows / batch_size)
+    if max_batches is not None:
+        n = min(n, max_batches)
+    out = []
+    for i in range(n):
+        b = next(loader)
+        keep = min(batch_size, rows - i * batch_size)
+        out.append(b if keep == batch_size else Batch(b.tokens[:keep], b.doc_ids[:keep], b.positions[:keep]))
+    return out

@@ -9,9 +9,12 @@
   ``key``; the shards; per document its ``name``, ``shard``, ``start`` offset and ``length`` in tokens and its text's
   UTF-8 ``bytes``; and the ``train`` / ``val`` splits as lists of document ids (positions in the document table).
 
-The validation split holds out whole documents: ``max(1, round(val_fraction * n_docs))`` of them, drawn with
-``numpy.random.default_rng(seed)``; both splits must keep at least one document (``val_fraction=0`` means no
-validation split). Documents keep corpus order in the shards; the splits are disjoint by construction.
+The validation split holds out whole documents, chosen by ``split_documents`` (the one definition of which
+documents a run validates on; ``dsv4.data.packing.validation_batches`` defines which of their rows are evaluated):
+``max(1, round(val_fraction * n_docs))`` of them, drawn with ``numpy.random.default_rng(seed)``; both splits must
+keep at least one document (``val_fraction=0`` means no validation split). ``VAL_FRACTION`` (0.02) is the fraction
+``dsv4 train``, ``dsv4 demo`` and ``dsv4 eval`` hold out, and ``build_shards``' default. Documents keep corpus order
+in the shards; the splits are disjoint by construction.
 
 Building is atomic: everything is written in a temporary sibling folder that is renamed into place at the end, so
 an interrupted build leaves nothing behind. Calling ``build_shards`` again with the same inputs returns the
@@ -37,6 +40,7 @@ FORMAT = "dsv4-token-shards"
 VERSION = 1
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
+VAL_FRACTION = 0.02  # of the documents, held out for validation by every command that trains or evaluates
 _ENCODE_BATCH = 64
 
 
@@ -142,7 +146,7 @@ def load_shards(path: str | os.PathLike) -> ShardSet:
 
 
 def build_shards(corpus: Corpus | str | os.PathLike, tokenizer: Tokenizer | str | os.PathLike,
-                 out_dir: str | os.PathLike, *, val_fraction: float = 0.01, seed: int = 0, add_bos: bool = True,
+                 out_dir: str | os.PathLike, *, val_fraction: float = VAL_FRACTION, seed: int = 0, add_bos: bool = True,
                  shard_tokens: int = 1 << 28, overwrite: bool = False) -> ShardSet:
     """Tokenize ``corpus`` with ``tokenizer`` into shards at ``out_dir`` (see the module docstring), or return the
     shards already there when they were built from the same inputs. ``corpus`` and ``tokenizer`` may also be what
@@ -248,13 +252,7 @@ def _write(tmp: Path, corpus: Corpus, tok: Tokenizer, inputs: dict, key: str, va
             fh.close()
 
     n = len(names)
-    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
-    if n - n_val < 1:
-        raise ValueError(f"corpus {corpus.name!r} has {n} document(s): too few to hold out a validation split "
-                         f"(val_fraction={val_fraction}) and keep a training document; add documents or pass "
-                         "val_fraction=0")
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    is_val = split_documents(n, val_fraction, seed, source=f"corpus {corpus.name!r}")
     n_special = 2 if add_bos else 1
     lengths_np, bytes_np = np.asarray(lengths, dtype=np.int64), np.asarray(nbytes, dtype=np.int64)
     splits = {}
@@ -269,6 +267,24 @@ def _write(tmp: Path, corpus: Corpus, tok: Tokenizer, inputs: dict, key: str, va
              "splits": splits}
     (tmp / INDEX_FILE).write_text(json.dumps(index, separators=(",", ":")), encoding="utf-8")
     return index
+
+
+def split_documents(n_docs: int, val_fraction: float = VAL_FRACTION, seed: int = 0, *,
+                    source: str = "the corpus") -> np.ndarray:
+    """Which of ``n_docs`` documents (in corpus order) the validation split holds out, as a bool mask:
+    ``max(1, round(val_fraction * n_docs))`` of them (none with ``val_fraction=0``), the first of
+    ``numpy.random.default_rng(seed).permutation(n_docs)``. Raises ``ValueError`` (naming ``source``) when no
+    training document would be left."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
+    if n_docs - n_val < 1:
+        raise ValueError(f"{source} has {n_docs} document(s): too few to hold out a validation split "
+                         f"(val_fraction={val_fraction}) and keep a training document; add documents or pass "
+                         "val_fraction=0")
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
 
 
 def _install(tmp: Path, out: Path, key: str, index: dict) -> ShardSet:

@@ -1,14 +1,14 @@
 """What ``dsv4 train`` (``dsv4.train.run``) calls to run the same way in one process and under ``torchrun``.
 
-Its flags (``--ep``, ``--dp-shard``, ``--dist-timeout``), the ``Parallel`` of a run or ``None`` (``from_args``), the
-trainer (``make_trainer``: ``Trainer`` or ``DistributedTrainer``), batches on this rank's device, the final HF export,
-and the process-level helpers of ``dsv4.parallel.mesh`` (rank 0 or not, world size, rank 0 first, the end of the
-process group). Each takes ``par=None`` for a single-process run.
+The ``Parallel`` of a run or ``None`` (``from_args``, from the options ``--ep``, ``--dp-shard`` and
+``--dist-timeout``: fields of ``dsv4.train.options.TrainOptions`` like every option of ``dsv4 train``), the trainer
+(``make_trainer``: ``Trainer`` or ``DistributedTrainer``), batches on this rank's device, the final HF export, and
+the process-level helpers of ``dsv4.parallel.mesh`` (rank 0 or not, world size, rank 0 first, the end of the process
+group). Each takes ``par=None`` for a single-process run.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,26 +20,16 @@ from dsv4.parallel.mesh import (DEFAULT_TIMEOUT_S, DistributedError, Parallel, f
                                 main_only, world_size)
 from dsv4.parallel.trainer import DistributedTrainer
 from dsv4.train.loop import Trainer
+from dsv4.train.options import TrainOptions
 
-__all__ = ["DistributedError", "NullWriter", "add_arguments", "finish", "from_args", "is_main", "main_first",
-           "main_only", "make_trainer", "save_pretrained", "to_device", "world_size"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``dsv4 train`` for several processes (they apply under ``torchrun``)."""
-    p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel degree: ranks the routed experts of each layer are spread over "
-                        "(divides the world size and the expert count; default gcd(world, experts))")
-    p.add_argument("--dp-shard", type=int, default=None,
-                   help="FSDP2 shard degree of the dense parameters (divides the world size; default: all ranks; "
-                        "smaller = HSDP with world/dp-shard replicas)")
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait for the other ranks before the run fails")
+__all__ = ["DistributedError", "finish", "from_args", "is_main", "main_first", "main_only", "make_trainer",
+           "save_pretrained", "to_device", "world_size"]
 
 
-def from_args(args: argparse.Namespace) -> Parallel | None:
-    """The ``Parallel`` of a ``dsv4 train`` run: under ``torchrun`` (any world size), or when ``--resume`` finds a
-    distributed checkpoint (then at one rank); ``None`` for a plain single-process run."""
+def from_args(args: TrainOptions) -> Parallel | None:
+    """The ``Parallel`` of a ``dsv4 train`` run (its ``TrainOptions``, or a parsed command line): under ``torchrun``
+    (any world size), or when ``--resume`` finds a distributed checkpoint (then at one rank); ``None`` for a plain
+    single-process run. No ``--dist-timeout``: ``DEFAULT_TIMEOUT_S``."""
     ep, dp_shard = getattr(args, "ep", None), getattr(args, "dp_shard", None)
     if not launched():
         if (ep or 1) > 1 or (dp_shard or 1) > 1:
@@ -50,7 +40,8 @@ def from_args(args: argparse.Namespace) -> Parallel | None:
         found = list_checkpoints(Path(args.out) / "checkpoints") if getattr(args, "resume", False) else []
         if not (found and is_distributed_checkpoint(found[-1])):
             return None
-    return Parallel.init(ep=ep, dp_shard=dp_shard, timeout_s=getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
+    timeout = getattr(args, "dist_timeout", None)
+    return Parallel.init(ep=ep, dp_shard=dp_shard, timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
 def make_trainer(par: Parallel | None, model: nn.Module, data, cfg, out: str | Path, val_batches=(),
@@ -87,13 +78,3 @@ def save_pretrained(par: Parallel | None, model: nn.Module, path: str | Path) ->
         model.save_pretrained(path)
     else:
         par.save_pretrained(model, path)
-
-
-class NullWriter:
-    """Stands in for a log writer on ranks other than 0."""
-
-    def scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -3,7 +3,8 @@
 From one base model: a specialist per domain (SFT on the domain, then optionally GRPO with the domain's verifiable
 reward), then one student distilled from all specialists by on-policy distillation (each prompt from its domain's
 specialist, reverse KL over the full vocabulary on the student's own samples). Every model is scored on every
-domain by greedy exact-match accuracy on held-out prompts; the JSON gives the table.
+domain by greedy exact-match accuracy on held-out prompts; the JSON gives the table. Each stage shows a tqdm bar
+on stderr where stderr is a terminal (none with ``--json``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dsv4.posttrain.grpo import grpo_loss, group_advantages, token_logprobs
 from dsv4.posttrain.opd import opd_loss
@@ -50,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--out", default=None, help="save the specialists and the student here (HF layout)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table (and no progress bars)")
 
 
 def accuracy(model, t: Task, n: int) -> float:
@@ -73,41 +75,43 @@ def _step(opt, loss: torch.Tensor) -> float:
 
 
 def train_sft(model, t: Task, steps: int, batch: int, lr: float, generator: torch.Generator,
-              log: Callable[[str], None] | None = None) -> list[float]:
-    """SFT of ``model`` on domain ``t``; the loss of each step."""
+              progress: bool = False) -> list[float]:
+    """SFT of ``model`` on domain ``t``; the loss of each step. ``progress``: a bar on stderr (``_progress``)."""
     model.train()
     opt = _optimizer(model, lr)
     losses = []
-    for step in range(steps):
-        losses.append(_step(opt, sft_loss(model, *t.sample(batch, generator))))
-        _report(log, f"sft {t.name}", step, steps, f"loss {losses[-1]:.3f}")
+    with _progress(f"sft {t.name}", steps, progress) as bar:
+        for _ in range(steps):
+            losses.append(_step(opt, sft_loss(model, *t.sample(batch, generator))))
+            _advance(bar, f"loss {losses[-1]:.3f}")
     return losses
 
 
 def train_grpo(model, t: Task, steps: int, prompts: int, group: int, lr: float, generator: torch.Generator,
-               log: Callable[[str], None] | None = None) -> list[float]:
+               progress: bool = False) -> list[float]:
     """GRPO of ``model`` on ``t``'s verifiable reward against a frozen copy of itself; the mean reward of each
     step's samples (one gradient step per batch of samples, so the sampling policy is the current one)."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     opt = _optimizer(model, lr)
     rewards = []
-    for step in range(steps):
-        p, _ = t.sample(prompts, generator)
-        rollout = sample(model, p.repeat_interleave(group, 0), t.answer_len, eos=EOS, generator=generator)
-        r = t.reward(rollout.prompts, rollout.tokens)
-        with torch.no_grad():
-            ref = token_logprobs(reference, rollout)
-        loss, _ = grpo_loss(model, rollout, group_advantages(r, group), ref_logprobs=ref)  # sampled by model
-        _step(opt, loss)
-        rewards.append(float(r.mean()))
-        _report(log, f"grpo {t.name}", step, steps, f"reward {rewards[-1]:.3f}")
+    with _progress(f"grpo {t.name}", steps, progress) as bar:
+        for _ in range(steps):
+            p, _ = t.sample(prompts, generator)
+            rollout = sample(model, p.repeat_interleave(group, 0), t.answer_len, eos=EOS, generator=generator)
+            r = t.reward(rollout.prompts, rollout.tokens)
+            with torch.no_grad():
+                ref = token_logprobs(reference, rollout)
+            loss, _ = grpo_loss(model, rollout, group_advantages(r, group), ref_logprobs=ref)  # sampled by model
+            _step(opt, loss)
+            rewards.append(float(r.mean()))
+            _advance(bar, f"reward {rewards[-1]:.3f}")
     return rewards
 
 
 def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int, lr: float,
               generator: torch.Generator, weights: list[float] | None = None,
-              log: Callable[[str], None] | None = None) -> list[float]:
+              progress: bool = False) -> list[float]:
     """On-policy distillation of ``student`` from ``teachers[i]`` on prompts of ``tasks[i]`` (an equal share of
     each step's prompts per domain, all sampled together), teacher i's KL weighted by ``weights[i]`` (default 1);
     the loss of each step."""
@@ -119,18 +123,24 @@ def train_opd(student, teachers: list, tasks: list[Task], steps: int, batch: int
     owner = torch.arange(len(tasks)).repeat_interleave(share)
     longest = max(t.answer_len for t in tasks)
     losses = []
-    for step in range(steps):
-        prompts = [p for t in tasks for p in t.sample(share, generator)[0]]
-        rollout = sample(student, prompts, longest, eos=EOS, generator=generator)
-        losses.append(_step(opt, opd_loss(student, teachers, rollout, owner, weights)[0]))
-        _report(log, "distillation", step, steps, f"loss {losses[-1]:.3f}")
+    with _progress("distillation", steps, progress) as bar:
+        for _ in range(steps):
+            prompts = [p for t in tasks for p in t.sample(share, generator)[0]]
+            rollout = sample(student, prompts, longest, eos=EOS, generator=generator)
+            losses.append(_step(opt, opd_loss(student, teachers, rollout, owner, weights)[0]))
+            _advance(bar, f"loss {losses[-1]:.3f}")
     return losses
 
 
-def _report(log: Callable[[str], None] | None, stage: str, step: int, steps: int, what: str) -> None:
-    """About ten progress lines per stage."""
-    if log is not None and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
-        log(f"{stage}: step {step + 1}/{steps}, {what}")
+def _progress(stage: str, steps: int, enabled: bool) -> tqdm:
+    """The progress bar of one stage: tqdm on stderr, shown only when ``enabled`` and stderr is a terminal."""
+    return tqdm(total=steps, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled else True)
+
+
+def _advance(bar: tqdm, what: str) -> None:
+    bar.set_postfix_str(what, refresh=False)
+    bar.update(1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
-    def log(text: str) -> None:  # progress: to stderr when stdout carries the JSON
+    def log(text: str) -> None:  # milestones: to stderr when stdout carries the JSON
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    progress = not args.json  # bars on stderr (where it is a terminal): not with --json
 
     models, curves, table = {}, {}, {}
 
@@ -190,19 +202,19 @@ def run(args: argparse.Namespace) -> int:
     score("base", base)
     for t in tasks:
         spec = copy.deepcopy(base)
-        curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen, log)
+        curves[f"sft-{t.name}"] = train_sft(spec, t, args.sft_steps, args.batch_size, args.lr, gen, progress)
         if args.rl_steps:  # what GRPO adds shows against the same specialist before it
             score(f"specialist-{t.name} after SFT", spec)
             prompts = max(1, args.batch_size // args.group)
             curves[f"grpo-{t.name}"] = train_grpo(spec, t, args.rl_steps, prompts, args.group, args.rl_lr, gen,
-                                                  log)
+                                                  progress)
         models[f"specialist-{t.name}"] = spec
         score(f"specialist-{t.name}", spec)
         log(f"specialist {t.name}: {time.time() - t0:.0f} s")
     student = copy.deepcopy(base)
     teachers = [models[f"specialist-{t.name}"] for t in tasks]
     curves["opd"] = train_opd(student, teachers, tasks, args.opd_steps, args.opd_batch_size, args.lr, gen,
-                              weights, log)
+                              weights, progress)
     models["student"] = student
     score("student", student)
     log(f"student: {time.time() - t0:.0f} s")

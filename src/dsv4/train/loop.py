@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dsv4.data.packing import Batch
 from dsv4.data.tokenizer import IGNORE_INDEX
@@ -273,8 +274,8 @@ class Trainer:
                 self.anticipatory.reset_history()
             lm_value = float(lm.detach())
             if phase != "warmup" and self.anticipatory.after_step(lm_value):
-                print(f"\nstep {self.step + 1}: loss spike ({lm_value:.4g}): anticipatory routing for "
-                      f"{cfg.anticipatory_duration} steps", file=sys.stderr)
+                tqdm.write(f"step {self.step + 1}: loss spike ({lm_value:.4g}): anticipatory routing for "
+                           f"{cfg.anticipatory_duration} steps", file=sys.stderr)
         if skipped:  # a loss spike gone non-finite: log it and leave the weights as they were
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -321,45 +322,49 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- the run
     def run(self, tokens_per_step: int, progress: bool = True) -> dict:
+        """Train from ``self.step`` to ``cfg.steps``: each step's record to ``metrics.jsonl`` and ``self.log``,
+        validation and checkpoints at their intervals and at the end. ``progress``: a tqdm bar on stderr, shown only
+        where stderr is a terminal. Returns the run's summary."""
         self.out.mkdir(parents=True, exist_ok=True)
         window = []
         last = {}
         t0 = time.perf_counter()
         tokens_done = 0
         val_loss = float("nan")
-        while self.step < self.cfg.steps:
-            ts = time.perf_counter()
-            r = self.train_step()
-            dt = time.perf_counter() - ts
-            tokens_done += tokens_per_step
-            window.append(tokens_per_step / dt)
-            window = window[-20:]
-            tps = sum(window) / len(window)
-            imbalance = [load_imbalance(x) for x in r.loads]
-            last = {"step": self.step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss,
-                    "balance_loss": r.balance_loss, "grad_norm": r.grad_norm, "lr": self.schedule.lr(self.step - 1),
-                    "tokens_per_s": tps, "skipped": r.skipped, "max_load_ratio": imbalance, "phase": r.phase,
-                    "indexer_kl": r.indexer_kl, "indexer_recall": r.indexer_recall,
-                    "anticipatory_routing": bool(self.anticipatory is not None and self.anticipatory.active),
-                    "expert_loads": [x.tolist() for x in r.loads]}
-            if r.skipped:
-                print(f"\nstep {self.step}: non-finite loss or gradient, step skipped", file=sys.stderr)
-            if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
-                val_loss = self.validate()
-                last["val_loss"] = val_loss
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(strict_json(last)) + "\n")
-            self.log(last)
-            if progress:
-                bar = int(30 * self.step / self.cfg.steps)
-                print(f"\r[{'#' * bar}{'.' * (30 - bar)}] step {self.step}/{self.cfg.steps} loss {r.loss:.3f} "
-                      f"lr {last['lr']:.2e} {tps:,.0f} tok/s"
-                      + (f" val {val_loss:.3f}" if not math.isnan(val_loss) else ""),
-                      end="", file=sys.stderr, flush=True)
-            if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps):
-                self.save()
-        if progress:
-            print(file=sys.stderr)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=None if progress else True)
+        try:
+            while self.step < self.cfg.steps:
+                ts = time.perf_counter()
+                r = self.train_step()
+                dt = time.perf_counter() - ts
+                tokens_done += tokens_per_step
+                window.append(tokens_per_step / dt)
+                window = window[-20:]
+                tps = sum(window) / len(window)
+                imbalance = [load_imbalance(x) for x in r.loads]
+                last = {"step": self.step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss,
+                        "balance_loss": r.balance_loss, "grad_norm": r.grad_norm,
+                        "lr": self.schedule.lr(self.step - 1), "tokens_per_s": tps, "skipped": r.skipped,
+                        "max_load_ratio": imbalance, "phase": r.phase, "indexer_kl": r.indexer_kl,
+                        "indexer_recall": r.indexer_recall,
+                        "anticipatory_routing": bool(self.anticipatory is not None and self.anticipatory.active),
+                        "expert_loads": [x.tolist() for x in r.loads]}
+                if r.skipped:
+                    tqdm.write(f"step {self.step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+                if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
+                    val_loss = self.validate()
+                    last["val_loss"] = val_loss
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(strict_json(last)) + "\n")
+                self.log(last)
+                bar.set_postfix_str(f"loss {r.loss:.3f} lr {last['lr']:.2e} {tps:,.0f} tok/s"
+                                    + (f" val {val_loss:.3f}" if not math.isnan(val_loss) else ""), refresh=False)
+                bar.update(1)
+                if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps):
+                    self.save()
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - t0
         return {"steps": self.step, "final_loss": last.get("loss"), "val_loss": val_loss,
                 "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0, "skipped_steps": self.skipped}
