@@ -70,7 +70,7 @@ def decompose(model_dir: Path, max_batches: int | None, threads: int | None) -> 
     import dsv4
     from dsv4.data import load_shards, load_tokenizer
     from dsv4.evaluate import read_training_meta, validation_batches
-    from dsv4.train.loop import evaluate
+    from dsv4.train.loop import validation_loss
     from dsv4.train.qat import expert_modules, fp4_expert_weights
 
     if threads:
@@ -89,7 +89,7 @@ def decompose(model_dir: Path, max_batches: int | None, threads: int | None) -> 
             for m, ws, es in zip(experts, masters, errors):
                 for p, w, e in zip((m.w1, m.w2, m.w3), ws, es):
                     p.copy_(torch.zeros_like(w) if sign is None else w + sign * e)
-        return evaluate(model, batches, token_bytes)[0]
+        return validation_loss(model, batches, token_bytes)[0]
 
     base = loss_with(0.0)
     plus, minus, zero = loss_with(1.0), loss_with(-1.0), loss_with(None)

@@ -36,7 +36,7 @@ def main() -> int:
 
     import dsv4
     from dsv4.data import PackedLoader, load_shards, load_tokenizer
-    from dsv4.train.loop import evaluate
+    from dsv4.train.loop import validation_loss
 
     out = Path(args.out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -45,9 +45,9 @@ def main() -> int:
     val = PackedLoader(load_shards(out / "shards"), "val", batch_size=8, seq_len=256, shuffle=False)
     batches = [next(val) for _ in range(8)]
     token_bytes = load_tokenizer(out / "model" / "tokenizer.json").token_bytes()
-    sparse = evaluate(model, batches, token_bytes)
+    sparse = validation_loss(model, batches, token_bytes)
     model.set_indexer_phase(sparse=False, train_indexer=False)
-    dense = evaluate(model, batches, token_bytes)
+    dense = validation_loss(model, batches, token_bytes)
     result = {
         "experiment": "indexer_schedule",
         "command": " ".join(["python", "benchmarks/indexer_schedule.py"] + sys.argv[1:]),

@@ -303,7 +303,7 @@ def test_packed_rows_keep_documents_apart(shards):
 
 
 def test_positions_agree_with_the_models_packing(shards):
-    from dsv4.model.packing import Packing
+    from dsv4.model.documents import Packing
 
     b = next(PackedLoader(shards, batch_size=4, seq_len=64, seed=1))
     packing = Packing.from_doc_ids(b.input_doc_ids)

@@ -69,7 +69,7 @@ def test_eval_as_trained_runs_the_indexer_fp4_path_that_training_with_qat_ran():
     from dsv4.data import Batch
     from dsv4.evaluate import evaluate_model
     from dsv4.model.indexer import Indexer
-    from dsv4.train.loop import evaluate
+    from dsv4.train.loop import validation_loss
     from dsv4.train.qat import enable_fp4_qat, enable_indexer_fp4, expert_modules
 
     torch.manual_seed(0)
@@ -81,14 +81,14 @@ def test_eval_as_trained_runs_the_indexer_fp4_path_that_training_with_qat_ran():
     assert not any(m.fp4_qat for m in expert_modules(model))
     assert not any(m.fp4_qk for m in model.modules() if isinstance(m, Indexer))
     enable_fp4_qat(model)
-    experts_only = evaluate(model, batches)[0]
+    experts_only = validation_loss(model, batches)[0]
     enable_indexer_fp4(model)
-    assert got["val_loss"] == pytest.approx(evaluate(model, batches)[0], rel=1e-6)
+    assert got["val_loss"] == pytest.approx(validation_loss(model, batches)[0], rel=1e-6)
     assert got["val_loss"] != pytest.approx(experts_only, rel=1e-7)  # the indexer's FP4 path changed top-k
     assert got["fp4_rel_diff"] == pytest.approx(0, abs=1e-6)
     enable_fp4_qat(model, False)
     enable_indexer_fp4(model, False)
-    assert got["float_val_loss"] == pytest.approx(evaluate(model, batches)[0], rel=1e-6)
+    assert got["float_val_loss"] == pytest.approx(validation_loss(model, batches)[0], rel=1e-6)
 
 
 def test_prediction_shift_is_kl_and_top1_agreement():

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -114,7 +113,7 @@ def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, q
     Without ``qat`` nothing but the routed experts is ever quantized. The model's QAT switches are left as they
     were."""
     from dsv4.model.indexer import Indexer
-    from dsv4.train.loop import evaluate
+    from dsv4.train.loop import validation_loss
     from dsv4.train.qat import (
         enable_fp4_qat,
         enable_indexer_fp4,
@@ -135,16 +134,16 @@ def evaluate_model(model, batches, token_bytes: torch.Tensor | None = None, *, q
                 m.fp4_qat = False
             for m in indexers:
                 m.fp4_qk = False
-        out["val_loss"], out["val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+        out["val_loss"], out["val_bits_per_byte"] = validation_loss(model, batches, token_bytes)
         if fp4:
             with real_fp4_experts(model):
-                out["fp4_val_loss"], out["fp4_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+                out["fp4_val_loss"], out["fp4_val_bits_per_byte"] = validation_loss(model, batches, token_bytes)
             out["fp4_rel_diff"] = out["fp4_val_loss"] / out["val_loss"] - 1
             out["fp4_kl"], out["fp4_top1_agreement"] = prediction_shift(model, batches, real_fp4_experts)
             if qat:
                 enable_fp4_qat(model, False)
                 enable_indexer_fp4(model, False)
-                out["float_val_loss"], out["float_val_bits_per_byte"] = evaluate(model, batches, token_bytes)
+                out["float_val_loss"], out["float_val_bits_per_byte"] = validation_loss(model, batches, token_bytes)
     finally:
         for m, f in zip(expert_modules(model), flags):
             m.fp4_qat = f

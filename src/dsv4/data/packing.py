@@ -9,7 +9,7 @@ The convention, per row (all tensors int64, [B, T + 1]):
   ``shards.document(doc_id)`` holds it). A maximal run of equal ``doc_ids`` is a *segment*: a whole document or
   one piece of a long one. Adjacent segments always differ, and a document occurs at most once per row, so equality
   of ``doc_ids`` is exactly "same segment". Attention and KV compression must not cross segments
-  (``dsv4.model.packing.Packing.from_doc_ids`` reads this tensor). There is no padding: every row is full.
+  (``dsv4.model.documents.Packing.from_doc_ids`` reads this tensor). There is no padding: every row is full.
 - ``positions``: 0 at the first token of each segment, then 1, 2, ... (the same as ``Packing.from_doc_ids``
   derives). A whole document starts with its BOS at position 0. A document longer than the room left in a row is
   cut at the row's end and continues in a later row; that continuation also starts at position 0, because the

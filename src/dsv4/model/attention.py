@@ -27,10 +27,10 @@ from dsv4.cache import CompressorState, LayerCache
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.decode import LayerRows, attend_cached, attend_rows
+from dsv4.model.documents import Packing
 from dsv4.model.indexer import Indexer, IndexerStats
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, rms_normalize
-from dsv4.model.packing import Packing
 from dsv4.model.precision import compute_dtype
 from dsv4.model.prefill import fast
 from dsv4.model.reference import reference

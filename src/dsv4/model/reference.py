@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from dsv4.cache import LayerCache
+from dsv4.model.documents import Packing
 from dsv4.model.indexer import topk_mask, visible_entries
-from dsv4.model.packing import Packing
 from dsv4.model.precision import upcast
 
 

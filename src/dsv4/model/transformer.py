@@ -21,12 +21,12 @@ from dsv4.cache import LayerCache, ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
 from dsv4.model.decode import DecodeState, advance, compiled_positions, positions_of
+from dsv4.model.documents import Packing
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.indexer import IndexerStats
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
-from dsv4.model.packing import Packing
 from dsv4.model.precision import upcast
 
 
@@ -218,7 +218,7 @@ class Transformer(nn.Module):
                        ) -> tuple[torch.Tensor, list[RouterOutput]]:
         """Final residual streams [B, S, n, d] (float32) and the router outputs of the main layers.
 
-        ``doc_ids`` [B, S] marks packed documents (see ``dsv4.model.packing``); not with a cache. ``stats``
+        ``doc_ids`` [B, S] marks packed documents (see ``dsv4.model.documents``); not with a cache. ``stats``
         receives the ``IndexerStats`` of the CSA layers that train their indexer in this forward.
         """
         positions = self._positions(input_ids, cache)

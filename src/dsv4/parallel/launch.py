@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv4.parallel.checkpoint import is_distributed_checkpoint
+from dsv4.parallel.dcp import is_distributed_checkpoint
 from dsv4.parallel.mesh import (DEFAULT_TIMEOUT_S, DistributedError, Parallel, finish, is_main, launched, main_first,
                                 main_only, world_size)
 from dsv4.parallel.trainer import DistributedTrainer
@@ -64,7 +64,7 @@ def make_trainer(par: Parallel | None, model: nn.Module, data, cfg, out: str | P
 
 def to_device(par: Parallel | None, batches: list, token_bytes: torch.Tensor | None = None
               ) -> tuple[list, torch.Tensor | None]:
-    """Batches (and a token-bytes table) on this rank's device: what ``evaluate`` needs for the parallel model."""
+    """Batches (and a token-bytes table) on this rank's device: what ``validation_loss`` needs for the parallel model."""
     if par is None:
         return batches, token_bytes
     return ([b.to(par.device) for b in batches],

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv4.parallel import checkpoint, expert, fsdp, muon
+from dsv4.parallel import dcp, expert, fsdp, muon
 from dsv4.parallel.parallelize import parallelize
 from dsv4.train.optim import HybridOptimizer
 
@@ -186,26 +186,26 @@ class Parallel:
         return muon.build_optimizer(model, **kwargs)
 
     def full_state_dict(self, model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-        """``dsv4.parallel.checkpoint.full_state_dict``: the whole tensors (collective)."""
-        return checkpoint.full_state_dict(self, model, rank0_only)
+        """``dsv4.parallel.dcp.full_state_dict``: the whole tensors (collective)."""
+        return dcp.full_state_dict(self, model, rank0_only)
 
     def full_grads(self, model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor | None]:
-        """``dsv4.parallel.checkpoint.full_grads``: the whole gradients (collective)."""
-        return checkpoint.full_grads(self, model, rank0_only)
+        """``dsv4.parallel.dcp.full_grads``: the whole gradients (collective)."""
+        return dcp.full_grads(self, model, rank0_only)
 
     def save_pretrained(self, model: nn.Module, path: str | Path, **kwargs) -> None:
-        """``dsv4.parallel.checkpoint.save_pretrained``: the HF layout, written by rank 0 (collective)."""
-        checkpoint.save_pretrained(self, model, path, **kwargs)
+        """``dsv4.parallel.dcp.save_pretrained``: the HF layout, written by rank 0 (collective)."""
+        dcp.save_pretrained(self, model, path, **kwargs)
 
     def save_checkpoint(self, root: str | Path, step: int, model: nn.Module, optimizer: HybridOptimizer,
                         meta: dict, keep: int = 3, extra: dict[str, torch.Tensor] | None = None) -> Path:
-        """``dsv4.parallel.checkpoint.save_checkpoint`` (collective)."""
-        return checkpoint.save_checkpoint(self, root, step, model, optimizer, meta, keep=keep, extra=extra)
+        """``dsv4.parallel.dcp.save_checkpoint`` (collective)."""
+        return dcp.save_checkpoint(self, root, step, model, optimizer, meta, keep=keep, extra=extra)
 
     def load_checkpoint(self, path: str | Path, model: nn.Module, optimizer: HybridOptimizer,
                         extra: dict[str, torch.Tensor] | None = None) -> dict:
-        """``dsv4.parallel.checkpoint.load_checkpoint`` (collective)."""
-        return checkpoint.load_checkpoint(self, path, model, optimizer, extra=extra)
+        """``dsv4.parallel.dcp.load_checkpoint`` (collective)."""
+        return dcp.load_checkpoint(self, path, model, optimizer, extra=extra)
 
 
 # ------------------------------------------------------------------------------------- process-level helpers

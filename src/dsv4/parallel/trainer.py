@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv4.parallel.checkpoint import checkpoint_failure, is_distributed_checkpoint
+from dsv4.parallel.dcp import checkpoint_failure, is_distributed_checkpoint
 from dsv4.parallel.mesh import DistributedError, Parallel
 from dsv4.train.anticipatory import AnticipatoryRouting
 from dsv4.train.loop import Losses, StepResult, Trainer, lm_losses

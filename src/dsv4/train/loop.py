@@ -179,7 +179,7 @@ def learned_routers(model: Transformer) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None
+def validation_loss(model: Transformer, batches: Iterable[Batch], token_bytes: torch.Tensor | None = None
              ) -> tuple[float, float]:
     """(nats per token, bits per byte) of next-token prediction over ``batches``; bits per byte needs the byte
     length of every token id (``Tokenizer.token_bytes()``), else NaN."""
@@ -290,7 +290,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean next-token cross-entropy (nats per token) over the validation batches."""
-        return evaluate(self.model, self.val_batches)[0]
+        return validation_loss(self.model, self.val_batches)[0]
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:

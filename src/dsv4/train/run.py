@@ -123,7 +123,7 @@ def train(options: TrainOptions | argparse.Namespace, say=print) -> TrainResult:
     from dsv4.model import Transformer
     from dsv4.parallel import launch
     from dsv4.train.flops import matmul_peak_flops, train_flops_per_token
-    from dsv4.train.loop import evaluate
+    from dsv4.train.loop import validation_loss
     from dsv4.train.tensorboard import RunEvents
 
     args = TrainOptions.from_args(options)
@@ -154,7 +154,7 @@ def train(options: TrainOptions | argparse.Namespace, say=print) -> TrainResult:
     resumed = trainer.resume() if args.resume else None
     if resumed is not None:
         say(f"resumed from step {resumed}")
-    before = evaluate(model, val, token_bytes)
+    before = validation_loss(model, val, token_bytes)
     say(f"validation before: {before[0]:.4f} nats/token, {before[1]:.4f} bits/byte")
     peak = matmul_peak_flops(torch.bfloat16 if bf16 else torch.float32)
     # TensorBoard: rank 0 only; a resumed run drops what an earlier attempt logged past its checkpoint
@@ -177,7 +177,7 @@ def train(options: TrainOptions | argparse.Namespace, say=print) -> TrainResult:
         if tb is not None:
             tb.close()
     elapsed = time.perf_counter() - t0
-    after = evaluate(model, val, token_bytes)
+    after = validation_loss(model, val, token_bytes)
     model_dir = out / "model"
     launch.save_pretrained(par, model, model_dir)  # with par: gathered, written by rank 0
     if launch.is_main():
