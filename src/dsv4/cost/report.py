@@ -6,6 +6,7 @@ numbers are ``dsv4.cost.model``'s and ``dsv4.cost.baselines``'.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -191,24 +192,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="model preset: tiny, small, v4-flash, v4-pro (default v4-flash)")
     src.add_argument("--config", default=None, metavar="PATH", help="a config.json (or its directory) instead")
+    src.add_argument("--model", default=None, metavar="DIR",
+                     help="a checkpoint directory (HF or official layout): its config.json, and with --fit its "
+                          "safetensors headers (never the data)")
     parser.add_argument("--context", default=str(DEFAULT_CONTEXT), metavar="N",
                         help="context length in tokens, e.g. 1048576, 128K or 1M (K = 1024; default 1M)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw KV bytes and FLOPs against context (4K..1M) to FILE.png (needs matplotlib)")
+    fit = parser.add_argument_group("memory plan (--fit)")
+    fit.add_argument("--fit", action="store_true",
+                     help="instead: weights, KV cache and working memory at --context and --batch-size, their total, "
+                          "and whether it fits in memory")
+    fit.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences decoded together (default 1)")
+    fit.add_argument("--dtype", default=None, choices=["packed", "float32", "bfloat16"],
+                     help="weights as stored and memory-mapped (packed: the default for an official-layout "
+                          "checkpoint) or materialized (float32: the default otherwise)")
+    fit.add_argument("--memory-gib", type=float, default=None, metavar="M",
+                     help="memory to fit in, GiB (default: this machine's RAM)")
+    fit.add_argument("--prefill-chunk", type=int, default=4096, metavar="N",
+                     help="prompt tokens per prefill call (default 4096, as dsv4 generate)")
+    fit.add_argument("--all-logits", action="store_true",
+                     help="prefill returns every position's logits (default: the last one's, as dsv4 generate)")
+
+
+def run_fit(args: argparse.Namespace, context: int) -> int:
+    """``dsv4 cost --fit``: the memory plan (``dsv4.cost.fit``) as text or one JSON object."""
+    from dsv4.cost.fit import format_plan, plan_checkpoint, plan_memory
+
+    memory = None
+    if args.memory_gib is not None:
+        if not args.memory_gib > 0:
+            raise ValueError(f"--memory-gib must be positive, got {args.memory_gib}")
+        memory = int(args.memory_gib * (1 << 30))
+    kw = dict(context=context, batch=args.batch_size, prefill_chunk=args.prefill_chunk,
+              all_logits=args.all_logits, memory_bytes=memory)
+    if args.model:
+        plan = plan_checkpoint(args.model, dtype=args.dtype, **kw)
+    elif args.config:
+        plan = plan_memory(ModelConfig.from_json(args.config), dtype=args.dtype or "float32",
+                           source=str(args.config), **kw)
+    else:
+        preset = args.preset or "v4-flash"
+        plan = plan_memory(ModelConfig.preset(preset), dtype=args.dtype or "float32", source=preset, **kw)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
+    if args.fit:
+        if args.plot:
+            raise ValueError("--plot draws the cost report, not --fit")
+        return run_fit(args, context)
+    if args.model:
+        args.config = str(Path(args.model) / "config.json")
     if args.config:
         config, preset, config_path = ModelConfig.from_json(args.config), None, str(args.config)
     else:
         preset = args.preset or "v4-flash"
         config, config_path = ModelConfig.preset(preset), None
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             print("dsv4 cost: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
             return 2
     report = cost_report(config, context, preset=preset, config_path=config_path)

@@ -1,0 +1,578 @@
+"""``dsv4 cost --fit``: will a model run at a context and batch size in this machine's memory?
+
+``plan_memory(config, weights=..., context=..., batch=...) -> MemoryPlan`` adds up, as arithmetic (no model runs and
+no weight is read):
+
+* **weights**, by kind (embedding, head, attention, experts, shared experts, norms and other, MTP). From a checkpoint
+  directory (``checkpoint_weights``): its ``config.json`` and the safetensors headers only (names, dtypes, shapes,
+  byte ranges), in HF or official layout. ``dtype="packed"`` counts every tensor at its stored bytes, as a packed
+  (memory-mapped) model holds them: FP8 E4M3 matrices with their 128x128 UE8M0 scales, MXFP4 experts packed two a
+  byte with 1x32 scales, the rest as stored. ``"float32"`` / ``"bfloat16"`` count a materialized model: every weight's
+  values (two per packed FP4 byte; scales dropped) at that size, integer tables as stored. From a config or preset
+  (``config_weights``): the model's own tensors (built on the meta device), materialized, or ``"packed"`` as
+  ``dsv4.weights.official.save_official`` stores them with the release's BF16 for the unquantized rest.
+* **KV cache** of ``batch`` sequences at ``context`` tokens: window rings, compressed entries and indexer keys
+  (counted by ``dsv4.cost.model.layer_kv_entries``; entries in the buffer that doubles when full, as
+  ``dsv4.cache.append_rows`` allocates it over chunked prefill), and the compressors' partial blocks.
+* **working memory**, the larger of a prefill chunk's and a decoding step's: the activations the fast prefill path
+  holds at once (per token: the residual streams, the layer input, the query latent, the heads' queries and partial
+  outputs, the indexer's queries; and the compressed layers' chunk projections, which the cache's partial-block views
+  keep alive until the next chunk), the largest attention score block at the chunk size (window band per span, HCA
+  logits, CSA index scores and gathered top-k), the logits ([B, 1, vocab] float32 as ``generate`` asks for them, or
+  [B, S, vocab] with ``all_logits``), and for a packed model what it dequantizes at once (one routed expert's
+  three matrices, or a tile of a packed matrix), in float32.
+* **loading**: a materialized model loaded from a checkpoint holds the checkpoint's (dequantized) tensors and the
+  model at once (``dsv4.weights.from_pretrained``); a packed model maps its files and adds nothing.
+
+``total_bytes`` = weights + KV cache + working memory; the plan ``fits`` when that and the loading peak are within
+``memory_bytes`` (default: this machine's RAM). Measured against a real process in ``tests/test_cost_fit.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsv4.config import CSA, HCA, SLIDING, ModelConfig
+from dsv4.cost.model import check_context, layer_kv_entries
+
+KINDS = ("embedding", "head", "attention", "experts", "shared_experts", "norms_other", "mtp")
+DTYPES = ("packed", "float32", "bfloat16")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+FLOAT = 4  # activations, scores, logits and compressed entries are float32 (dsv4.model.precision)
+
+# safetensors dtype -> bytes per stored element
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8, "I32": 4,
+             "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_MAX_HEADER = 100 << 20  # a safetensors header larger than this is not a header
+
+# The fast prefill path's blocks (``dsv4.model.attention.Attention.__init__``): CSA queries per indexer block, window
+# queries per block, queries per span, CSA queries per top-k gather; and chunk_scores' tiling (dsv4.model.indexer).
+CSA_CHUNK, WINDOW_BLOCK, SPAN, GATHER_ROWS = 256, 32, 2048, 16
+SCORE_TILE, SCORE_TILED_ABOVE = 512, 4 * 512
+PREFILL_CHUNK = 4096  # dsv4.generate's default prompt chunk
+TILE_BYTES = 4 << 20  # dsv4.model.packed: a packed matrix is dequantized in tiles of output rows of about this size
+
+# What the live tensors do not show, measured on a 2-core x86-64 Linux CPU with torch 2.13 (tests/test_cost_fit.py):
+# - the allocator: at a prefill chunk's peak the process's resident memory grew 1.25 to 1.5x the tensors alive at
+#   once (glibc keeps freed blocks that the next, larger request cannot reuse; tiny and small presets, 512 to 4096
+#   tokens, with and without dsv4.runtime.tune_allocator), so the chunk's transients count 1 + ALLOCATOR_SLACK times;
+# - the running process beyond its imports (the model's modules, kernel and thread-pool state, blocks kept from
+#   loading): about 16 MiB.
+ALLOCATOR_SLACK = 0.4
+RUNTIME_BYTES = 16 << 20
+
+
+# -------------------------------------------------------------------------------------------------------- weights
+def weight_kind(name: str) -> str:
+    """The kind of a tensor by its official name (``dsv4.weights.names.to_official``); scales go with their weight."""
+    if name.startswith("mtp."):
+        return "mtp"
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("head."):
+        return "head"
+    if ".ffn.experts." in name:
+        return "experts"
+    if ".ffn.shared_experts." in name:
+        return "shared_experts"
+    if ".attn." in name and not name.endswith("norm.weight"):
+        return "attention"
+    return "norms_other"  # norms, mHC, routers (gate weight, bias, tid2eid), the hc head
+
+
+@dataclass
+class TensorInfo:
+    """One stored tensor, from a safetensors header: name as stored, dtype (safetensors spelling), shape, bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str = ""
+
+
+def read_header(path: str | Path) -> list[TensorInfo]:
+    """The tensors of one safetensors file, from its header alone (the data is never read). A file that is not a
+    safetensors file, or whose header promises bytes the file does not have (truncated), is a ``ValueError`` naming
+    it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit its {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read its safetensors header ({e})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    out, end = [], 0
+    for name, d in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, z) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry ({e!r})") from None
+        if dtype not in _ST_BYTES:
+            raise ValueError(f"{path}: tensor {name!r} has an unknown dtype {dtype!r}")
+        if not (isinstance(a, int) and isinstance(z, int) and 0 <= a <= z) \
+                or z - a != math.prod(shape) * _ST_BYTES[dtype]:
+            raise ValueError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has byte range {[a, z]}, "
+                             "which does not match its shape")
+        end = max(end, z)
+        out.append(TensorInfo(name, dtype, shape, z - a, path.name))
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated: its header needs {8 + n + end} bytes, the file has {size}")
+    return out
+
+
+def checkpoint_tensors(path: str | Path) -> list[TensorInfo]:
+    """Every tensor of a checkpoint directory, from the headers of its shards (``model.safetensors``, every
+    ``*.safetensors``, or those ``model.safetensors.index.json`` names), checked against the index: a shard it names
+    that is missing, a tensor in the index that its shard does not hold, or one held by a shard the index does not
+    say, is an error naming the file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+    else:
+        weight_map = None
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {path}")
+    tensors: list[TensorInfo] = []
+    where: dict[str, str] = {}
+    for f in files:
+        for t in read_header(path / f):
+            if t.name in where:
+                raise ValueError(f"tensor {t.name!r} is in two shards: {where[t.name]} and {f}")
+            if weight_map is not None and weight_map.get(t.name) != f:
+                raise ValueError(f"{path / f} holds {t.name!r}, which {index.name} places in "
+                                 f"{weight_map.get(t.name) or 'no shard'}")
+            where[t.name] = f
+            tensors.append(t)
+    if weight_map is not None:
+        absent = sorted(k for k in weight_map if k not in where)
+        if absent:
+            raise ValueError(f"{index} lists tensor(s) that their shard does not hold: "
+                             f"{[f'{k} ({weight_map[k]})' for k in absent[:5]]}")
+    return tensors
+
+
+def _is_scale(name: str, names: set[str]) -> str | None:
+    """The weight a quantization scale belongs to (``X.scale`` official, ``X.weight_scale_inv`` HF), else None."""
+    for suffix in (".weight_scale_inv", ".scale"):
+        if name.endswith(suffix):
+            base = name[:-len(suffix)] + ".weight"
+            if base in names:
+                return base
+    return None
+
+
+def checkpoint_weights(path: str | Path, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
+    """(bytes by kind as ``dtype`` counts them, bytes by kind as stored, layout "hf" or "official") of a checkpoint
+    directory, from its headers. ``dtype``: "packed" (as stored) or "float32" / "bfloat16" (materialized)."""
+    from dsv4.weights.names import to_official
+
+    tensors = checkpoint_tensors(path)
+    names = {t.name for t in tensors}
+    layout = "hf" if any(n.startswith("model.") or n == "lm_head.weight" for n in names) else "official"
+    scaled = {_is_scale(t.name, names) for t in tensors} - {None}
+    counted = dict.fromkeys(KINDS, 0)
+    stored = dict.fromkeys(KINDS, 0)
+    for t in tensors:
+        base = _is_scale(t.name, names)
+        kind = weight_kind(to_official(base or t.name))
+        stored[kind] += t.nbytes
+        if dtype == "packed":
+            counted[kind] += t.nbytes
+        elif base is None:  # a scale is folded into its weight when it is dequantized
+            values = math.prod(t.shape)
+            if t.name in scaled and t.dtype in ("I8", "U8"):
+                values *= 2  # packed FP4: two E2M1 values a byte
+            floating = t.dtype in _ST_FLOAT or t.name in scaled
+            counted[kind] += values * _DTYPE_BYTES[dtype] if floating else t.nbytes
+    return counted, stored, layout
+
+
+def config_weights(config: ModelConfig, dtype: str) -> dict[str, int]:
+    """Bytes by kind of the model a config describes: materialized at ``dtype``, or "packed" as
+    ``dsv4.weights.official.save_official`` writes it (FP8 matrices with one scale byte per 128x128 block, MXFP4
+    routed experts with one scale byte per 32 values, the rest BF16 but the float32 group of the release)."""
+    import torch
+
+    from dsv4.model import Transformer
+    from dsv4.weights.names import STACKED_EXPERT, internal_to_official, keeps_fp32
+    from dsv4.weights.official import _OFFICIAL_FP8
+
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = Transformer(config)
+    out = dict.fromkeys(KINDS, 0)
+    for name, t in model.state_dict().items():
+        experts = STACKED_EXPERT.match(name)
+        official = f"{experts.group(1)}.0.{experts.group(2)}.weight" if experts else internal_to_official(name)
+        kind = weight_kind(official)
+        n = t.numel()
+        if not t.is_floating_point():
+            out[kind] += n * t.element_size()
+        elif dtype != "packed":
+            out[kind] += n * _DTYPE_BYTES[dtype]
+        elif experts:  # MXFP4: half a byte a value, one UE8M0 scale per 32
+            out[kind] += n // 2 + n // 32
+        elif _OFFICIAL_FP8.search(official) and t.dim() == 2:
+            out[kind] += n + math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128)
+        else:
+            out[kind] += n * (4 if keeps_fp32(official) else 2)
+    return out
+
+
+def dequantized_bytes(config: ModelConfig) -> int:
+    """Float32 bytes a packed model holds dequantized at once (``dsv4.model.packed``): one routed expert's three
+    matrices, dequantized whole when a token is routed to it, with the conversion's temporary of one more; or a
+    tile of output rows of a packed matrix (``TILE_BYTES``) with its temporary."""
+    return max(4 * config.hidden_size * config.moe_intermediate_size * FLOAT, 2 * TILE_BYTES)
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+def _doubling_capacity(entries_per_call: list[int]) -> int:
+    """Rows of a buffer grown as ``dsv4.cache.append_rows`` grows it (to max(needed, 2 x filled) when full)."""
+    cap = filled = 0
+    for new in entries_per_call:
+        need = filled + new
+        if new and cap < need:
+            cap = max(need, 2 * filled)
+        filled = need
+    return cap
+
+
+def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, chunk: int) -> dict[str, int]:
+    """Bytes of ``batch`` rows of the decode cache at ``context`` tokens, prefilled in chunks of ``chunk``: window
+    rings (``window_bytes`` per element, positions int64), compressed entries and indexer keys (float32, in their
+    doubling buffers), the compressors' partial blocks (float32: the incomplete block's projections and gate logits,
+    for CSA the overlap series of the last block)."""
+    c, ic = config.head_dim, config.index_head_dim
+    calls = [min(chunk, context - a) for a in range(0, context, chunk)]
+    out = {"window": 0, "compressed": 0, "indexer": 0, "compressor_state": 0}
+    for lt in config.layer_types:
+        n = layer_kv_entries(config, lt, context)
+        out["window"] += batch * config.sliding_window * c * window_bytes + config.sliding_window * 8
+        if lt == SLIDING:
+            continue
+        m = config.compress_rate(lt)
+        seen, per_call = 0, []
+        for s in calls:
+            per_call.append((seen + s) // m - seen // m)
+            seen += s
+        rows = max(_doubling_capacity(per_call), n["compressed"])
+        out["compressed"] += batch * rows * c * FLOAT
+        # partial block: up to m - 1 tokens of projections and gates, width 2c with the overlap (CSA), else c
+        widths = [2 * c, 2 * ic] if lt == CSA else [c]
+        for i, w in enumerate(widths):
+            dim = w // 2 if lt == CSA else w
+            out["compressor_state"] += batch * FLOAT * (2 * (m - 1) * w + (2 * m * dim if lt == CSA else 0))
+            if i:  # the indexer's keys
+                out["indexer"] += batch * rows * ic * FLOAT
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- working memory
+def _width(config: ModelConfig, lt: str) -> int:
+    """Projected width per token of a layer's compressors: CSA's two-series KV and its indexer's, or HCA's."""
+    if lt == CSA:
+        return 2 * config.head_dim + 2 * config.index_head_dim
+    return config.head_dim if lt == HCA else 0
+
+
+def prefill_activations(config: ModelConfig) -> dict[str, int]:
+    """Float32 values per token that the fast prefill path holds at its peak (the last layer of each type, where
+    the most chunk projections are held): ``base`` (residual streams n d, the embedding, the normed layer input and
+    the collapsed stream 3 d, the query latent, the K=V vector), ``heads`` (per layer type: the queries, the scaled
+    queries, the window band's output and the key sets' partial outputs and their merge, in units of H c), the CSA
+    indexer's queries, and ``retained``: the chunk projections (KV, gate logits and the gate with its position bias)
+    of every compressed layer up to that one, held by the cache's partial-block views until the next chunk."""
+    d, n, hc = config.hidden_size, config.hc_mult, config.num_attention_heads * config.head_dim
+    base = n * d + 3 * d + config.q_lora_rank + config.head_dim
+    heads = {SLIDING: 6 * hc, HCA: 7 * hc, CSA: 4 * hc + config.index_n_heads * config.index_head_dim}
+    moe = (config.num_experts_per_tok + 2) * d + config.n_routed_experts + 3 * config.moe_intermediate_size
+    best = {"per_token": base + moe, "base": base, "layer": 0, "retained": 0}
+    retained = 0
+    for i, lt in enumerate(config.layer_types):
+        retained += 3 * _width(config, lt)
+        here = base + max(heads[lt], moe) + retained
+        if here >= best["per_token"]:
+            best = {"per_token": here, "base": base, "layer": i, "retained": retained}
+    return best
+
+
+def score_blocks(config: ModelConfig, batch: int, queries: int, context: int) -> dict[str, int]:
+    """Bytes of the largest attention score blocks of a call of ``queries`` tokens per row that ends at ``context``:
+    the window band of a span, HCA's logits against every visible entry per span, CSA's index scores of a block
+    (its heads' dots tile by tile past ``SCORE_TILED_ABOVE`` entries, the scores, their masked copy) and a top-k
+    gather with its logits."""
+    h, c, w = config.num_attention_heads, config.head_dim, config.sliding_window
+    span = min(queries, SPAN)
+    out = {"window": batch * span * h * (min(WINDOW_BLOCK, queries) + w - 1) * FLOAT}
+    if HCA in config.layer_types:
+        t = context // config.compress_rate(HCA)
+        out["hca"] = batch * span * (h * FLOAT + 1) * t
+    if CSA in config.layer_types:
+        t = context // config.compress_rate(CSA)
+        q = min(queries, CSA_CHUNK)
+        tile = SCORE_TILE if t > SCORE_TILED_ABOVE and q >= 64 else t
+        k = min(config.index_topk, t)
+        gather = min(queries, GATHER_ROWS)
+        out["csa_index"] = batch * q * (config.index_n_heads * tile + 3 * t) * FLOAT
+        out["csa_topk"] = batch * (gather * k * (c + h) * FLOAT + 2 * q * k * 8)
+    return out
+
+
+@dataclass
+class MemoryPlan:
+    """What ``plan_memory`` found: every figure in bytes."""
+
+    source: str
+    dtype: str
+    context: int
+    batch: int
+    prefill_chunk: int
+    weights: dict[str, int]
+    kv: dict[str, int]
+    prefill: dict[str, int]
+    decode: dict[str, int]
+    loading_bytes: int
+    runtime_bytes: int
+    memory_bytes: int
+    memory_source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(self.kv.values())
+
+    @property
+    def working_bytes(self) -> int:
+        return max(sum(self.prefill.values()), sum(self.decode.values()))
+
+    @property
+    def total_bytes(self) -> int:
+        """Running: weights, KV cache, working memory and the process's runtime."""
+        return self.weights_bytes + self.kv_bytes + self.working_bytes + self.runtime_bytes
+
+    @property
+    def loading_peak_bytes(self) -> int:
+        """Loading a materialized model: the checkpoint's tensors and the model at once, and the runtime."""
+        return self.loading_bytes + self.runtime_bytes if self.loading_bytes else 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.total_bytes, self.loading_peak_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.memory_bytes
+
+    def too_large(self) -> str | None:
+        """The figure that does not fit, named, or None."""
+        if self.fits:
+            return None
+        if self.loading_peak_bytes > self.total_bytes:
+            return (f"loading ({_gib(self.loading_peak_bytes)}: the checkpoint's tensors and the materialized model at "
+                    f"once) exceeds the memory ({_gib(self.memory_bytes)})")
+        parts = {"weights": self.weights_bytes, "KV cache": self.kv_bytes, "working memory": self.working_bytes}
+        big = max(parts, key=parts.get)
+        alone = " alone" if parts[big] > self.memory_bytes else ", the largest part,"
+        return (f"total {_gib(self.total_bytes)} exceeds the memory ({_gib(self.memory_bytes)}); {big} "
+                f"({_gib(parts[big])}){alone} is too large at context {self.context:,} and batch {self.batch}")
+
+    def check(self) -> "MemoryPlan":
+        """This plan, or a ``ValueError`` naming the figure that does not fit (for commands that are about to load
+        a model or start a long context)."""
+        if not self.fits:
+            raise ValueError(f"{self.source} does not fit in memory: {self.too_large()}")
+        return self
+
+    def verdict(self) -> str:
+        """One line for people."""
+        if self.fits:
+            return (f"fits: {_gib(self.peak_bytes)} of {_gib(self.memory_bytes)} "
+                    f"({self.peak_bytes / self.memory_bytes:.0%}) at context {self.context:,} and batch {self.batch}")
+        return "does not fit: " + self.too_large()
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "dtype": self.dtype, "context": self.context, "batch": self.batch,
+            "prefill_chunk": self.prefill_chunk,
+            "weights": dict(self.weights), "weights_bytes": self.weights_bytes,
+            "kv_cache": dict(self.kv), "kv_bytes": self.kv_bytes,
+            "working": {"prefill": dict(self.prefill), "decode": dict(self.decode)},
+            "working_bytes": self.working_bytes,
+            "runtime_bytes": self.runtime_bytes,
+            "loading_bytes": self.loading_bytes, "loading_peak_bytes": self.loading_peak_bytes,
+            "total_bytes": self.total_bytes, "peak_bytes": self.peak_bytes,
+            "memory_bytes": self.memory_bytes, "memory_source": self.memory_source,
+            "fits": self.fits, "verdict": self.verdict(), "notes": list(self.notes),
+        }
+
+
+def _gib(x: float) -> str:
+    for div, suffix in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {suffix}"
+    return f"{x:.0f} B"
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes of RAM, where the figure came from): /proc/meminfo's MemTotal, else psutil, else an error."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024, "/proc/meminfo MemTotal"
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total), "psutil"
+    except ImportError:
+        raise ValueError("cannot tell this machine's memory (no /proc/meminfo, no psutil): give --memory-gib") from None
+
+
+def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, context: int = 4096, batch: int = 1,
+                dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, all_logits: bool = False,
+                memory_bytes: int | None = None, loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
+    """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts prefilled in
+    chunks of ``prefill_chunk`` (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or
+    ``config_weights``; computed from the config at ``dtype`` when None). ``dtype``: "packed" (FP8 / FP4 weights kept
+    as stored, computed in float32, a weight dequantized at a time), "float32" or "bfloat16". ``memory_bytes``:
+    the budget (default: this machine's RAM). ``loading_bytes``: the loader's peak, if more than the weights."""
+    context = check_context(context)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if weights is None:
+        weights = config_weights(config, dtype)
+    weights = {k: int(weights.get(k, 0)) for k in KINDS}
+    if memory_bytes is None:
+        memory_bytes, memory_source = machine_memory()
+    else:
+        memory_bytes, memory_source = int(memory_bytes), "given"
+    window_bytes = _DTYPE_BYTES.get(dtype, FLOAT)
+    kv = kv_plan(config, context, batch, window_bytes, prefill_chunk)
+
+    s = min(prefill_chunk, context)
+    act = prefill_activations(config)
+    prefill = {"activations": batch * s * act["per_token"] * FLOAT,
+               "scores": max(score_blocks(config, batch, s, context).values()),
+               "logits": batch * (s if all_logits else 1) * config.vocab_size * FLOAT}
+    prefill["allocator"] = int(ALLOCATOR_SLACK * (prefill["activations"] + prefill["scores"]))
+    decode = {"activations": batch * act["per_token"] * FLOAT,
+              "scores": max(score_blocks(config, batch, 1, context).values()),
+              "logits": batch * config.vocab_size * FLOAT}
+    notes = [f"prefill activations: {act['per_token']:,} float32 values per token at their peak (layer "
+             f"{act['layer']}), of which {act['retained']:,} are chunk projections the cache's partial blocks hold"]
+    if dtype == "packed":
+        prefill["dequantized"] = decode["dequantized"] = dequantized_bytes(config)
+        notes.append("packed: weights dequantized to float32 one expert or one tile of rows at a time")
+    return MemoryPlan(source=source, dtype=dtype, context=context, batch=batch, prefill_chunk=prefill_chunk,
+                      weights=weights, kv=kv, prefill=prefill, decode=decode,
+                      loading_bytes=int(loading_bytes), runtime_bytes=RUNTIME_BYTES, memory_bytes=memory_bytes, memory_source=memory_source,
+                      notes=notes)
+
+
+def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype: str | None = None,
+                    **kwargs) -> MemoryPlan:
+    """``plan_memory`` for a checkpoint directory, from its ``config.json`` and safetensors headers only.
+    ``dtype`` None: "packed" for DeepSeek's official layout, "float32" for HF layout (what ``from_pretrained``
+    makes of each)."""
+    from dsv4.atomic import recover_directory
+
+    path = Path(path)
+    recover_directory(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json (not a checkpoint directory)")
+    config = ModelConfig.from_json(path / "config.json")
+    probe, stored, layout = checkpoint_weights(path, "packed")
+    if dtype is None:
+        dtype = "packed" if layout == "official" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    counted = probe if dtype == "packed" else checkpoint_weights(path, dtype)[0]
+    loading = 0
+    if dtype != "packed":
+        # from_pretrained holds the checkpoint's tensors (float32 once dequantized) while it builds the model
+        state = checkpoint_weights(path, "float32")[0]
+        loading = sum(counted.values()) + sum(state.values())
+    plan = plan_memory(config, weights=counted, context=context, batch=batch, dtype=dtype,
+                       loading_bytes=loading, source=f"{path} ({layout} layout)", **kwargs)
+    plan.notes.append(f"checkpoint: {sum(stored.values()):,} bytes stored")
+    return plan
+
+
+
+# ----------------------------------------------------------------------------------------------------------- text
+def format_plan(plan: MemoryPlan) -> str:
+    """The text of ``dsv4 cost --fit``."""
+    d = plan.to_dict()
+    lines = [f"dsv4 cost --fit: {plan.source}, weights {plan.dtype}, context {plan.context:,}, batch {plan.batch}, "
+             f"prefill chunk {plan.prefill_chunk:,}", ""]
+
+    def row(label: str, value: int, indent: int = 0) -> None:
+        lines.append(f"{' ' * indent}{label:<{34 - indent}}{_gib(value):>12}")
+
+    labels = {"embedding": "embedding", "head": "head", "attention": "attention", "experts": "routed experts",
+              "shared_experts": "shared experts", "norms_other": "norms, mHC, routers", "mtp": "MTP block",
+              "window": "window rings", "compressed": "compressed entries", "indexer": "indexer keys",
+              "compressor_state": "compressors' partial blocks", "activations": "activations",
+              "scores": "largest score block", "logits": "logits (float32)", "allocator": "allocator slack",
+              "dequantized": "one weight dequantized"}
+    row("weights", plan.weights_bytes)
+    for k, v in plan.weights.items():
+        if v:
+            row(labels[k], v, 2)
+    row("KV cache", plan.kv_bytes)
+    for k, v in plan.kv.items():
+        row(labels[k], v, 2)
+    which = "prefill chunk" if sum(plan.prefill.values()) >= sum(plan.decode.values()) else "decoding step"
+    row(f"working memory ({which})", plan.working_bytes)
+    for phase in ("prefill", "decode"):
+        lines.append(f"  {phase}: " + ", ".join(f"{labels[k]} {_gib(v)}" for k, v in d["working"][phase].items()))
+    row("runtime", plan.runtime_bytes)
+    row("total", plan.total_bytes)
+    if plan.loading_bytes:
+        row("loading peak (materialized)", plan.loading_peak_bytes)
+    row(f"memory ({plan.memory_source})", plan.memory_bytes)
+    lines += ["", *(f"note: {n}" for n in plan.notes), "", plan.verdict()]
+    return "\n".join(lines)
