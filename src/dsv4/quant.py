@@ -12,7 +12,8 @@ Formats
   byte in an int8 tensor ``[out, in/2]`` (low nibble = even element, high nibble = odd element), with one UE8M0 scale
   per 1x32 tile along the input (last) dim, shape ``[out, in/32]``.
 * **FP8 activation / KV tiles**: 1 x ``block`` tiles along the last dim (block 64 for the KV nope dims), power-of-two
-  scales, E4M3 rounding; only simulated (quantize-dequantize) in this project.
+  scales, E4M3 rounding; only simulated (quantize-dequantize) in this project. ``fp8_act_round`` is the rounding of
+  the official inference's ``act_quant`` (amax floored at 1e-4), which ``dsv4.model.numerics`` applies.
 
 Scales are returned as ``torch.float8_e8m0fnu`` when this torch has that dtype (an 8-bit biased exponent, i.e. exactly
 a power of two), otherwise as float32 holding powers of two. Every function that takes a scale accepts either.
@@ -59,6 +60,9 @@ __all__ = [
     "mxfp4_dequant",
     "fake_quant_fp4",
     "fake_quant_fp8",
+    "FP8_ACT_AMAX_FLOOR",
+    "fp8_act_round",
+    "bf16_round",
     "hadamard",
 ]
 
@@ -387,6 +391,64 @@ def fake_quant_fp8(x: Tensor, block: int = 64) -> Tensor:
     gradient.
     """
     return _FakeQuantFP8.apply(x, block)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rounding of the official inference (dsv4.model.numerics): activations and KV to FP8 tiles, BF16
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The official act_quant kernel floors each tile's amax at 1e-4 before taking the scale (not stated in spec 6.4; the
+# official kernel.py, as third-party ports of it agree): a tile below it keeps the scale 2^-22 instead of shrinking.
+FP8_ACT_AMAX_FLOOR = 1e-4
+
+
+def _fp8_act_round(x: Tensor, block: int, amax_floor: float) -> Tensor:
+    n = x.shape[-1]
+    xf = x.to(torch.float32)
+    pad = -n % block
+    if pad:  # zeros do not change a tile's amax; they are cropped again below
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    tiles = xf.unflatten(-1, (-1, block))
+    scale = power_of_two_scale(tiles.abs().amax(dim=-1, keepdim=True).clamp(min=amax_floor), FP8_E4M3_MAX)
+    q = (tiles / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    out = (q.to(torch.float32) * scale).flatten(-2)  # exact: an E4M3 value times a power of two
+    return (out[..., :n] if pad else out).to(x.dtype)
+
+
+class _FP8ActRound(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, block: int, amax_floor: float) -> Tensor:
+        return _fp8_act_round(x, block, amax_floor)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None, None  # straight-through estimator
+
+
+def fp8_act_round(x: Tensor, block: int = 128, amax_floor: float = FP8_ACT_AMAX_FLOOR) -> Tensor:
+    """E4M3 quantize-dequantize of ``x [..., n]`` in 1 x ``block`` tiles along the last dim, as the official inference
+    rounds activations before an FP8 / FP4 matmul (block 128) and the KV's non-RoPE dims (block 64): per tile the
+    power-of-two (UE8M0) scale ``2^ceil(log2(max(amax, amax_floor) / 448))``, each value divided by it, rounded to
+    the nearest E4M3 value (ties to even) and multiplied back. Returned in ``x.dtype`` (the rounding itself is done in
+    float32); straight-through gradient.
+
+    When ``n`` is not a multiple of ``block`` (small models; the released configs always divide) the last tile is
+    shorter: the first ``n // block`` tiles are those of the official layout and the rest forms one tile of its own.
+    """
+    _check_block(block)
+    if x.dim() < 1:
+        raise ValueError("fp8_act_round: expected at least 1 dimension, got a 0-d tensor")
+    if x.shape[-1] == 0:
+        return x
+    return _FP8ActRound.apply(x, block, float(amax_floor))
+
+
+def bf16_round(x: Tensor) -> Tensor:
+    """``x`` rounded to bfloat16 (nearest, ties to even) and returned in its own dtype; identity for bfloat16. The
+    gradient passes through (a cast)."""
+    if x.dtype == torch.bfloat16:
+        return x
+    return x.to(torch.bfloat16).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dsv4.model.documents import Packing
 from dsv4.model.indexer import Indexer, IndexerStats
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, rms_normalize
+from dsv4.model.numerics import round_kv
 from dsv4.model.precision import compute_dtype
 from dsv4.model.prefill import fast
 from dsv4.model.reference import reference
@@ -84,6 +85,8 @@ class Attention(nn.Module):
         # KL loss and recall to it
         self.sparse = True
         self.indexer_training = False
+        # official numerics (dsv4.model.numerics, rule 1): the window K=V rounded as the official cache holds it
+        self.official_kv = False
 
     def new_cache(self) -> LayerCache:
         return LayerCache(window=self.window,
@@ -106,6 +109,8 @@ class Attention(nn.Module):
         q = self.wq_b(q_latent).view(b, s, self.n_heads, self.head_dim)
         q = apply_rope(rms_normalize(q, self.eps).to(q.dtype), cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.official_kv:  # before any path stores or reads it
+            kv = round_kv(kv, self.rotary.rope_dim)
         if self.impl == "reference":
             out = reference(self, x, q, kv, q_latent, positions, cache, packing)
         elif self.impl == "dense":

@@ -25,6 +25,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
+from dsv4.model.numerics import round_kv
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
@@ -40,6 +41,9 @@ class Compressor(nn.Module):
         self.wgate = Linear(hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(rate, width))  # learnable position bias B, one row per slot
         self.norm = RMSNorm(dim, eps)
+        # official numerics (dsv4.model.numerics, rule 1): entries rounded as the official cache holds them (the main
+        # compressors; the indexer's keys take its FP4 rule instead)
+        self.official_kv = False
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding,
                 state: CompressorState | None = None) -> tuple[torch.Tensor, int]:
@@ -73,10 +77,15 @@ class Compressor(nn.Module):
             kv = torch.cat([torch.cat([prev_kv, kv[:, :-1, :, :d]], dim=1), kv[..., d:]], dim=2)
             gate = torch.cat([torch.cat([prev_gate, gate[:, :-1, :, :d]], dim=1), gate[..., d:]], dim=2)
         pooled = (kv * torch.softmax(gate, dim=2)).sum(dim=2)
-        entries = self.norm(pooled)
         positions = (torch.arange(n, device=x.device) + first) * self.rate
-        cos, sin = rotary.cos_sin(positions, "compress", entries.dtype)
-        return apply_rope(entries, cos, sin), first
+        return self.finish(self.norm(pooled), positions, rotary), first
+
+    def finish(self, normed: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        """Normed pooled entries [..., dim] at their block starts ``positions`` [...]: RoPE, then with
+        ``official_kv`` the official KV rounding. Every path that emits entries ends here."""
+        cos, sin = rotary.cos_sin(positions, "compress", normed.dtype)
+        entries = apply_rope(normed, cos, sin)
+        return round_kv(entries, rotary.rope_dim) if self.official_kv else entries
 
     def all_entries(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None
                     ) -> torch.Tensor:

@@ -32,7 +32,6 @@ from dsv4.model import kernels
 from dsv4.model.indexer import chunk_scores, topk_lower_index
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.reference import window_visible
-from dsv4.model.rope import apply_rope
 
 
 @dataclass
@@ -317,8 +316,7 @@ def compress_rows(compressor, x: torch.Tensor, rotary, rows: CompressorRows, pos
             kv, gate = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_gate, gate[..., d:]], dim=1)
         entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [done, dim]
         block = pos[done] // rate
-        cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
-        rows.entries[done, block] = apply_rope(entry, cos, sin).to(rows.entries.dtype)
+        rows.entries[done, block] = compressor.finish(entry, block * rate, rotary).to(rows.entries.dtype)
     return rows.entries
 
 
@@ -336,10 +334,10 @@ def _emit_static(compressor, rotary, rows: CompressorRows, pos: torch.Tensor) ->
         kv, gate = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_gate, gate[..., d:]], dim=1)
     entry = compressor.norm((kv * torch.softmax(gate, dim=1)).sum(dim=1))  # [R, dim]
     block = pos // rate
-    cos, sin = rotary.cos_sin(block * rate, "compress", entry.dtype)
     idx = torch.arange(pos.shape[0], device=pos.device)
     old = rows.entries[idx, block]
-    rows.entries[idx, block] = torch.where(done.view(-1, 1), apply_rope(entry, cos, sin).to(old.dtype), old)
+    rows.entries[idx, block] = torch.where(done.view(-1, 1), compressor.finish(entry, block * rate, rotary)
+                                           .to(old.dtype), old)
     return rows.entries
 
 
@@ -367,7 +365,7 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
         # the indexer chooses only when a row can see more entries than it picks (capacity decides, not the rows)
         if attn.indexer is not None and attn.sparse and t > attn.indexer.topk:
             qi, wi = attn.indexer.queries(x, q_latent, positions, attn.rotary)
-            scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))[:, 0]  # [R, T]
+            scores = attn.indexer.round_scores(chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2)))[:, 0]
             scores = scores.masked_fill(~visible, float("-inf"))
             pick = topk_lower_index(scores, min(attn.indexer.topk, t))  # [R, k]
             visible = scores.gather(-1, pick) > float("-inf")  # fewer than k visible: the rest are masked
@@ -409,7 +407,8 @@ def attend_rows_many(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q
         visible = torch.arange(n, device=q.device) < ((positions + 1) // attn.rate).unsqueeze(-1)  # [R, S, T]
         if attn.indexer is not None and attn.sparse and n > attn.indexer.topk:
             qi, wi = attn.indexer.queries(x, q_latent, positions, attn.rotary)
-            scores = chunk_scores(qi, wi, upcast(attn.indexer._fp4(index_keys)).transpose(1, 2))  # [R, S, T]
+            scores = attn.indexer.round_scores(chunk_scores(qi, wi, upcast(attn.indexer._fp4(index_keys))
+                                                            .transpose(1, 2)))  # [R, S, T]
             scores = scores.masked_fill(~visible, float("-inf"))
             pick = topk_lower_index(scores, attn.indexer.topk)  # [R, S, k]
             rows = entries.gather(1, pick.flatten(1).unsqueeze(-1).expand(-1, -1, c))  # [R, S k, c]
@@ -471,7 +470,7 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
             index_keys = attn.indexer.keys(xd, attn.rotary, cache.indexer)
             if attn.sparse and n > attn.indexer.topk:
                 qi, wi = attn.indexer.queries(xd, qd, positions, attn.rotary)
-                scores = chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2))  # [B, S, T]
+                scores = attn.indexer.round_scores(chunk_scores(qi, wi, upcast(index_keys).transpose(1, 2)))
                 if s > 1:  # the last queries see entries that the first do not
                     scores = scores.masked_fill(~visible(), float("-inf"))
                 idx = topk_lower_index(scores, attn.indexer.topk)  # [B, S, k]

@@ -19,6 +19,7 @@ from dsv4.cache import CompressorState
 from dsv4.config import CSA, ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import Linear
+from dsv4.model.numerics import round_scores
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
 
@@ -63,6 +64,8 @@ class Indexer(nn.Module):
         # FP4 simulation of the query / key path (spec 2.7, 6.4): Hadamard rotation, then MXFP4 fake quantization
         # with a straight-through gradient. Off by default (transformers omits it); dsv4.train.qat switches it.
         self.fp4_qk = False
+        # official numerics (dsv4.model.numerics, rule 3): index scores rounded to BF16 before top-k
+        self.bf16_scores = False
 
     def _fp4(self, t: torch.Tensor) -> torch.Tensor:
         if not self.fp4_qk:
@@ -70,6 +73,11 @@ class Indexer(nn.Module):
         from dsv4.quant import fake_quant_fp4, hadamard
 
         return fake_quant_fp4(hadamard(upcast(t)))
+
+    def round_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Index scores as top-k compares them: with ``bf16_scores`` rounded to BF16 (spec 2.7), so that scores
+        within a BF16 step tie and the lower index wins. Every path that scores calls it before top-k."""
+        return round_scores(scores) if self.bf16_scores else scores
 
     def keys(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None,
              packing=None) -> torch.Tensor:
@@ -94,7 +102,8 @@ class Indexer(nn.Module):
         """Index scores [B, S, T] of the queries against ``keys`` (float32, before masking); reference path."""
         q, w = self.queries(x, q_latent, positions, rotary)
         dots = torch.einsum("bshc,btc->bsht", q, upcast(keys))  # keys as ``keys()`` gives them
-        return torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
+        scores = torch.einsum("bsht,bsh->bst", F.relu(dots), w) + 0.0  # + 0.0: -0.0 becomes +0.0 (tie rule)
+        return self.round_scores(scores)
 
 
 _SCORE_TILE = 512  # entries per matmul of a long chunk_scores call: a tile's [Q H, tile] dots stay in cache

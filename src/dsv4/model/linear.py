@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.model.numerics import round_activations
+
 FEW_ROWS = (1, 64)  # rows for which a faster form is taken (tests set an empty range to pin F.linear)
 PARTS_MIN = 1 << 16  # weight elements from which one row is split across threads (below, waking them costs more)
 
@@ -54,5 +56,10 @@ def row_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) computed by ``linear``."""
 
+    # official numerics (dsv4.model.numerics, rule 4): the input rounded to FP8 in 1 x act_quant_block tiles; 0: off
+    act_quant_block = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant_block:
+            x = round_activations(x, self.act_quant_block)
         return linear(x, self.weight, self.bias)

@@ -16,6 +16,7 @@ from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
 from dsv4.model.linear import Linear, linear
+from dsv4.model.numerics import round_activations
 from dsv4.model.precision import upcast
 
 
@@ -102,6 +103,9 @@ class Experts(nn.Module):
     """
 
     fp4_block = 32  # MXFP4 tile along the input dim
+    # official numerics (dsv4.model.numerics, rule 4): the inputs of w1 / w3 and of w2 rounded to FP8 in 1 x
+    # act_quant_block tiles; 0: off
+    act_quant_block = 0
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -129,6 +133,8 @@ class Experts(nn.Module):
         the routing), its routing weight 0 on the tokens that did not pick it, and each token sums its experts in
         expert order, the others adding exact zeros; with N k >= E (most experts in use) every expert runs, in three
         batched products."""
+        if self.act_quant_block:
+            x = round_activations(x, self.act_quant_block)
         w1, w2, w3 = self.expert_weights()
         n, k = indices.shape
         if n == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -137,6 +143,8 @@ class Experts(nn.Module):
             gate = torch.zeros(n, w1.shape[0], dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
             xt = x.t().unsqueeze(0).expand(w1.shape[0], -1, -1)  # [E, d, N]
             h = swiglu(torch.bmm(w1, xt), torch.bmm(w3, xt), self.limit) * gate.t().unsqueeze(1).to(x.dtype)
+            if self.act_quant_block:  # [E, I, N]: tiles along I
+                h = round_activations(h.transpose(1, 2), self.act_quant_block).transpose(1, 2)
             return torch.bmm(w2, h).sum(0).t().to(x.dtype)  # [E, d, N] summed over the experts
         if per_token and not torch.is_grad_enabled():
             out = torch.zeros_like(x)
@@ -163,6 +171,8 @@ class Experts(nn.Module):
     def _expert(self, x, w1, w2, w3, gate) -> torch.Tensor:
         """One expert on its tokens x, the routing weight ``gate`` multiplied in before w2 (spec 4)."""
         h = swiglu(linear(x, w1), linear(x, w3), self.limit) * gate
+        if self.act_quant_block:
+            h = round_activations(h, self.act_quant_block)
         return linear(h, w2).to(x.dtype)
 
     def _one_token(self, x, weights, indices, w1, w2, w3) -> torch.Tensor:

@@ -148,7 +148,7 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
         if tlim == 0:
             yield r0, r1, kernels.Partial.empty(qb), None, None
             continue
-        scores = chunk_scores(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim])
+        scores = attn.indexer.round_scores(chunk_scores(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim]))
         if not attn.sparse:
             yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
             continue

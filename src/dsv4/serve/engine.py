@@ -26,6 +26,7 @@ import torch
 
 from dsv4.generate import accept_draft, next_token_probs
 from dsv4.model.decode import DecodeState, compressor_rates
+from dsv4.model.numerics import numerics_of
 from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
 
@@ -182,7 +183,7 @@ class Engine:
         if prefix_cache:
             self.prefix = PrefixCache(
                 block=self.block, rates=compressor_rates(model), new_cache=lambda: model.new_cache(1),
-                fingerprint=model_fingerprint(model, getattr(tokenizer, "sha256", "")),
+                fingerprint=model_fingerprint(model, getattr(tokenizer, "sha256", ""), numerics_of(model)),
                 memory_bytes=cache_memory_bytes, disk_dir=cache_dir, disk_bytes=cache_disk_bytes)
         self.eos = tokenizer.eos_id
         self.incoming: queue.Queue[Request] = queue.Queue()
