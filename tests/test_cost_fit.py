@@ -118,19 +118,18 @@ _MEASURE = textwrap.dedent("""
         except OSError:
             return False
 
-    path, n, batch, chunk, steps = sys.argv[1], *map(int, sys.argv[2:])
+    path, dtype, (n, batch, chunk, steps) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:])
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (batch, n))
     base = peak()
-    model = from_pretrained(path)
+    model = from_pretrained(path, dtype=None if dtype == "none" else getattr(torch, dtype))
     gc.collect()
     load = peak() - base
     separate = reset()
     with torch.no_grad():
         cache = model.new_cache(batch)
         for a in range(0, n, chunk):
-            logits = model(ids[:, a:a + chunk], cache=cache, last_only=True)
-        token = logits[:, -1:].argmax(-1)
+            token = model(ids[:, a:a + chunk], cache=cache, last_only=True)[:, -1:].argmax(-1)
         for _ in range(steps):
             token = model(token, cache=cache)[:, -1:].argmax(-1)
     print(json.dumps({"load": load, "run": peak() - base, "separate": separate}))
@@ -138,25 +137,28 @@ _MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in bytes / 1024 and clear_refs: Linux")
-def test_prediction_against_measured_peak(checkpoints):
+@pytest.mark.parametrize("layout, dtype, n", [("hf", None, 1024), ("official", "float32", 0)])
+def test_prediction_against_measured_peak(checkpoints, layout, dtype, n):
     """Tolerance: 25% either way. The tiny model's weights are 15 MiB, so what a large model hides decides here: the
     allocator's retention (1.25 to 1.5x the live tensors of a prefill chunk, counted as 1.4x) and the process's fixed
-    runtime (counted as 16 MiB, measured 14 to 18). On this machine the prediction came within 10% of both peaks."""
-    n, batch, chunk, steps = 1024, 2, 512, 4
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoints["hf"]), str(n), str(batch), str(chunk),
-                          str(steps)], capture_output=True, text=True, timeout=300,
+    runtime (counted as 16 MiB, measured 14 to 18). On this machine the prediction came within 10% of every peak:
+    HF float32 load 46-48 MiB against 45.9, run 61-64 against 59.5; official materialized load 44.0 against 45.9."""
+    batch, chunk, steps = 2, 512, 4 if n else 0  # n = 0: loading alone
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoints[layout]), str(dtype).lower(), str(n),
+                          str(batch), str(chunk), str(steps)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread: quick on a busy machine
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    plan = plan_checkpoint(checkpoints["hf"], context=n + steps, batch=batch, prefill_chunk=chunk,
-                           memory_bytes=1 << 40)
+    plan = plan_checkpoint(checkpoints[layout], context=max(1, n + steps), batch=batch, prefill_chunk=chunk,
+                           dtype=dtype, memory_bytes=1 << 40)
     report = (f"measured load {measured['load'] / MIB:.1f} MiB, run {measured['run'] / MIB:.1f} MiB; predicted "
               f"load {plan.loading_peak_bytes / MIB:.1f}, run {plan.total_bytes / MIB:.1f} MiB")
     print(report)
-    if measured["separate"]:
+    if measured["separate"] or not n:
         assert measured["load"] == pytest.approx(plan.loading_peak_bytes, rel=0.25), report
+    if n and measured["separate"]:
         assert measured["run"] == pytest.approx(plan.total_bytes, rel=0.25), report
-    else:  # no resettable peak: the whole process against the larger of the two
+    elif n:  # no resettable peak: the whole process against the larger of the two
         assert max(measured["load"], measured["run"]) == pytest.approx(plan.peak_bytes, rel=0.25), report
 
 

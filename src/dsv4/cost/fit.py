@@ -218,6 +218,29 @@ def checkpoint_weights(path: str | Path, dtype: str) -> tuple[dict[str, int], di
     return counted, stored, layout
 
 
+def materialized_loading_bytes(path: str | Path) -> int:
+    """The peak of ``dsv4.from_pretrained`` materializing a checkpoint, from its headers: the stored tensors and
+    the quantized ones dequantized to float32 (``official_state``), then that state and its routed experts stacked
+    (``official_to_model_state``), then that state and the model, built in float32 before any ``.to(dtype)``."""
+    from dsv4.weights.names import to_official
+
+    tensors = checkpoint_tensors(path)
+    names = {t.name for t in tensors}
+    scaled = {_is_scale(t.name, names) for t in tensors} - {None}
+    stored = dequantized = state = experts = model = 0
+    for t in tensors:
+        stored += t.nbytes
+        if _is_scale(t.name, names):
+            continue
+        values = math.prod(t.shape) * (2 if t.name in scaled and t.dtype in ("I8", "U8") else 1)
+        here = values * FLOAT if t.name in scaled else t.nbytes
+        dequantized += here if t.name in scaled else 0
+        state += here
+        experts += here if weight_kind(to_official(t.name)) == "experts" else 0
+        model += values * FLOAT if (t.dtype in _ST_FLOAT or t.name in scaled) else t.nbytes
+    return max(stored + dequantized, state + experts, state + model)
+
+
 def config_weights(config: ModelConfig, dtype: str) -> dict[str, int]:
     """Bytes by kind of the model a config describes: materialized at ``dtype``, or "packed" as
     ``dsv4.weights.official.save_official`` writes it (FP8 matrices with one scale byte per 128x128 block, MXFP4
@@ -530,11 +553,7 @@ def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     counted = probe if dtype == "packed" else checkpoint_weights(path, dtype)[0]
-    loading = 0
-    if dtype != "packed":
-        # from_pretrained holds the checkpoint's tensors (float32 once dequantized) while it builds the model
-        state = checkpoint_weights(path, "float32")[0]
-        loading = sum(counted.values()) + sum(state.values())
+    loading = materialized_loading_bytes(path) if dtype != "packed" else 0
     plan = plan_memory(config, weights=counted, context=context, batch=batch, dtype=dtype,
                        loading_bytes=loading, source=f"{path} ({layout} layout)", **kwargs)
     plan.notes.append(f"checkpoint: {sum(stored.values()):,} bytes stored")
