@@ -137,8 +137,8 @@ class HyperConnection(nn.Module):
         self.hc_eps = config.hc_eps
         self.norm_eps = config.rms_norm_eps
         self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
-        self.base = nn.Parameter(torch.zeros((2 + n) * n))
-        self.scale = nn.Parameter(torch.ones(3))
+        self.base = nn.Parameter(torch.empty((2 + n) * n))
+        self.scale = nn.Parameter(torch.empty(3))
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, d] -> (collapsed [B, S, d] float32, post [B, S, n], comb [B, S, n, n])."""
@@ -195,8 +195,8 @@ class HyperHead(nn.Module):
         self.hc_eps = config.hc_eps
         self.norm_eps = config.rms_norm_eps
         self.fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
-        self.base = nn.Parameter(torch.zeros(n))
-        self.scale = nn.Parameter(torch.ones(1))
+        self.base = nn.Parameter(torch.empty(n))
+        self.scale = nn.Parameter(torch.empty(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)

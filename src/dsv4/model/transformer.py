@@ -24,6 +24,7 @@ from dsv4.model.decode import DecodeState, advance, compiled_positions, position
 from dsv4.model.documents import Packing
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.indexer import IndexerStats
+from dsv4.model.init import init_weights
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
@@ -109,32 +110,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(config) for _ in range(config.num_nextn_predict_layers))
-        self.init_weights()
-
-    # ----------------------------------------------------------------------------------------------------- init
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """From-scratch initialization. Normal(0, initializer_range) matrices; norms 1; sinks and position biases 0.
-
-        mHC (spec 3 leaves it open; our choice, experimental): fn ~ N(0, std), gating factors 0.01 so the mixing
-        starts near its static part, comb bias +4 on the diagonal (B ~ I), pre / post biases 0 (pre 0.5, post 1).
-        """
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("attn_sink", "ape"):
-                nn.init.zeros_(p)
-            elif p.dim() == 1 and leaf == "weight":  # RMSNorm
-                nn.init.ones_(p)
-            elif leaf == "base":
-                nn.init.zeros_(p)
-                n = self.config.hc_mult
-                if p.numel() == (2 + n) * n:
-                    p[2 * n:].view(n, n).diagonal().fill_(4.0)
-            elif leaf == "scale":
-                nn.init.constant_(p, 0.01)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+        init_weights(self)  # dsv4.model.init: every parameter and buffer, module type by module type
 
     def init_nonpersistent_buffers(self) -> None:
         """Recompute buffers that are not in the state dict (RoPE tables) after ``to_empty``."""
