@@ -23,9 +23,12 @@ no weight is read):
   three matrices, or a tile of a packed matrix), in float32.
 * **loading**: a materialized model loaded from a checkpoint holds the checkpoint's (dequantized) tensors and the
   model at once (``dsv4.weights.from_pretrained``); a packed model maps its files and adds nothing.
+* what the live tensors do not show (``ALLOCATOR_SLACK``, ``RUNTIME_BYTES``): memory the allocator keeps from a
+  prefill chunk's transients, and the running process's own memory beyond its imports.
 
-``total_bytes`` = weights + KV cache + working memory; the plan ``fits`` when that and the loading peak are within
-``memory_bytes`` (default: this machine's RAM). Measured against a real process in ``tests/test_cost_fit.py``.
+``total_bytes`` = weights + KV cache + working memory + runtime; the plan ``fits`` when that and the loading peak
+are within ``memory_bytes`` (default: this machine's RAM). The interpreter and torch themselves (a few hundred MiB)
+are not counted. Measured against a real process in ``tests/test_cost_fit.py``.
 """
 
 from __future__ import annotations
@@ -192,12 +195,18 @@ def _is_scale(name: str, names: set[str]) -> str | None:
     return None
 
 
-def checkpoint_weights(path: str | Path, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
+def _tensors(checkpoint: str | Path | list[TensorInfo]) -> list[TensorInfo]:
+    return checkpoint if isinstance(checkpoint, list) else checkpoint_tensors(checkpoint)
+
+
+def checkpoint_weights(checkpoint: str | Path | list[TensorInfo], dtype: str
+                       ) -> tuple[dict[str, int], dict[str, int], str]:
     """(bytes by kind as ``dtype`` counts them, bytes by kind as stored, layout "hf" or "official") of a checkpoint
-    directory, from its headers. ``dtype``: "packed" (as stored) or "float32" / "bfloat16" (materialized)."""
+    directory (or its ``checkpoint_tensors``), from its headers. ``dtype``: "packed" (as stored) or "float32" /
+    "bfloat16" (materialized)."""
     from dsv4.weights.names import to_official
 
-    tensors = checkpoint_tensors(path)
+    tensors = _tensors(checkpoint)
     names = {t.name for t in tensors}
     layout = "hf" if any(n.startswith("model.") or n == "lm_head.weight" for n in names) else "official"
     scaled = {_is_scale(t.name, names) for t in tensors} - {None}
@@ -218,27 +227,34 @@ def checkpoint_weights(path: str | Path, dtype: str) -> tuple[dict[str, int], di
     return counted, stored, layout
 
 
-def materialized_loading_bytes(path: str | Path) -> int:
-    """The peak of ``dsv4.from_pretrained`` materializing a checkpoint, from its headers: the stored tensors and
-    the quantized ones dequantized to float32 (``official_state``), then that state and its routed experts stacked
-    (``official_to_model_state``), then that state and the model, built in float32 before any ``.to(dtype)``."""
+def materialized_loading_bytes(checkpoint: str | Path | list[TensorInfo]) -> int:
+    """The peak of ``dsv4.from_pretrained`` materializing a checkpoint, from its headers. The stored tensors are
+    memory-mapped by safetensors (their pages resident once touched, and mapped while any tensor of the file lives);
+    ``official_state`` dequantizes the quantized ones to float32; ``official_to_model_state`` stacks the routed
+    experts (the per-expert copies are dropped after); the model is built in float32 and the state copied in
+    (before any ``.to(dtype)``). Peak: stored + dequantized + stacked experts, or stored + dequantized without the
+    experts' + stacked experts + the model. Measured (runtime included): tiny HF float32 46-48 MiB against 51.9
+    predicted, tiny HF BF16 38.7 against 41.7, tiny official FP8 / FP4 as float32 44.0 against 47.5, small HF float32
+    979 against 891 (its first meta-device construction adds some 75 MiB once)."""
     from dsv4.weights.names import to_official
 
-    tensors = checkpoint_tensors(path)
+    tensors = _tensors(checkpoint)
     names = {t.name for t in tensors}
     scaled = {_is_scale(t.name, names) for t in tensors} - {None}
-    stored = dequantized = state = experts = model = 0
+    stored = dequantized = dequantized_experts = stacked = model = 0
     for t in tensors:
         stored += t.nbytes
         if _is_scale(t.name, names):
             continue
         values = math.prod(t.shape) * (2 if t.name in scaled and t.dtype in ("I8", "U8") else 1)
-        here = values * FLOAT if t.name in scaled else t.nbytes
-        dequantized += here if t.name in scaled else 0
-        state += here
-        experts += here if weight_kind(to_official(t.name)) == "experts" else 0
+        state = values * FLOAT if t.name in scaled else t.nbytes
+        expert = weight_kind(to_official(t.name)) == "experts"
+        if t.name in scaled:
+            dequantized += state
+            dequantized_experts += state if expert else 0
+        stacked += state if expert else 0
         model += values * FLOAT if (t.dtype in _ST_FLOAT or t.name in scaled) else t.nbytes
-    return max(stored + dequantized, state + experts, state + model)
+    return max(stored + dequantized + stacked, stored + dequantized - dequantized_experts + stacked + model)
 
 
 def config_weights(config: ModelConfig, dtype: str) -> dict[str, int]:
@@ -280,14 +296,19 @@ def dequantized_bytes(config: ModelConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
-def _doubling_capacity(entries_per_call: list[int]) -> int:
-    """Rows of a buffer grown as ``dsv4.cache.append_rows`` grows it (to max(needed, 2 x filled) when full)."""
-    cap = filled = 0
-    for new in entries_per_call:
-        need = filled + new
-        if new and cap < need:
+def entries_capacity(context: int, chunk: int, rate: int) -> int:
+    """Rows of a layer's entry buffer after ``context`` tokens in calls of ``chunk``: ``dsv4.cache.append_rows``
+    grows it to max(needed, 2 x filled) when a call's new entries do not fit. Only the calls that grow it are
+    visited (the need is monotonic), so a million one-token calls cost a few dozen steps."""
+    calls = -(-context // chunk)
+    cap, i = 0, 0
+    while i < calls:
+        need = min((i + 1) * chunk, context) // rate
+        filled = i * chunk // rate
+        if need > cap and need > filled:
             cap = max(need, 2 * filled)
-        filled = need
+        # the first later call whose need exceeds the capacity: its end reaches (cap + 1) rate tokens
+        i = max(i + 1, -(-(cap + 1) * rate // chunk) - 1)
     return cap
 
 
@@ -297,7 +318,6 @@ def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, ch
     doubling buffers), the compressors' partial blocks (float32: the incomplete block's projections and gate logits,
     for CSA the overlap series of the last block)."""
     c, ic = config.head_dim, config.index_head_dim
-    calls = [min(chunk, context - a) for a in range(0, context, chunk)]
     out = {"window": 0, "compressed": 0, "indexer": 0, "compressor_state": 0}
     for lt in config.layer_types:
         n = layer_kv_entries(config, lt, context)
@@ -305,11 +325,7 @@ def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, ch
         if lt == SLIDING:
             continue
         m = config.compress_rate(lt)
-        seen, per_call = 0, []
-        for s in calls:
-            per_call.append((seen + s) // m - seen // m)
-            seen += s
-        rows = max(_doubling_capacity(per_call), n["compressed"])
+        rows = max(entries_capacity(context, chunk, m), n["compressed"])
         out["compressed"] += batch * rows * c * FLOAT
         # partial block: up to m - 1 tokens of projections and gates, width 2c with the overlap (CSA), else c
         widths = [2 * c, 2 * ic] if lt == CSA else [c]
@@ -547,18 +563,19 @@ def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json (not a checkpoint directory)")
     config = ModelConfig.from_json(path / "config.json")
-    probe, stored, layout = checkpoint_weights(path, "packed")
+    tensors = checkpoint_tensors(path)
+    counted, stored, layout = checkpoint_weights(tensors, "packed")
     if dtype is None:
         dtype = "packed" if layout == "official" else "float32"
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    counted = probe if dtype == "packed" else checkpoint_weights(path, dtype)[0]
-    loading = materialized_loading_bytes(path) if dtype != "packed" else 0
+    if dtype != "packed":
+        counted = checkpoint_weights(tensors, dtype)[0]
+    loading = materialized_loading_bytes(tensors) if dtype != "packed" else 0
     plan = plan_memory(config, weights=counted, context=context, batch=batch, dtype=dtype,
                        loading_bytes=loading, source=f"{path} ({layout} layout)", **kwargs)
     plan.notes.append(f"checkpoint: {sum(stored.values()):,} bytes stored")
     return plan
-
 
 
 # ----------------------------------------------------------------------------------------------------------- text
