@@ -82,13 +82,14 @@ def test_dense_baseline_decodes_like_one_call():
     import torch
 
     from dsv4 import Transformer
+    from dsv4.bench_baselines import dense_attention, dense_cache
 
     cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_nextn_predict_layers=0)
-    model = Transformer(cfg).eval().set_attention("dense")
+    model = Transformer(cfg).eval().set_attention(dense_attention)
     ids = torch.randint(0, 64, (1, 40))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(1)
+        cache = dense_cache(model, 1)
         parts = [model(ids[:, :17], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(17, 40)]
     assert_close_scaled(torch.cat(parts, dim=1), full)  # float32: scaled to the logits' magnitude
     assert cache.nbytes() == 40 * cfg.head_dim * 4 * cfg.num_hidden_layers

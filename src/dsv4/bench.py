@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from dsv4.bench_baselines import dense_attention, dense_cache
 from dsv4.config import CSA, HCA, ModelConfig
 from dsv4.train.flops import synchronize
 
@@ -101,8 +102,10 @@ def build(preset: str, seed: int, dtype: torch.dtype, device: torch.device | str
 
 
 @torch.inference_mode()  # as generation runs: about 10% less per-op overhead than no_grad when decoding
-def prefill(model, ids: torch.Tensor, chunk: int):
-    cache = model.new_cache(ids.shape[0])
+def prefill(model, ids: torch.Tensor, chunk: int, dense: bool = False):
+    """``ids`` through the model in chunks of ``chunk`` tokens with a decode cache (the dense baseline's with
+    ``dense``); returns the cache and the last position's logits."""
+    cache = dense_cache(model, ids.shape[0]) if dense else model.new_cache(ids.shape[0])
     logits = None
     for i in range(0, ids.shape[1], chunk):
         logits = model(ids[:, i:i + chunk], cache=cache, last_only=True)
@@ -153,8 +156,9 @@ def bench_prefill(args) -> dict:
     peak = max(peak, matmul_peak_flops(dtype, device=device))
     out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak})
     if not args.no_dense:
-        model.set_attention("dense")
-        t_dense, _ = timed(lambda: prefill(model, ids, n), args.repeats, device)  # one causal call: dense at its best
+        model.set_attention(dense_attention)
+        # one causal call: dense at its best
+        t_dense, _ = timed(lambda: prefill(model, ids, n, dense=True), args.repeats, device)
         out.update({"dense_seconds": t_dense, "dense_chunk": n, "speedup_vs_dense": t_dense / t_v4})
         model.set_attention("fast", args.block)
     if n <= 4096 and not args.no_hf:
@@ -240,20 +244,25 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5, device: torch.device
     return 2 * nbytes / best
 
 
-def dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int, batch: int = 1):
+def filled_dense_cache(model, context: int, dtype: torch.dtype, generator: torch.Generator, room: int,
+                       batch: int = 1):
     """A decode cache of the dense baseline holding ``context`` random K=V vectors per layer and row (``batch``
     rows, copies of one), with space for ``room`` more: what a dense prefill would leave, without its quadratic
     cost (a decode step's cost does not depend on the vectors' values)."""
-    cache = model.new_cache(batch)
+    cache = dense_cache(model, batch)
     for layer in cache.layers:
         kv = torch.randn(1, context, model.config.head_dim, generator=generator)
-        layer.append_dense(kv.to(device=model.device, dtype=dtype).expand(batch, -1, -1), room)
+        layer.append(kv.to(device=model.device, dtype=dtype).expand(batch, -1, -1), room)
     cache.seen = context
     return cache
 
 
+ATTENTION = {"fast": "fast", "dense": dense_attention}  # a side's name -> its ``set_attention`` path
+
+
 class DecodeRun(NamedTuple):
-    """One side of ``bench decode``: its attention, its context, the token ids and the cache its steps advance."""
+    """One side of ``bench decode``: its attention (``ATTENTION``'s name), its context, the token ids and the cache
+    its steps advance."""
 
     impl: str
     context: int
@@ -274,10 +283,10 @@ def bench_decode(args) -> dict:
 
     def start(context: int, impl: str) -> DecodeRun:
         """A cache after ``context`` tokens for the ``batch`` rows, and the tokens its steps decode."""
-        model.set_attention(impl, args.block)
+        model.set_attention(ATTENTION[impl], args.block)
         ids = torch.randint(0, config.vocab_size, (batch, context + args.tokens), generator=g).to(device)
         if impl == "dense":
-            cache = dense_cache(model, context, dtype, g, args.tokens, batch)
+            cache = filled_dense_cache(model, context, dtype, g, args.tokens, batch)
         else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
             cache, _ = prefill(model, ids[:1, :context], args.chunk)
             cache = cache.repeat_rows(batch) if batch > 1 else cache
@@ -292,7 +301,7 @@ def bench_decode(args) -> dict:
     with torch.inference_mode():
         for i in range(args.tokens):
             for name, (impl, context, ids, cache) in runs.items():
-                model.set_attention(impl, args.block)
+                model.set_attention(ATTENTION[impl], args.block)
                 times[name].append(timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1,
                                          device)[0])
     model.set_attention("fast", args.block)

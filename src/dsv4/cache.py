@@ -105,7 +105,6 @@ class LayerCache:
     pos: torch.Tensor | None = None  # [W] absolute position held in each slot, -1 when empty
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
-    dense_len: int = 0  # the dense baseline only: rows of ``kv`` in use (see ``append_dense``)
 
     def window_keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.kv, self.pos
@@ -126,18 +125,8 @@ class LayerCache:
         self.kv[:, slots] = kv.detach().to(self.kv.dtype)
         self.pos[slots] = positions
 
-    def append_dense(self, kv: torch.Tensor, room: int = 0) -> torch.Tensor:
-        """The dense baseline's cache (not V4's): append K=V vectors [B, S, c] to every earlier one and return them
-        all. ``kv`` is then a buffer that grows by doubling (``append_rows``; ``room`` spare rows when it is
-        allocated), of which ``dense_len`` rows are filled."""
-        self.kv = append_rows(self.kv, self.dense_len, kv.detach(), room)
-        self.dense_len += kv.shape[1]
-        return self.kv[:, :self.dense_len]
-
     def nbytes(self) -> int:
         # the K=V ring plus the compressed entries and partial blocks; positions are bookkeeping, not KV
-        if self.dense_len:  # the dense baseline: the filled rows of its buffer
-            return self.dense_len * self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
         n = _nbytes(self.kv)
         for s in (self.compressor, self.indexer):
             if s is not None:
@@ -146,9 +135,7 @@ class LayerCache:
 
     def snapshot(self) -> tuple:
         """What ``restore`` needs to undo later calls: a copy of the ring (written in place) and the compressor
-        states' snapshots. Not for the dense baseline's cache."""
-        if self.dense_len:
-            raise ValueError("the dense baseline's cache takes no snapshots")
+        states' snapshots."""
         return (None if self.kv is None else self.kv.clone(), None if self.pos is None else self.pos.clone(),
                 None if self.compressor is None else self.compressor.snapshot(),
                 None if self.indexer is None else self.indexer.snapshot())

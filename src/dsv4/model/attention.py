@@ -13,14 +13,14 @@ grouped low-rank output projection (wo_a block-diagonal over ``o_groups`` groups
 This module holds the block's projections and its dispatch; the attention itself has one path per use, all held to
 the same results: ``reference.reference`` (dense masks, the path written to be read), ``prefill.fast`` (prefill and
 training, the default), ``decode.attend_cached`` (a few tokens against a ``ModelCache``: decoding, a draft's check)
-and ``decode.attend_rows`` (rows of a ``DecodeState``, each at its own position); and ``dense_baseline``, the
-benchmarks' dense MQA.
+and ``decode.attend_rows`` (rows of a ``DecodeState``, each at its own position). A path from outside the model
+(``impl`` a function with ``reference``'s arguments: the benchmarks' dense baseline, ``dsv4.bench_baselines``) runs
+between the same projections.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.cache import CompressorState, LayerCache
@@ -69,8 +69,8 @@ class Attention(nn.Module):
         if layer_type == CSA:
             self.indexer = Indexer(config)
         self.rotary = RotaryEmbedding(config)
-        # "fast" (default); "reference": the plain dense-mask path the fast one is tested against; "dense": the
-        # benchmarks' baseline, plain causal MQA over every past token (no window, no compression, no sinks)
+        # "fast" (default); "reference": the plain dense-mask path the fast one is tested against; or a function
+        # with reference's arguments, a path from outside the model (``Transformer.set_attention``)
         self.impl = "fast"
         # queries per block of CSA's indexer and top-k in the fast path (the indexer's matmul: chunk x its heads rows)
         self.chunk = 256
@@ -113,8 +113,8 @@ class Attention(nn.Module):
             kv = round_kv(kv, self.rotary.rope_dim)
         if self.impl == "reference":
             out = reference(self, x, q, kv, q_latent, positions, cache, packing)
-        elif self.impl == "dense":
-            out = self.dense_baseline(q, kv, cache, packing)
+        elif callable(self.impl):
+            out = self.impl(self, x, q, kv, q_latent, positions, cache, packing)
         elif isinstance(cache, LayerRows):  # rows at their own positions
             out = attend_rows(self, x, q, kv, q_latent, positions, cache)
         elif s <= self.decode_tokens and cache is not None and not self._tracks_indexer():
@@ -127,28 +127,6 @@ class Attention(nn.Module):
     def _tracks_indexer(self) -> bool:
         """Whether a forward now reports the indexer's KL loss and recall (CSA, indexer training, training mode)."""
         return self.indexer is not None and self.indexer_training and self.training
-
-    def dense_baseline(self, q, kv, cache, packing) -> torch.Tensor:
-        """Causal MQA over every past token with PyTorch's SDPA; the cache keeps every K=V vector. Not V4: the
-        baseline that V4's attention is measured against."""
-        if packing is not None:
-            raise ValueError("the dense baseline does not take packed documents")
-        keys = kv
-        if cache is not None:
-            keys = cache.append_dense(kv)
-        b, s, h, c = q.shape
-        if s == 1:  # decoding: every key visible, so the heads fold into queries of the one K=V head (read once)
-            k = keys.unsqueeze(1)
-            return F.scaled_dot_product_attention(q.view(b, 1, h, c), k, k, scale=self.scale).view(b, 1, h, c)
-        k = keys.unsqueeze(1).expand(b, h, keys.shape[1], c)
-        qh = q.transpose(1, 2)
-        if s == keys.shape[1]:
-            out = F.scaled_dot_product_attention(qh, k, k, is_causal=True, scale=self.scale)
-        else:  # queries are the last s of the keys
-            t = torch.arange(keys.shape[1] - s, keys.shape[1], device=q.device)
-            mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)
-            out = F.scaled_dot_product_attention(qh, k, k, attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, S, H, c] -> grouped low-rank projection -> [B, S, d]."""

@@ -12,6 +12,7 @@ of a sequence into calls gives the logits of one call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,11 +121,14 @@ class Transformer(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
 
-    def set_attention(self, impl: str, chunk: int | None = None, window_block: int | None = None) -> "Transformer":
-        """Choose the attention path of every layer: "fast" (default), "reference", or "dense" (the baseline);
-        optionally the fast path's CSA block (``chunk``) and window block sizes."""
-        if impl not in ("fast", "reference", "dense"):
-            raise ValueError(f"attention implementation must be 'fast', 'reference' or 'dense', got {impl!r}")
+    def set_attention(self, impl: str | Callable, chunk: int | None = None, window_block: int | None = None
+                      ) -> "Transformer":
+        """Choose the attention path of every layer: "fast" (default), "reference", or a function with
+        ``reference.reference``'s arguments returning [B, S, H, c] (a path from outside the model: the benchmarks'
+        dense baseline, ``dsv4.bench_baselines.dense_attention``); optionally the fast path's CSA block (``chunk``)
+        and window block sizes."""
+        if impl not in ("fast", "reference") and not callable(impl):
+            raise ValueError(f"attention implementation must be 'fast', 'reference' or a function, got {impl!r}")
         for module in self.modules():
             if isinstance(module, Attention):
                 module.impl = impl

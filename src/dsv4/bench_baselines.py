@@ -1,0 +1,69 @@
+"""The benchmarks' baseline: dense attention in V4's model shape, and its growing cache. Not V4; what V4's attention
+is measured against (``dsv4 bench prefill | decode``).
+
+Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (hc_mult), d hidden, H heads,
+c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
+
+``dense_attention`` is an attention path (``Transformer.set_attention(dense_attention)``): the model's own
+projections (low-rank q, the one shared K=V head, the grouped output), then causal MQA over every past token with
+PyTorch's SDPA: no window, no compression, no sinks. Its cache (``dense_cache``) keeps every K=V vector of every
+layer in a buffer that grows by doubling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.cache import ModelCache, append_rows
+
+
+@dataclass
+class DenseLayerCache:
+    """Every K=V vector [B, filled, c] of one layer so far, the leading rows of a buffer that grows by doubling."""
+
+    kv: torch.Tensor | None = None  # [B, >= filled, c]
+    filled: int = 0
+
+    def append(self, kv: torch.Tensor, room: int = 0) -> torch.Tensor:
+        """Append K=V vectors [B, S, c] and return every one so far (``room``: spare rows when the buffer grows)."""
+        self.kv = append_rows(self.kv, self.filled, kv.detach(), room)
+        self.filled += kv.shape[1]
+        return self.kv[:, :self.filled]
+
+    def nbytes(self) -> int:
+        """The filled rows (what a dense cache must hold), not the buffer's spare ones."""
+        return 0 if self.kv is None else self.filled * self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
+
+
+def dense_cache(model, batch_size: int) -> ModelCache:
+    """An empty dense cache for ``model``'s attention layers: what ``model(ids, cache=...)`` advances when the
+    model runs ``dense_attention``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return ModelCache(batch_size, [DenseLayerCache() for _ in model.layers])
+
+
+def dense_attention(attn, x, q, kv, q_latent, positions, cache: DenseLayerCache | None, packing) -> torch.Tensor:
+    """An attention path (the arguments of ``reference.reference``): queries q [B, S, H, c] over every past K=V
+    vector (kv [B, S, c], after those of ``cache``), causal, one softmax without a sink -> [B, S, H, c]."""
+    if packing is not None:
+        raise ValueError("the dense baseline does not take packed documents")
+    if cache is not None and not isinstance(cache, DenseLayerCache):
+        raise ValueError("the dense baseline decodes with its own cache: dsv4.bench_baselines.dense_cache(model, B)")
+    keys = kv if cache is None else cache.append(kv)
+    b, s, h, c = q.shape
+    if s == 1:  # decoding: every key visible, so the heads fold into queries of the one K=V head (read once)
+        k = keys.unsqueeze(1)
+        return F.scaled_dot_product_attention(q.view(b, 1, h, c), k, k, scale=attn.scale).view(b, 1, h, c)
+    k = keys.unsqueeze(1).expand(b, h, keys.shape[1], c)
+    qh = q.transpose(1, 2)
+    if s == keys.shape[1]:
+        out = F.scaled_dot_product_attention(qh, k, k, is_causal=True, scale=attn.scale)
+    else:  # queries are the last s of the keys
+        t = torch.arange(keys.shape[1] - s, keys.shape[1], device=q.device)
+        mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)
+        out = F.scaled_dot_product_attention(qh, k, k, attn_mask=mask, scale=attn.scale)
+    return out.transpose(1, 2)
