@@ -199,6 +199,32 @@ def test_shards_store_documents_with_bos_and_eos(docs_dir, tok, shards):
     assert shards.bytes_per_token("train") == stats["n_bytes"] / stats["n_text_tokens"]
 
 
+def test_shards_are_on_disk_before_they_are_installed(docs_dir, tok, tmp_path, monkeypatch):
+    """The built folder's files and folder are fsynced before it is renamed into place, the parent after: a crash
+    never leaves a shard folder whose files are not on disk."""
+    import dsv4.data.shards as shards_module
+
+    out, calls = tmp_path / "shards", []
+    tree, folder = shards_module.fsync_tree, shards_module.fsync_directory
+
+    def fsync_tree(path):
+        calls.append(("tree", path.name, out.exists(), sorted(p.name for p in path.iterdir())))
+        tree(path)
+
+    def fsync_directory(path):
+        calls.append(("folder", path, out.exists()))
+        folder(path)
+
+    monkeypatch.setattr(shards_module, "fsync_tree", fsync_tree)
+    monkeypatch.setattr(shards_module, "fsync_directory", fsync_directory)
+    built = build_shards(docs_dir, tok, out, val_fraction=0.1, shard_tokens=500)
+    (kind, name, installed, files), last = calls[0], calls[-1]
+    assert kind == "tree" and name.startswith(".shards.tmp-") and not installed
+    assert files == sorted(p.name for p in out.iterdir())  # everything that was then installed
+    assert last == ("folder", tmp_path, True) and len(calls) == 2
+    assert load_shards(out).key == built.key
+
+
 def test_shards_are_reused_and_guarded(docs_dir, tok, tmp_path):
     out = tmp_path / "shards"
     first = build_shards(docs_dir, tok, out, val_fraction=0.1, shard_tokens=500)

@@ -88,6 +88,26 @@ def test_resume_continues_the_run(trained, inputs, tmp_path):
     assert (run / "checkpoints" / "step-00000005").is_dir()
 
 
+def test_model_dir_is_replaced_whole_or_not_at_all(trained, inputs, tmp_path, monkeypatch):
+    """model/ (weights, tokenizer, training.json) is one atomic write: a run that fails while writing it leaves the
+    previous model/ complete, and nothing half-written beside it."""
+    import dsv4.evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = {p.name: p.read_bytes() for p in (run / "model").iterdir()}
+    assert {"config.json", "tokenizer.json", "training.json"} <= before.keys()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dsv4.evaluate, "write_training_meta", disk_full)  # after the weights and tokenizer
+    with pytest.raises(OSError, match="No space left"):
+        run_cli(*train_args(*inputs, run, 4, "--resume"))
+    assert {p.name: p.read_bytes() for p in (run / "model").iterdir()} == before
+    assert [p.name for p in run.iterdir() if p.name.startswith(".model.")] == []
+
+
 def test_resume_without_checkpoints_is_a_clear_error(inputs, tmp_path):
     rc, stdout, stderr = run_cli(*train_args(*inputs, tmp_path / "fresh", 3, "--resume"))
     assert rc == 2 and stdout == ""

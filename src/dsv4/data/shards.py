@@ -16,7 +16,7 @@ keep at least one document (``val_fraction=0`` means no validation split). ``VAL
 ``dsv4 train``, ``dsv4 demo`` and ``dsv4 eval`` hold out, and ``build_shards``' default. Documents keep corpus order
 in the shards; the splits are disjoint by construction.
 
-Building is atomic: everything is written in a temporary sibling folder that is renamed into place at the end, so
+Building is atomic: everything is written in a temporary sibling folder, fsynced and renamed into place at the end, so
 an interrupted build leaves nothing behind. Calling ``build_shards`` again with the same inputs returns the
 existing shards without reading the corpus; different inputs raise ``ValueError`` naming what changed unless
 ``overwrite=True``. A folder that is not a shard folder is never replaced. ``load_shards(path)`` opens a built folder.
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsv4.atomic import fsync_directory, fsync_tree
 from dsv4.data.corpus import Corpus, open_corpus
 from dsv4.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -288,7 +289,10 @@ def split_documents(n_docs: int, val_fraction: float = VAL_FRACTION, seed: int =
 
 
 def _install(tmp: Path, out: Path, key: str, index: dict) -> ShardSet:
-    """Move the finished ``tmp`` folder to ``out``, replacing what ``_existing`` allowed to be replaced."""
+    """Move the finished ``tmp`` folder to ``out``, replacing what ``_existing`` allowed to be replaced: its files
+    and folder fsynced first, the parent after the renames, so that once this returns the shards survive a crash of
+    the machine and a crash never installs a folder whose files are not on disk."""
+    fsync_tree(tmp)
     trash = None
     if out.exists():
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -304,6 +308,7 @@ def _install(tmp: Path, out: Path, key: str, index: dict) -> ShardSet:
         if other.key != key:
             raise
         return other
+    fsync_directory(out.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return ShardSet(out, index)

@@ -26,11 +26,13 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dsv4.atomic import atomic_directory
 from dsv4.config import ModelConfig
 from dsv4.train.options import TrainOptions, add_options
 from dsv4.train.stages import StagedLoader, parse_stages
@@ -179,15 +181,18 @@ def train(options: TrainOptions | argparse.Namespace, say=print) -> TrainResult:
     elapsed = time.perf_counter() - t0
     after = validation_loss(model, val, token_bytes)
     model_dir = out / "model"
-    launch.save_pretrained(par, model, model_dir)  # with par: gathered, written by rank 0
-    if launch.is_main():
-        tokenizer.save(model_dir / "tokenizer.json")
-        from dsv4.evaluate import write_training_meta
+    # model/ is one atomic write (rank 0's): weights, tokenizer and training metadata replace the old ones together
+    with atomic_directory(model_dir) if launch.is_main() else nullcontext(model_dir) as target:
+        launch.save_pretrained(par, model, target)  # with par: gathered (every rank), written by rank 0
+        if launch.is_main():
+            from dsv4.evaluate import write_training_meta
 
-        write_training_meta(model_dir, fp4_qat=args.fp4_qat,
-                            data=args.data if args.data == "stdlib" else str(Path(args.data).resolve()),
-                            seq_len=args.seq_len, batch_size=args.batch_size, val_fraction=VAL_FRACTION,
-                            seed=args.seed, steps=summary["steps"], val_loss=after[0], val_bits_per_byte=after[1])
+            tokenizer.save(target / "tokenizer.json")
+            write_training_meta(target, fp4_qat=args.fp4_qat,
+                                data=args.data if args.data == "stdlib" else str(Path(args.data).resolve()),
+                                seq_len=args.seq_len, batch_size=args.batch_size, val_fraction=VAL_FRACTION,
+                                seed=args.seed, steps=summary["steps"], val_loss=after[0],
+                                val_bits_per_byte=after[1])
     flops_per_token = train_flops_per_token(config, args.seq_len)
     summary.update({
         "fp4_qat": args.fp4_qat,
