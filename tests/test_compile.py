@@ -82,3 +82,18 @@ def test_an_engine_whose_compiler_fails_decodes_eager(model, monkeypatch, caplog
         eng = Engine(model, Letters(), max_model_len=64, max_num_seqs=4, compile=True)
     assert eng.compile_seconds is None and "decoding eager" in caplog.text
     assert not eng.state.active.any() and not eng.state.lengths.any()
+
+
+def test_the_official_roundings_survive_compilation():
+    """The roundings of official numerics (dsv4.model.numerics) compiled equal them eager: inductor drops a round
+    trip of casts (float32 -> float8 or bfloat16 -> float32) inside a fused kernel, so dsv4.quant rounds by
+    arithmetic instead; the products around them fuse them into neighbouring kernels, as in a model."""
+    from dsv4.model.numerics import round_activations, round_kv, round_scores
+
+    def f(kv, x, s):
+        return round_kv(kv * 1.5, 16) * 2.0, round_activations(x * 1.5) * 2.0, round_scores(s * 1.5) * 2.0
+
+    g = torch.Generator().manual_seed(0)
+    args = torch.randn(3, 5, 64, generator=g), torch.randn(5, 200, generator=g) * 30, torch.randn(4, 30, generator=g)
+    for eager, compiled in zip(f(*args), torch.compile(f, dynamic=False)(*args)):
+        assert torch.equal(compiled, eager)

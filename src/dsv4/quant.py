@@ -404,15 +404,38 @@ FP8_ACT_AMAX_FLOOR = 1e-4
 
 def _fp8_act_round(x: Tensor, block: int, amax_floor: float) -> Tensor:
     n = x.shape[-1]
+    full = n - n % block
     xf = x.to(torch.float32)
-    pad = -n % block
-    if pad:  # zeros do not change a tile's amax; they are cropped again below
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    tiles = xf.unflatten(-1, (-1, block))
-    scale = power_of_two_scale(tiles.abs().amax(dim=-1, keepdim=True).clamp(min=amax_floor), FP8_E4M3_MAX)
-    q = (tiles / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    out = (q.to(torch.float32) * scale).flatten(-2)  # exact: an E4M3 value times a power of two
-    return (out[..., :n] if pad else out).to(x.dtype)
+
+    def tiles(t: Tensor) -> Tensor:  # [..., tiles, size]
+        scale = power_of_two_scale(t.abs().amax(dim=-1, keepdim=True).clamp(min=amax_floor), FP8_E4M3_MAX)
+        return _round_e4m3((t / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)) * scale  # exact products
+
+    # whole tiles, then a shorter last one if need be (a zero padding instead miscompiled under torch.compile)
+    parts = [tiles(xf[..., :full].unflatten(-1, (-1, block))).flatten(-2)] if full else []
+    if full < n:
+        parts.append(tiles(xf[..., full:]))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
+
+
+# The roundings below are arithmetic (a power-of-two step from frexp, round half to even), not casts to float8 /
+# bfloat16 and back: inside a compiled graph inductor drops such a round trip of casts (unless
+# ``emulate_precision_casts``), which would silently skip the rounding of a compiled decoding step; its bit casts
+# (``Tensor.view(dtype)``) were not reliable there either.
+
+
+def _round_significand(y: Tensor, bits: int, min_exp: int) -> Tensor:
+    """float32 ``y`` rounded to ``bits`` significant bits, ties to even, with the step floored at ``2^min_exp`` (the
+    subnormals of the narrower format). Exact: the step is a power of two."""
+    _, e = torch.frexp(y)  # |y| in [2^(e-1), 2^e)
+    step = torch.ldexp(torch.ones_like(y), (e - bits).clamp(min=min_exp))
+    return torch.round(y / step) * step
+
+
+def _round_e4m3(y: Tensor) -> Tensor:
+    """float32 ``y`` (|y| <= 448) to the nearest E4M3 value, ties to even, as the cast to float8_e4m3fn rounds:
+    4 significant bits, subnormal step 2^-9."""
+    return _round_significand(y, 4, -9)
 
 
 class _FP8ActRound(torch.autograd.Function):
@@ -448,7 +471,7 @@ def bf16_round(x: Tensor) -> Tensor:
     gradient passes through (a cast)."""
     if x.dtype == torch.bfloat16:
         return x
-    return x.to(torch.bfloat16).to(x.dtype)
+    return _round_significand(x.to(torch.float32), 8, -133).to(x.dtype)  # 8 significant bits, step >= 2^-133
 
 
 # ----------------------------------------------------------------------------------------------------------------------
