@@ -195,8 +195,17 @@ def test_cli_json_and_text(main, capsys, checkpoints):
         assert key in plan
     assert plan["dtype"] == "packed" and plan["batch"] == 2 and plan["context"] == 8192 and plan["fits"] is True
     assert plan["memory_bytes"] == 4 << 30 and plan["memory_source"] == "given"
-    assert plan["total_bytes"] == (plan["weights_bytes"] + plan["kv_bytes"] + plan["working_bytes"]
+    assert plan["total_bytes"] == (plan["weights_resident_bytes"] + plan["kv_bytes"] + plan["working_bytes"]
                                    + plan["runtime_bytes"])
+    # mapped weights are resident where touched: 2 x 8K tokens use at most 16K embedding rows, no MTP block
+    assert plan["weights_resident"]["mtp"] == 0 < plan["weights"]["mtp"]
+    assert plan["weights_resident"]["experts"] == plan["weights"]["experts"]  # 16K tokens touch all 8 experts
+    assert plan["weights_resident"]["embedding"] == plan["weights"]["embedding"]  # 16K tokens >= 4096 rows
+    assert main(["cost", "--fit", "--model", str(checkpoints["official"]), "--context", "64", "--speculative",
+                 "--memory-gib", "4", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["weights_resident"]["mtp"] == plan["weights"]["mtp"]
+    assert plan["weights_resident"]["embedding"] == plan["weights"]["embedding"] * 64 // 4096
     assert main(["cost", "--fit", "--preset", "tiny", "--context", "4096"]) == 0
     text = capsys.readouterr().out
     assert "weights" in text and "KV cache" in text and "working memory" in text

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
-from dsv4.cost.model import check_context, layer_kv_entries
+from dsv4.cost.model import check_context, experts_touched, layer_kv_entries
 
 KINDS = ("embedding", "head", "attention", "experts", "shared_experts", "norms_other", "mtp")
 DTYPES = ("packed", "float32", "bfloat16")
@@ -398,6 +398,7 @@ class MemoryPlan:
     batch: int
     prefill_chunk: int
     weights: dict[str, int]
+    resident: dict[str, int]
     kv: dict[str, int]
     prefill: dict[str, int]
     decode: dict[str, int]
@@ -412,6 +413,12 @@ class MemoryPlan:
         return sum(self.weights.values())
 
     @property
+    def resident_bytes(self) -> int:
+        """The weights resident while running: all of a materialized model's; of a packed (mapped) model's, the
+        pages it touches."""
+        return sum(self.resident.values())
+
+    @property
     def kv_bytes(self) -> int:
         return sum(self.kv.values())
 
@@ -421,8 +428,8 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        """Running: weights, KV cache, working memory and the process's runtime."""
-        return self.weights_bytes + self.kv_bytes + self.working_bytes + self.runtime_bytes
+        """Running: the resident weights, KV cache, working memory and the process's runtime."""
+        return self.resident_bytes + self.kv_bytes + self.working_bytes + self.runtime_bytes
 
     @property
     def loading_peak_bytes(self) -> int:
@@ -444,7 +451,7 @@ class MemoryPlan:
         if self.loading_peak_bytes > self.total_bytes:
             return (f"loading ({_gib(self.loading_peak_bytes)}: the checkpoint's tensors and the materialized model at "
                     f"once) exceeds the memory ({_gib(self.memory_bytes)})")
-        parts = {"weights": self.weights_bytes, "KV cache": self.kv_bytes, "working memory": self.working_bytes}
+        parts = {"weights": self.resident_bytes, "KV cache": self.kv_bytes, "working memory": self.working_bytes}
         big = max(parts, key=parts.get)
         alone = " alone" if parts[big] > self.memory_bytes else ", the largest part,"
         return (f"total {_gib(self.total_bytes)} exceeds the memory ({_gib(self.memory_bytes)}); {big} "
@@ -469,6 +476,7 @@ class MemoryPlan:
             "source": self.source, "dtype": self.dtype, "context": self.context, "batch": self.batch,
             "prefill_chunk": self.prefill_chunk,
             "weights": dict(self.weights), "weights_bytes": self.weights_bytes,
+            "weights_resident": dict(self.resident), "weights_resident_bytes": self.resident_bytes,
             "kv_cache": dict(self.kv), "kv_bytes": self.kv_bytes,
             "working": {"prefill": dict(self.prefill), "decode": dict(self.decode)},
             "working_bytes": self.working_bytes,
@@ -506,12 +514,16 @@ def machine_memory() -> tuple[int, str]:
 
 def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, context: int = 4096, batch: int = 1,
                 dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, all_logits: bool = False,
-                memory_bytes: int | None = None, loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
+                speculative: bool = False, memory_bytes: int | None = None, loading_bytes: int = 0,
+                source: str = "config") -> MemoryPlan:
     """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts prefilled in
     chunks of ``prefill_chunk`` (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or
     ``config_weights``; computed from the config at ``dtype`` when None). ``dtype``: "packed" (FP8 / FP4 weights kept
-    as stored, computed in float32, a weight dequantized at a time), "float32" or "bfloat16". ``memory_bytes``:
-    the budget (default: this machine's RAM). ``loading_bytes``: the loader's peak, if more than the weights."""
+    as stored and memory-mapped, computed in float32, a weight dequantized at a time), "float32" or "bfloat16".
+    A packed model's resident weights are the pages it touches: the embedding rows of at most ``batch * context``
+    tokens, the routed experts those tokens are routed to (uniform routing: ``experts_touched``), the MTP block
+    only with ``speculative`` decoding, everything else. ``memory_bytes``: the budget (default: this machine's
+    RAM). ``loading_bytes``: the loader's peak, if more than the weights."""
     context = check_context(context)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
@@ -540,13 +552,23 @@ def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, cont
               "logits": batch * config.vocab_size * FLOAT}
     notes = [f"prefill activations: {act['per_token']:,} float32 values per token at their peak (layer "
              f"{act['layer']}), of which {act['retained']:,} are chunk projections the cache's partial blocks hold"]
+    resident = dict(weights)
     if dtype == "packed":
         prefill["dequantized"] = decode["dequantized"] = dequantized_bytes(config)
-        notes.append("packed: weights dequantized to float32 one expert or one tile of rows at a time")
+        tokens = batch * context
+        resident["embedding"] = min(weights["embedding"],
+                                    -(-weights["embedding"] * min(tokens, config.vocab_size) // config.vocab_size))
+        share = experts_touched(config, tokens) / config.n_routed_experts
+        resident["experts"] = round(weights["experts"] * share)
+        if not speculative:
+            resident["mtp"] = 0
+        notes.append("packed: weights mapped from the files, resident where touched (embedding rows of the tokens, "
+                     f"{share:.0%} of the routed experts, the MTP block {'with' if speculative else 'without'} "
+                     "speculative decoding); dequantized to float32 one expert or one tile of rows at a time")
     return MemoryPlan(source=source, dtype=dtype, context=context, batch=batch, prefill_chunk=prefill_chunk,
-                      weights=weights, kv=kv, prefill=prefill, decode=decode,
-                      loading_bytes=int(loading_bytes), runtime_bytes=RUNTIME_BYTES, memory_bytes=memory_bytes, memory_source=memory_source,
-                      notes=notes)
+                      weights=weights, resident=resident, kv=kv, prefill=prefill, decode=decode,
+                      loading_bytes=int(loading_bytes), runtime_bytes=RUNTIME_BYTES, memory_bytes=memory_bytes,
+                      memory_source=memory_source, notes=notes)
 
 
 def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype: str | None = None,
@@ -594,10 +616,14 @@ def format_plan(plan: MemoryPlan) -> str:
               "compressor_state": "compressors' partial blocks", "activations": "activations",
               "scores": "largest score block", "logits": "logits (float32)", "allocator": "allocator slack",
               "dequantized": "one weight dequantized"}
-    row("weights", plan.weights_bytes)
+    packed = plan.resident != plan.weights
+    row("weights (resident of the mapped)" if packed else "weights", plan.resident_bytes)
     for k, v in plan.weights.items():
         if v:
-            row(labels[k], v, 2)
+            lines.append(f"  {labels[k]:<32}{_gib(plan.resident[k]):>12}"
+                         + (f"  of {_gib(v)}" if plan.resident[k] != v else ""))
+    if packed:
+        lines.append(f"  {'mapped from the files':<32}{_gib(plan.weights_bytes):>12}")
     row("KV cache", plan.kv_bytes)
     for k, v in plan.kv.items():
         row(labels[k], v, 2)
