@@ -72,13 +72,16 @@ def test_v4_flash_packed_is_the_release_size():
 def test_kv_cache_matches_a_real_cache(checkpoints):
     model = checkpoints["model"]
     config = model.config
-    batch, n, chunk = 2, 81, 32
-    ids = torch.randint(0, config.vocab_size, (batch, n))
+    batch, prompt, chunk, steps = 2, 81, 32, 19  # the prompt in chunks, then a token at a time
+    ids = torch.randint(0, config.vocab_size, (batch, prompt + steps))
     with torch.no_grad():
         cache = model.new_cache(batch)
-        for a in range(0, n, chunk):
-            model(ids[:, a:a + chunk], cache=cache, last_only=True)
-    plan = plan_memory(config, context=n, batch=batch, prefill_chunk=chunk, memory_bytes=1 << 40)
+        for a in range(0, prompt, chunk):
+            model(ids[:, a:min(a + chunk, prompt)], cache=cache, last_only=True)
+        for t in range(prompt, prompt + steps):
+            model(ids[:, t:t + 1], cache=cache)
+    plan = plan_memory(config, context=prompt + steps, batch=batch, prefill_chunk=chunk, prompt=prompt,
+                       memory_bytes=1 << 40)
 
     def nbytes(t):
         return 0 if t is None else t.numel() * t.element_size()
@@ -94,10 +97,11 @@ def test_kv_cache_matches_a_real_cache(checkpoints):
 
 
 def test_entries_capacity_visits_only_the_growing_calls():
-    def every_call(context, chunk, rate):  # dsv4.cache.append_rows, one call at a time
+    def every_call(context, chunk, rate, prompt):  # dsv4.cache.append_rows, one call at a time
         cap = 0
-        for a in range(0, context, chunk):
-            need, filled = min(a + chunk, context) // rate, a // rate
+        ends = list(range(chunk, prompt, chunk)) + [prompt] + list(range(prompt + 1, context + 1))
+        for a, z in zip([0] + ends, ends):
+            need, filled = z // rate, a // rate
             if need > filled and need > cap:
                 cap = max(need, 2 * filled)
         return cap
@@ -105,7 +109,8 @@ def test_entries_capacity_visits_only_the_growing_calls():
     for context in (1, 3, 4, 127, 128, 129, 1000, 4099):
         for chunk in (1, 3, 16, 64, 1000, 4096):
             for rate in (1, 4, 128):
-                assert entries_capacity(context, chunk, rate) == every_call(context, chunk, rate)
+                for prompt in {1, context // 3 or 1, context}:
+                    assert entries_capacity(context, chunk, rate, prompt) == every_call(context, chunk, rate, prompt)
     assert entries_capacity(1 << 20, 1, 4) == 1 << 18
 
 
@@ -206,6 +211,13 @@ def test_cli_json_and_text(main, capsys, checkpoints):
     plan = json.loads(capsys.readouterr().out)
     assert plan["weights_resident"]["mtp"] == plan["weights"]["mtp"]
     assert plan["weights_resident"]["embedding"] == plan["weights"]["embedding"] * 64 // 4096
+    # a short prompt prefills fewer tokens than a whole context's worth
+    assert main(["cost", "--fit", "--preset", "tiny", "--context", "4096", "--prompt", "600", "--json"]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert main(["cost", "--fit", "--preset", "tiny", "--context", "4096", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert short["prompt"] == 600 and whole["prompt"] == 4096
+    assert short["working"]["prefill"]["activations"] * 4096 == whole["working"]["prefill"]["activations"] * 600
     assert main(["cost", "--fit", "--preset", "tiny", "--context", "4096"]) == 0
     text = capsys.readouterr().out
     assert "weights" in text and "KV cache" in text and "working memory" in text

@@ -296,24 +296,32 @@ def dequantized_bytes(config: ModelConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
-def entries_capacity(context: int, chunk: int, rate: int) -> int:
-    """Rows of a layer's entry buffer after ``context`` tokens in calls of ``chunk``: ``dsv4.cache.append_rows``
-    grows it to max(needed, 2 x filled) when a call's new entries do not fit. Only the calls that grow it are
-    visited (the need is monotonic), so a million one-token calls cost a few dozen steps."""
-    calls = -(-context // chunk)
-    cap, i = 0, 0
+def _grow(cap: int, start: int, end: int, chunk: int, rate: int) -> int:
+    """``entries_capacity``'s step: the buffer's rows after calls of ``chunk`` tokens over [start, end)."""
+    calls, i = -(-(end - start) // chunk), 0
     while i < calls:
-        need = min((i + 1) * chunk, context) // rate
-        filled = i * chunk // rate
+        a = start + i * chunk
+        need, filled = min(a + chunk, end) // rate, a // rate
         if need > cap and need > filled:
             cap = max(need, 2 * filled)
         # the first later call whose need exceeds the capacity: its end reaches (cap + 1) rate tokens
-        i = max(i + 1, -(-(cap + 1) * rate // chunk) - 1)
+        i = max(i + 1, -(-((cap + 1) * rate - start) // chunk) - 1)
     return cap
 
 
-def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, chunk: int) -> dict[str, int]:
-    """Bytes of ``batch`` rows of the decode cache at ``context`` tokens, prefilled in chunks of ``chunk``: window
+def entries_capacity(context: int, chunk: int, rate: int, prompt: int | None = None) -> int:
+    """Rows of a layer's entry buffer after a prompt of ``prompt`` tokens (default ``context``) in calls of
+    ``chunk``, then one token a call up to ``context``: ``dsv4.cache.append_rows`` grows it to max(needed,
+    2 x filled) when a call's new entries do not fit. Only the calls that grow it are visited (the need is
+    monotonic), so a million one-token calls cost a few dozen steps."""
+    prompt = context if prompt is None else min(prompt, context)
+    return _grow(_grow(0, 0, prompt, chunk, rate), prompt, context, 1, rate)
+
+
+def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, chunk: int,
+            prompt: int | None = None) -> dict[str, int]:
+    """Bytes of ``batch`` rows of the decode cache at ``context`` tokens, a prompt of ``prompt`` tokens (default:
+    all of them) prefilled in chunks of ``chunk``, then decoded a token at a time: window
     rings (``window_bytes`` per element, positions int64), compressed entries and indexer keys (float32, in their
     doubling buffers), the compressors' partial blocks (float32: the incomplete block's projections and gate logits,
     for CSA the overlap series of the last block)."""
@@ -325,7 +333,7 @@ def kv_plan(config: ModelConfig, context: int, batch: int, window_bytes: int, ch
         if lt == SLIDING:
             continue
         m = config.compress_rate(lt)
-        rows = max(entries_capacity(context, chunk, m), n["compressed"])
+        rows = max(entries_capacity(context, chunk, m, prompt), n["compressed"])
         out["compressed"] += batch * rows * c * FLOAT
         # partial block: up to m - 1 tokens of projections and gates, width 2c with the overlap (CSA), else c
         widths = [2 * c, 2 * ic] if lt == CSA else [c]
@@ -397,6 +405,7 @@ class MemoryPlan:
     context: int
     batch: int
     prefill_chunk: int
+    prompt: int
     weights: dict[str, int]
     resident: dict[str, int]
     kv: dict[str, int]
@@ -474,7 +483,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {
             "source": self.source, "dtype": self.dtype, "context": self.context, "batch": self.batch,
-            "prefill_chunk": self.prefill_chunk,
+            "prefill_chunk": self.prefill_chunk, "prompt": self.prompt,
             "weights": dict(self.weights), "weights_bytes": self.weights_bytes,
             "weights_resident": dict(self.resident), "weights_resident_bytes": self.resident_bytes,
             "kv_cache": dict(self.kv), "kv_bytes": self.kv_bytes,
@@ -514,10 +523,11 @@ def machine_memory() -> tuple[int, str]:
 
 def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, context: int = 4096, batch: int = 1,
                 dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, all_logits: bool = False,
-                speculative: bool = False, memory_bytes: int | None = None, loading_bytes: int = 0,
-                source: str = "config") -> MemoryPlan:
-    """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts prefilled in
-    chunks of ``prefill_chunk`` (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or
+                speculative: bool = False, prompt: int | None = None, memory_bytes: int | None = None,
+                loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
+    """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts of ``prompt``
+    tokens (default: the whole context, the worst case) prefilled in chunks of ``prefill_chunk``, the rest decoded
+    (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or
     ``config_weights``; computed from the config at ``dtype`` when None). ``dtype``: "packed" (FP8 / FP4 weights kept
     as stored and memory-mapped, computed in float32, a weight dequantized at a time), "float32" or "bfloat16".
     A packed model's resident weights are the pages it touches: the embedding rows of at most ``batch * context``
@@ -538,10 +548,13 @@ def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, cont
         memory_bytes, memory_source = machine_memory()
     else:
         memory_bytes, memory_source = int(memory_bytes), "given"
+    if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 1):
+        raise ValueError(f"prompt must be an integer number of tokens >= 1, got {prompt!r}")
+    prompt = context if prompt is None else min(prompt, context)
     window_bytes = _DTYPE_BYTES.get(dtype, FLOAT)
-    kv = kv_plan(config, context, batch, window_bytes, prefill_chunk)
+    kv = kv_plan(config, context, batch, window_bytes, prefill_chunk, prompt)
 
-    s = min(prefill_chunk, context)
+    s = min(prefill_chunk, prompt)
     act = prefill_activations(config)
     prefill = {"activations": batch * s * act["per_token"] * FLOAT,
                "scores": max(score_blocks(config, batch, s, context).values()),
@@ -566,6 +579,7 @@ def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, cont
                      f"{share:.0%} of the routed experts, the MTP block {'with' if speculative else 'without'} "
                      "speculative decoding); dequantized to float32 one expert or one tile of rows at a time")
     return MemoryPlan(source=source, dtype=dtype, context=context, batch=batch, prefill_chunk=prefill_chunk,
+                      prompt=prompt,
                       weights=weights, resident=resident, kv=kv, prefill=prefill, decode=decode,
                       loading_bytes=int(loading_bytes), runtime_bytes=RUNTIME_BYTES, memory_bytes=memory_bytes,
                       memory_source=memory_source, notes=notes)
@@ -604,8 +618,8 @@ def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype
 def format_plan(plan: MemoryPlan) -> str:
     """The text of ``dsv4 cost --fit``."""
     d = plan.to_dict()
-    lines = [f"dsv4 cost --fit: {plan.source}, weights {plan.dtype}, context {plan.context:,}, batch {plan.batch}, "
-             f"prefill chunk {plan.prefill_chunk:,}", ""]
+    lines = [f"dsv4 cost --fit: {plan.source}, weights {plan.dtype}, context {plan.context:,} (prompt "
+             f"{plan.prompt:,} in chunks of {plan.prefill_chunk:,}), batch {plan.batch}", ""]
 
     def row(label: str, value: int, indent: int = 0) -> None:
         lines.append(f"{' ' * indent}{label:<{34 - indent}}{_gib(value):>12}")

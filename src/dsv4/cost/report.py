@@ -212,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="memory to fit in, GiB (default: this machine's RAM)")
     fit.add_argument("--prefill-chunk", type=int, default=4096, metavar="N",
                      help="prompt tokens per prefill call (default 4096, as dsv4 generate)")
+    fit.add_argument("--prompt", default=None, metavar="N",
+                     help="prompt tokens, prefilled (default: the whole --context, the worst case); the rest of the "
+                          "context is decoded a token at a time")
     fit.add_argument("--speculative", action="store_true",
                      help="decoding drafts with the MTP block (a packed model then touches its weights too)")
     fit.add_argument("--all-logits", action="store_true",
@@ -227,7 +230,8 @@ def run_fit(args: argparse.Namespace, context: int) -> int:
         if not args.memory_gib > 0:
             raise ValueError(f"--memory-gib must be positive, got {args.memory_gib}")
         memory = int(args.memory_gib * (1 << 30))
-    kw = dict(context=context, batch=args.batch_size, prefill_chunk=args.prefill_chunk,
+    prompt = parse_context(args.prompt) if args.prompt is not None else None
+    kw = dict(context=context, batch=args.batch_size, prefill_chunk=args.prefill_chunk, prompt=prompt,
               all_logits=args.all_logits, speculative=args.speculative, memory_bytes=memory)
     if args.model:
         plan = plan_checkpoint(args.model, dtype=args.dtype, **kw)
