@@ -97,7 +97,7 @@ def official_dir(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def official_loaded(official_dir):
-    return dsv4.from_pretrained(official_dir)
+    return dsv4.from_pretrained(official_dir, dtype=torch.float32, numerics="plain")  # the weights alone
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -194,14 +194,14 @@ def test_meta_device_build_loads_the_same(official_dir, official_loaded, monkeyp
     import dsv4.weights.hf
 
     monkeypatch.setattr(dsv4.weights.hf, "_META_BUILD_ABOVE", 0)
-    assert_state_equals(dsv4.from_pretrained(official_dir), official_loaded.state_dict())
+    assert_state_equals(dsv4.from_pretrained(official_dir, dtype=torch.float32), official_loaded.state_dict())
 
 
 def test_loading_leaves_the_global_rng_alone(official_dir):
     torch.manual_seed(3)
     a = torch.rand(4)
     torch.manual_seed(3)
-    dsv4.from_pretrained(official_dir)
+    dsv4.from_pretrained(official_dir, dtype=torch.float32)
     assert torch.equal(torch.rand(4), a)
 
 
@@ -212,7 +212,7 @@ def test_official_precision_options(model, tmp_path, fp8, fp4):
     expert = stored["layers.1.ffn.experts.0.w1.weight"]
     assert expert.dtype == (torch.int8 if fp4 else torch.float8_e4m3fn if fp8 else torch.float32)
     assert stored["layers.1.attn.wq_a.weight"].dtype == (torch.float8_e4m3fn if fp8 else torch.float32)
-    assert_state_equals(dsv4.from_pretrained(tmp_path / "ckpt"), expected_state(model, fp8, fp4))
+    assert_state_equals(dsv4.from_pretrained(tmp_path / "ckpt", dtype=torch.float32), expected_state(model, fp8, fp4))
 
 
 def test_official_bf16_keeps_fp32_group(model, tmp_path):
@@ -237,9 +237,9 @@ def test_official_fp4_needs_input_dim_multiple_of_32(tmp_path):
 def test_official_sharded(model, tmp_path):
     save_official(model, tmp_path / "ckpt", max_shard_bytes=200_000)
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 2
-    loaded = dsv4.from_pretrained(tmp_path / "ckpt")
+    loaded = dsv4.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     save_official(model, tmp_path / "single")
-    assert_same_state(loaded, dsv4.from_pretrained(tmp_path / "single"))
+    assert_same_state(loaded, dsv4.from_pretrained(tmp_path / "single", dtype=torch.float32))
 
 
 def test_hf_save_of_a_loaded_official_model_is_plain(official_loaded, tmp_path):
@@ -248,7 +248,7 @@ def test_hf_save_of_a_loaded_official_model_is_plain(official_loaded, tmp_path):
     loaded.save_pretrained(tmp_path / "hf")
     raw = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "quantization_config" not in raw  # the HF save holds plain floats
-    assert_same_state(loaded, dsv4.from_pretrained(tmp_path / "hf"))
+    assert_same_state(loaded, dsv4.from_pretrained(tmp_path / "hf", dtype=torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------------ HF layout
@@ -261,7 +261,7 @@ def test_sharded_hf_save_loads_back(model, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert "model.layers.0.attn.norm.weight" in index["weight_map"]  # HF's name for the kv norm
     assert "head.weight" in index["weight_map"] and "mtp.0.e_proj.weight" in index["weight_map"]
-    loaded = dsv4.from_pretrained(tmp_path / "hf")
+    loaded = dsv4.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert_same_state(model, loaded)
 
 
@@ -272,7 +272,7 @@ def test_index_naming_an_absent_tensor(model, tmp_path):
     index["weight_map"]["model.layers.0.attn.ghost.weight"] = next(iter(index["weight_map"].values()))
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="ghost"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 def test_index_naming_a_missing_shard(model, tmp_path):
@@ -280,7 +280,7 @@ def test_index_naming_a_missing_shard(model, tmp_path):
     save_pretrained(model, path, max_shard_bytes=100_000)
     (path / "model-00002-of-" f"{len(list(path.glob('*.safetensors'))):05d}.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 def test_corrupt_index(model, tmp_path):
@@ -288,7 +288,7 @@ def test_corrupt_index(model, tmp_path):
     save_pretrained(model, path, max_shard_bytes=100_000)
     (path / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(ValueError, match="index"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ broken directories
@@ -308,25 +308,25 @@ def hf_dir(model, tmp_path):
 def test_missing_tensor_is_named(hf_dir):
     edit_checkpoint(hf_dir, lambda t: t.pop("model.layers.1.attn.wq_b.weight"))
     with pytest.raises(ValueError, match=r"missing.*layers\.1\.attn\.wq_b\.weight"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_missing_hc_tensor_is_named_as_stored(hf_dir):
     edit_checkpoint(hf_dir, lambda t: t.pop("model.layers.2.hc_ffn_base"))
     with pytest.raises(ValueError, match=r"missing.*layers\.2\.hc_ffn_base"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_missing_expert_is_named(hf_dir):
     edit_checkpoint(hf_dir, lambda t: t.pop("model.layers.1.ffn.experts.1.w3.weight"))
     with pytest.raises(ValueError, match=r"layers\.1\.ffn\.experts.*\[1\].*w3"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_unexpected_tensor_is_named(hf_dir):
     edit_checkpoint(hf_dir, lambda t: t.update({"model.layers.0.attn.extra_proj.weight": torch.zeros(2, 2)}))
     with pytest.raises(ValueError, match=r"unexpected.*layers\.0\.attn\.extra_proj\.weight"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_misshaped_tensor_is_named(hf_dir):
@@ -334,7 +334,7 @@ def test_misshaped_tensor_is_named(hf_dir):
         t["model.layers.2.attn.wo_b.weight"] = torch.zeros(128, 64)
     edit_checkpoint(hf_dir, edit)
     with pytest.raises(ValueError, match=r"mis-shaped.*layers\.2\.attn\.wo_b\.weight.*\(128, 64\)"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_misshaped_quantized_tensor_is_named(official_dir, tmp_path):
@@ -344,7 +344,7 @@ def test_misshaped_quantized_tensor_is_named(official_dir, tmp_path):
     shutil.copytree(official_dir, path)
     edit_checkpoint(path, lambda t: t.update({"layers.1.attn.wq_a.scale": torch.ones(2, 2)}))
     with pytest.raises(ValueError, match=r"layers\.1\.attn\.wq_a"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 def test_fp8_without_scale_is_named(official_dir, tmp_path):
@@ -354,7 +354,7 @@ def test_fp8_without_scale_is_named(official_dir, tmp_path):
     shutil.copytree(official_dir, path)
     edit_checkpoint(path, lambda t: t.pop("layers.2.attn.wo_a.scale"))
     with pytest.raises(ValueError, match=r"layers\.2\.attn\.wo_a\.weight.*no scale"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 def test_only_pickle(tmp_path, model):
@@ -363,7 +363,7 @@ def test_only_pickle(tmp_path, model):
     model.config.to_json(path / "config.json")
     torch.save({"embed.weight": torch.zeros(2)}, path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle.*never read"):
-        dsv4.from_pretrained(path)
+        dsv4.from_pretrained(path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -372,17 +372,17 @@ def test_corrupt_safetensors(hf_dir, damage):
     data = f.read_bytes()
     f.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage])
     with pytest.raises(ValueError, match=r"model\.safetensors.*not a readable safetensors file"):
-        dsv4.from_pretrained(hf_dir)
+        dsv4.from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def test_not_a_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        dsv4.from_pretrained(tmp_path / "nothing-here")
+        dsv4.from_pretrained(tmp_path / "nothing-here", dtype=torch.float32)
 
 
 def test_no_mtp_weights_drops_the_block(hf_dir):
     edit_checkpoint(hf_dir, lambda t: [t.pop(k) for k in list(t) if k.startswith("mtp.")])
-    loaded = dsv4.from_pretrained(hf_dir)
+    loaded = dsv4.from_pretrained(hf_dir, dtype=torch.float32)
     assert len(loaded.mtp) == 0 and loaded.config.num_nextn_predict_layers == 0
 
 
@@ -394,7 +394,7 @@ def test_save_over_existing_directory_replaces_it(model, tmp_path):
     (path / "notes.txt").write_text("old")
     save_pretrained(model, path)  # now one file: the old shards and index must be gone
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
-    assert_same_state(model, dsv4.from_pretrained(path))
+    assert_same_state(model, dsv4.from_pretrained(path, dtype=torch.float32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directories left
 
 

@@ -131,7 +131,6 @@ class Attention(nn.Module):
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, S, H, c] -> grouped low-rank projection -> [B, S, d]."""
         b, s = out.shape[:2]
-        grouped = out.reshape(b, s, self.groups, -1)
-        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H c / g]
-        low = torch.einsum("bsgi,goi->bsgo", grouped, w).reshape(b, s, -1)
+        grouped = out.reshape(b, s, self.groups, -1)  # [B, S, g, H c / g] -> [B, S, g, o_lora_rank]
+        low = self.wo_a.grouped(grouped).reshape(b, s, -1)
         return self.wo_b(low)

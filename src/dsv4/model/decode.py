@@ -30,6 +30,7 @@ import torch
 from dsv4.cache import CompressorState, LayerCache, ModelCache
 from dsv4.model import kernels
 from dsv4.model.indexer import chunk_scores, topk_lower_index
+from dsv4.model.linear import activation_dtype
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.reference import window_visible
 
@@ -126,7 +127,7 @@ class DecodeState:
             raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
                              f"({model.config.max_position_embeddings})")
         self.rows, self.capacity = rows, capacity
-        self.dtype = dtype = model.embed.weight.dtype
+        self.dtype = dtype = activation_dtype(model.embed)
         comp = compute_dtype(dtype)
         dev = model.device
         self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)

@@ -53,8 +53,16 @@ def row_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor
     return torch.bmm(w, x.t().unsqueeze(0).expand(parts, -1, -1)).view(1, out)
 
 
+def activation_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a projection or embedding computes in: its ``compute_dtype`` (a packed module's, whose stored
+    weight is FP8, FP4 or BF16: ``dsv4.model.packed``), else its weight's dtype."""
+    dtype = getattr(module, "compute_dtype", None)
+    return dtype if dtype is not None else module.weight.dtype
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) computed by ``linear``."""
+    """``nn.Linear`` (same parameters and state dict) computed by ``linear``; the linear interface of
+    ``dsv4.model.packed`` (``grouped``, ``compute_dtype``)."""
 
     # official numerics (dsv4.model.numerics, rule 4): the input rounded to FP8 in 1 x act_quant_block tiles; 0: off
     act_quant_block = 0
@@ -63,3 +71,14 @@ class Linear(nn.Linear):
         if self.act_quant_block:
             x = round_activations(x, self.act_quant_block)
         return linear(x, self.weight, self.bias)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., g, in] -> [..., g, out / g]: a block-diagonal projection, group j through output rows
+        [j out / g, (j + 1) out / g) (bias-free)."""
+        g = x.shape[-2]
+        w = self.weight.view(g, -1, x.shape[-1])  # [g, out / g, in]
+        return torch.einsum("...gi,goi->...go", x, w)

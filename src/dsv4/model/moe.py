@@ -116,6 +116,8 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, d, i))
         self.w3 = nn.Parameter(torch.empty(e, i, d))
 
+    stacked = True  # the weights are [E, ...] tensors (a packed model's experts are not: dsv4.model.packed)
+
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights the forward uses: the masters, or with ``fp4_qat`` their MXFP4 fake quantization (what an
         official FP4 checkpoint of these masters holds), with a straight-through gradient."""
@@ -124,6 +126,15 @@ class Experts(nn.Module):
 
             return tuple(fake_quant_fp4(w, self.fp4_block) for w in (self.w1, self.w2, self.w3))
         return self.w1, self.w2, self.w3
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def weights_getter(self):
+        """e -> expert e's (w1, w2, w3) as the forward uses them (one ``expert_weights`` call per forward)."""
+        w1, w2, w3 = self.expert_weights()
+        return lambda e: (w1[e], w2[e], w3[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, per_token: bool = False
                 ) -> torch.Tensor:
@@ -135,27 +146,30 @@ class Experts(nn.Module):
         batched products."""
         if self.act_quant_block:
             x = round_activations(x, self.act_quant_block)
-        w1, w2, w3 = self.expert_weights()
         n, k = indices.shape
+        e_count = self.num_experts
         if n == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._one_token(x, weights, indices, w1, w2, w3)
-        if per_token and not torch.is_grad_enabled() and (n * k >= w1.shape[0] or torch.compiler.is_compiling()):
-            gate = torch.zeros(n, w1.shape[0], dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
-            xt = x.t().unsqueeze(0).expand(w1.shape[0], -1, -1)  # [E, d, N]
+            return self._one_token(x, weights, indices, self.weights_getter())
+        if self.stacked and per_token and not torch.is_grad_enabled() \
+                and (n * k >= e_count or torch.compiler.is_compiling()):
+            w1, w2, w3 = self.expert_weights()
+            gate = torch.zeros(n, e_count, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
+            xt = x.t().unsqueeze(0).expand(e_count, -1, -1)  # [E, d, N]
             h = swiglu(torch.bmm(w1, xt), torch.bmm(w3, xt), self.limit) * gate.t().unsqueeze(1).to(x.dtype)
             if self.act_quant_block:  # [E, I, N]: tiles along I
                 h = round_activations(h.transpose(1, 2), self.act_quant_block).transpose(1, 2)
             return torch.bmm(w2, h).sum(0).t().to(x.dtype)  # [E, d, N] summed over the experts
+        of = self.weights_getter()
         if per_token and not torch.is_grad_enabled():
             out = torch.zeros_like(x)
             for e in sorted(set(indices.view(-1).tolist())):
                 gate = (weights * (indices == e)).sum(-1, keepdim=True).to(x.dtype)  # a token picks an expert once
-                out += self._expert(x, w1[e], w2[e], w3[e], gate)
+                out += self._expert(x, *of(e), gate)
             return out
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=e_count).tolist()
         xs = x[token]
         gate_w = weights.reshape(-1)[order]
         out = torch.zeros_like(x)
@@ -163,7 +177,7 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            y = self._expert(xs[start:start + c], w1[e], w2[e], w3[e], gate_w[start:start + c, None].to(x.dtype))
+            y = self._expert(xs[start:start + c], *of(e), gate_w[start:start + c, None].to(x.dtype))
             out.index_add_(0, token[start:start + c], y)  # no concatenation
             start += c
         return out
@@ -175,14 +189,14 @@ class Experts(nn.Module):
             h = round_activations(h, self.act_quant_block)
         return linear(h, w2).to(x.dtype)
 
-    def _one_token(self, x, weights, indices, w1, w2, w3) -> torch.Tensor:
+    def _one_token(self, x, weights, indices, of) -> torch.Tensor:
         """``forward`` for one token without autograd (a decoding row): its experts in turn, where grouping tokens by
         expert (a sort, a count, gathers and scatters: some fifteen dispatches) costs more than the products. The
         same operations per expert, summed in the same (expert) order: the same floats in float32 (in bfloat16 the
         routing weight is not rounded to bfloat16 first)."""
         out = None
         for e, g in sorted(zip(indices.view(-1).tolist(), weights.view(-1).tolist())):
-            y = self._expert(x, w1[e], w2[e], w3[e], g)
+            y = self._expert(x, *of(e), g)
             out = y if out is None else out.add_(y)
         return out
 

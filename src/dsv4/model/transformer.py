@@ -26,7 +26,7 @@ from dsv4.model.documents import Packing
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.indexer import IndexerStats
 from dsv4.model.init import init_weights
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, activation_dtype
 from dsv4.model.moe import MoE, RouterOutput
 from dsv4.model.norm import RMSNorm
 from dsv4.model.precision import upcast
@@ -47,7 +47,7 @@ class Block(nn.Module):
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
                 cache: LayerCache | None = None, packing: Packing | None = None,
                 stats: list[IndexerStats] | None = None) -> tuple[torch.Tensor, RouterOutput]:
-        dtype = self.attn.wq_a.weight.dtype
+        dtype = activation_dtype(self.attn.wq_a)
         y, post, comb = self.hc_attn(streams)
         out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing, stats)
         streams = HyperConnection.expand(streams, out, post, comb)
@@ -80,7 +80,7 @@ class MTPBlock(Block):
                 cache: LayerCache | None = None, packing: Packing | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, RouterOutput]:
         """-> (normed hidden [B, S, d] for the lm head, the block's output streams, router output)."""
-        dtype = self.e_proj.weight.dtype
+        dtype = activation_dtype(self.e_proj)
         h = self.h_proj(self.hnorm(streams.to(dtype)))
         e = self.e_proj(self.enorm(next_embed.to(dtype)))
         x = upcast(h + e.unsqueeze(-2))
@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         return streams, routes
 
     def logits_from_streams(self, streams: torch.Tensor) -> torch.Tensor:
-        dtype = self.head.weight.dtype
+        dtype = activation_dtype(self.head)
         return upcast(self.head(self.norm(self.hc_head(streams).to(dtype))))
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,

@@ -175,8 +175,10 @@ class Engine:
             self.state = DecodeState(model, rows, capacity, mtp=speculative)
         self.step = self._eager_step
         self.compile_seconds: float | None = None
-        if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row)
-            compile = rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
+        if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row);
+            # not for a packed model, whose experts run one by one (dsv4.model.packed)
+            stacked = all(getattr(m, "stacked", True) for m in model.modules())
+            compile = stacked and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
         if compile and not speculative:  # speculative steps (two tokens a row, then the MTP block) run eager
             self._compile()
         self.prefix: PrefixCache | None = None

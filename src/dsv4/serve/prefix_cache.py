@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dsv4.cache import ModelCache
+from dsv4.model.linear import activation_dtype
 from dsv4.atomic import write_atomically
 
 log = logging.getLogger("dsv4.serve")
@@ -334,7 +335,7 @@ def model_fingerprint(model, tokenizer_sha256: str = "", numerics: str = "plain"
     dtype, numerics and tokenizer."""
     h = hashlib.sha256(FORMAT.encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(f"{model.embed.weight.dtype}|{numerics}|{tokenizer_sha256}".encode())
+    h.update(f"{activation_dtype(model.embed)}|{numerics}|{tokenizer_sha256}".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(name.encode())

@@ -6,8 +6,12 @@ dtypes here; naming (``dsv4.weights.names``) and precision (``dsv4.weights.offic
 from __future__ import annotations
 
 import json
+import math
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -35,8 +39,30 @@ def safetensor_files(path: Path) -> list[Path]:
     return files
 
 
+def _check_index(path: Path, where: dict[str, str]) -> None:
+    """The index of a sharded checkpoint agrees with its shards: ``where`` maps each tensor to the shard holding it."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    absent = sorted(k for k in weight_map if k not in where)
+    if absent:
+        raise ValueError(f"{index} lists tensor(s) that no shard holds: {absent[:5]}")
+    moved = sorted(k for k in where if weight_map.get(k, where[k]) != where[k])
+    if moved:
+        raise ValueError(f"{index} places tensor(s) {moved[:5]} in a different shard than the one holding them")
+
+
+def _merge(tensors: dict, where: dict[str, str], part: dict, f: Path) -> None:
+    dup = sorted(set(part) & set(tensors))
+    if dup:
+        raise ValueError(f"tensor(s) {dup[:5]} appear in more than one shard ({where[dup[0]]} and {f.name})")
+    tensors.update(part)
+    where.update(dict.fromkeys(part, f.name))
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory, by its stored name."""
+    """Every tensor of a checkpoint directory, by its stored name, read into memory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -48,21 +74,115 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             part = load_file(str(f))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-        dup = sorted(set(part) & set(tensors))
-        if dup:
-            raise ValueError(f"tensor(s) {dup[:5]} appear in more than one shard ({where[dup[0]]} and {f.name})")
-        tensors.update(part)
-        where.update(dict.fromkeys(part, f.name))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        absent = sorted(k for k in weight_map if k not in tensors)
-        if absent:
-            raise ValueError(f"{index} lists tensor(s) that no shard holds: {absent[:5]}")
-        moved = sorted(k for k in tensors if weight_map.get(k, where[k]) != where[k])
-        if moved:
-            raise ValueError(f"{index} places tensor(s) {moved[:5]} in a different shard than the one holding them")
+        _merge(tensors, where, part, f)
+    _check_index(path, where)
     return tensors
+
+
+# safetensors dtype names -> torch dtypes (the ones checkpoints of this model use, and the usual others)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+SAFETENSORS_DTYPE = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file as its header describes it: ``start`` and ``stop`` are absolute byte
+    offsets in the file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+def read_header(f: str | Path) -> tuple[dict[str, TensorInfo], dict]:
+    """The tensors (name -> ``TensorInfo``) and the ``__metadata__`` of one safetensors file, from its header alone,
+    checked against the file's size and each tensor's dtype and shape. Raises ``ValueError`` naming the file."""
+    f = Path(f)
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{f} is not a readable safetensors file: {size} bytes, shorter than its header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"{f} is not a readable safetensors file: header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{f} is not a readable safetensors file: its header is not an object")
+    meta = header.pop("__metadata__", None) or {}
+    base, out = 8 + n, {}
+    for name, h in header.items():
+        try:
+            dtype, shape, (begin, end) = _DTYPES[h["dtype"]], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file: tensor {name!r} has an unreadable or "
+                             "unknown entry in the header "
+                             f"({h!r}: {e!r})") from None
+        want = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != want or begin < 0:
+            raise ValueError(f"{f} is not a readable safetensors file: tensor {name!r} of shape {list(shape)} "
+                             f"{h['dtype']} should take {want} bytes, the header gives it {end - begin}")
+        if base + end > size:
+            raise ValueError(f"{f} is not a readable safetensors file: tensor {name!r} ends at byte {base + end}, "
+                             f"past the end of the file ({size} bytes): the file is truncated")
+        out[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
+    return out, meta
+
+
+def read_headers(path: str | Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a checkpoint directory (name -> (file, ``TensorInfo``)) from the headers alone, with the
+    index checked against the shards: what a memory planner or a lazy loader needs, without reading any data."""
+    path = Path(path)
+    out: dict[str, tuple[Path, TensorInfo]] = {}
+    where: dict[str, str] = {}
+    for f in safetensor_files(path):
+        infos, _ = read_header(f)
+        _merge(out, where, {k: (f, v) for k, v in infos.items()}, f)
+    _check_index(path, where)
+    return out
+
+
+def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by its stored name, memory-mapped from the files: nothing is read
+    until used, and pages read are the operating system's to drop again (they are file-backed and clean). The
+    tensors are read-only in effect (a copy-on-write mapping: writing to one changes neither the file nor the other
+    processes' view). A tensor whose offset does not suit its dtype's alignment is copied into memory instead."""
+    out: dict[str, torch.Tensor] = {}
+    for name, (f, info) in read_headers(path).items():
+        out[name] = _mapped(f, info)
+    return out
+
+
+# one mapping per file, shared by its tensors while any of them is alive (keyed by the file's identity, so a file
+# replaced since is mapped anew)
+_MAPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _mapped(f: Path, info: TensorInfo) -> torch.Tensor:
+    st = f.stat()
+    key = (str(f.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    flat = _MAPS.get(key)
+    if flat is None:
+        flat = torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="c"))
+        _MAPS[key] = flat
+    raw = flat[info.start:info.stop]
+    size = torch.empty(0, dtype=info.dtype).element_size()
+    if info.start % size:
+        raw = raw.clone()
+    return raw.view(info.dtype).view(info.shape)
 
 
 def write_safetensors(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:

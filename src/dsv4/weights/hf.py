@@ -53,16 +53,38 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: b
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None):
+                    device: str | torch.device | None = None, numerics: str | None = None):
     """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring), after putting
-    back the previous version of it if a writer was killed while replacing it."""
-    from dsv4.model import Transformer
+    back the previous version of it if a writer was killed while replacing it.
+
+    ``dtype`` None: an official-layout checkpoint with FP8 / FP4 weights keeps them as stored, memory-mapped
+    (``dsv4.weights.packed.load_packed``; products in float32); any other loads in float32. A ``dtype`` loads every
+    weight dequantized into that dtype (a materialized model). ``numerics`` (``dsv4.model.numerics``): default
+    "official" for an official-layout checkpoint, "plain" for an HF-layout one."""
+    from dsv4.model.numerics import set_numerics
+    from dsv4.weights.files import read_headers
+    from dsv4.weights.packed import check_quantization_config, is_official_layout, is_packed_layout, load_packed
 
     path = Path(path)
     recover_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     config = ModelConfig.from_json(path / "config.json")
+    check_quantization_config(config, str(path / "config.json"))
+    names = read_headers(path)
+    if numerics is None:
+        numerics = "official" if is_official_layout(names) else "plain"
+    if dtype is None and is_packed_layout(names):
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"a packed model runs on the CPU; pass dtype= to load {path} materialized on {device}")
+        return set_numerics(load_packed(path, config), numerics)
+    return set_numerics(_materialized(path, config, dtype, device), numerics)
+
+
+def _materialized(path: Path, config: ModelConfig, dtype: torch.dtype | None, device) -> torch.nn.Module:
+    """A model with every weight dequantized into ``dtype`` (default float32)."""
+    from dsv4.model import Transformer
+
     state = official_to_model_state(official_state(read_tensors(path)))
     if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
         log.warning("%s has no MTP weights (transformers does not save them): loading without the MTP block", path)

@@ -115,9 +115,17 @@ def official_to_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def official_state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under official names, experts one tensor each."""
-    out = {}
+    """The model's tensors under official names, experts one tensor each, as plain floats (the weights a packed
+    model keeps as stored, ``dsv4.model.packed``, dequantized)."""
+    out, packed = {}, []
+    for mname, module in model.named_modules():
+        dense = getattr(module, "dense_tensors", None)
+        if dense is not None:
+            packed.append(mname + ".")
+            out.update({f"{mname}.{k}": t for k, t in dense().items()})
     for name, t in model.state_dict().items():
+        if packed and name.startswith(tuple(packed)):
+            continue
         m = STACKED_EXPERT.match(name)
         if m:
             for e in range(t.shape[0]):

@@ -151,7 +151,10 @@ def official_tensors(model: torch.nn.Module, fp8: bool = True, fp4_experts: bool
     """The tensors of DeepSeek's official layout: FP8 matrices with ``.scale``, routed experts FP4 (or FP8 when
     ``fp8`` and not ``fp4_experts``), the rest unquantized (in ``dtype`` if given, the FP32 group always FP32)."""
     from dsv4 import quant
+    from dsv4.weights.packed import is_packed, packed_tensors, stored_format
 
+    if dtype is None and is_packed(model) and stored_format(model) == (fp8, fp4_experts):
+        return packed_tensors(model)  # the bytes it was loaded from
     out: dict[str, torch.Tensor] = {}
     for name, t in official_state_of(model).items():
         t = t.detach().cpu()

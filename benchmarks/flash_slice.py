@@ -1,0 +1,82 @@
+"""A two-layer slice of V4-Flash at its real width, packed, on this machine (issue 18's measurement).
+
+    python benchmarks/flash_slice.py [--dir DIR] [--prompt-tokens 600] [--new-tokens 4] [--json]
+
+Writes (once) a random checkpoint in the released layout (``dsv4.weights.synthetic.flash_slice_config``: a
+hash-routed CSA layer, an HCA layer and the MTP block at hidden 4096, 256 experts of 2048, vocab 129,280: about 21 B
+parameters, 12.9 GB), then in a fresh process loads it packed (``dsv4.from_pretrained``), prefills a prompt of random
+token ids (so that nearly every expert is touched) and decodes greedily, and prints one JSON object: the
+checkpoint's bytes, load / prefill seconds, decode ms per token, the process's peak resident set (file pages
+included, as ``ru_maxrss`` counts them) and its ratio to the checkpoint, and ``dsv4 cost --fit``'s prediction of that
+peak. The float32 model of the same slice would need about 83 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_MEASURE = r"""
+import json, resource, sys, time, torch
+import dsv4
+path, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t = time.perf_counter()
+model = dsv4.from_pretrained(path)
+load_s = time.perf_counter() - t
+ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+cache = model.new_cache(1)
+with torch.no_grad():
+    t = time.perf_counter()
+    logits = model(ids, cache=cache, last_only=True)
+    prefill_s = time.perf_counter() - t
+    out, times = [], []
+    for _ in range(new):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(token))
+        t = time.perf_counter()
+        logits = model(token, cache=cache)
+        times.append(time.perf_counter() - t)
+print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2],
+                  "tokens": out, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=os.path.join(os.environ.get("DSV4_CACHE", "/tmp"), "dsv4-flash-slice"))
+    p.add_argument("--prompt-tokens", type=int, default=600)
+    p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from dsv4.config import ModelConfig
+    from dsv4.cost.fit import plan_memory
+    from dsv4.weights.synthetic import flash_slice_config, write_synthetic
+
+    path = Path(args.dir)
+    write_s = None
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        write_synthetic(flash_slice_config(), path)
+        write_s = time.perf_counter() - t
+    ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    run = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(args.prompt_tokens), str(args.new_tokens)],
+                         capture_output=True, text=True, check=True)
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    config = ModelConfig.from_json(path / "config.json")
+    plan = plan_memory(config, weights=str(path), context=args.prompt_tokens + args.new_tokens, batch=1)
+    result = {"checkpoint_bytes": ckpt_bytes, "parameters": config.num_parameters(), "write_s": write_s, **figures,
+              "peak_over_checkpoint": figures["peak_rss_bytes"] / ckpt_bytes,
+              "predicted_peak_bytes": plan.peak_bytes,
+              "predicted_over_measured": plan.peak_bytes / figures["peak_rss_bytes"],
+              "float32_bytes": 4 * config.num_parameters()}
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
