@@ -26,7 +26,8 @@ def reply(engine, tokenizer, messages: list[dict], args, out) -> dict:
     """Stream the model's next assistant turn to ``out`` (its reasoning under a ``[thinking]`` header, then its answer
     under ``[answer]``) and return it as a message."""
     from dsv4 import chat
-    from dsv4.serve.engine import Request, SamplingParams
+    from dsv4.serve.engine import Request
+    from dsv4.serve.sampling import SamplingParams
 
     mode = "thinking" if args.thinking else "chat"
     prompt = chat.encode_messages(messages, thinking_mode=mode,

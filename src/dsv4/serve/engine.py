@@ -9,6 +9,7 @@ and returns, and each sample's text arrives through the request's ``emit`` callb
 Prompts resume from the longest cached prefix (``PrefixCache``) and prefill only the rest; the cache gets an anchor at
 every prefill chunk's end, at the prompt's last block boundary, and at each block boundary a sample decodes past.
 Decoding runs at a fixed row count with per-token experts, so a row's logits do not change with what else runs.
+What a request asks for, how each token is chosen, stop strings and the events: ``dsv4.serve.sampling``.
 """
 
 from __future__ import annotations
@@ -29,67 +30,10 @@ from dsv4.model.decode import DecodeState, compressor_rates
 from dsv4.model.numerics import numerics_of
 from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
+from dsv4.serve.sampling import (EngineError, Event, SamplingParams, add_event, find_stop, logprobs_of, new_outputs,
+                                 sample_token, stop_holdback)
 
 log = logging.getLogger("dsv4.serve")
-
-
-class EngineError(ValueError):
-    """A request the engine cannot take; ``status`` is the HTTP status a server answers with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int | None = None  # None: up to the model length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the k most likely
-    n: int = 1
-
-    def check(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise EngineError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.n < 1:
-            raise EngineError(f"n must be >= 1, got {self.n}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise EngineError(f"top_logprobs must be in [0, 20], got {self.logprobs}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise EngineError("stop strings must be non-empty strings")
-
-
-@dataclass
-class Event:
-    """What a sample produced since its last event: text that is final (stop strings held back until they cannot
-    match), the token ids, their log-probabilities; ``finish_reason`` ("stop", "length", "abort") on its last."""
-
-    index: int  # which of the request's n samples
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-def new_outputs(n: int) -> list[dict]:
-    """Per sample, what ``add_event`` gathers: its text, token ids, log-probabilities and finish reason."""
-    return [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
-
-
-def add_event(outs: list[dict], ev: Event) -> None:
-    o = outs[ev.index]
-    o["text"] += ev.text
-    o["token_ids"] += ev.token_ids
-    o["logprobs"] += ev.logprobs
-    o["finish_reason"] = ev.finish_reason or o["finish_reason"]
 
 
 @dataclass
@@ -388,7 +332,7 @@ class Engine:
         self.prefilling.pop(0)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         req.samples = [Sample(self, req, i, row) for i, row in enumerate(job.rows)]
-        tokens = [self._sample(logits, req.params, s.generator) for s in req.samples]
+        tokens = [sample_token(logits, req.params, s.generator) for s in req.samples]
         mtp = None
         if job.mtp is not None:  # each sample's first token goes with the prompt's last position
             mtp = job.mtp.repeat_rows(len(tokens))
@@ -428,7 +372,7 @@ class Engine:
         self.stats["steps"] += 1
         for row, sample in list(self.running.items()):
             self._store_boundary(sample)
-            self._take(sample, self._sample(logits[row], sample.request.params, sample.generator), logits[row])
+            self._take(sample, sample_token(logits[row], sample.request.params, sample.generator), logits[row])
 
     def _store_boundary(self, sample: Sample) -> None:
         """At a block boundary, the row's state goes to the prefix cache (an anchor of its prompt and output)."""
@@ -464,7 +408,7 @@ class Engine:
             taken[row] = [first]
             if kept:
                 self.stats["accepted"] += 1
-                taken[row].append(self._sample(logits[row, 1], p, sample.generator))
+                taken[row].append(sample_token(logits[row, 1], p, sample.generator))
             after[row, :len(taken[row])] = torch.tensor(taken[row])
         short = [row for row in taken if len(taken[row]) == 1]
         draft_logits = self._mtp(streams, after, positions, self.state.mtp)  # [R, 2, V]
@@ -494,12 +438,11 @@ class Engine:
         self.stats["generation_tokens"] += 1
         sample.pending_ids.append(token)
         if p.logprobs is not None:
-            sample.pending_lp.append(self._logprobs(logits, token, p.logprobs))
+            sample.pending_lp.append(logprobs_of(logits, token, p.logprobs))
         if token != self.eos:  # an ignored EOS counts as a token but is no text (it would end a chat parse)
             sample.text += sample.decoder.push(token)
         if p.stop:
-            cut = min((i for i in (sample.text.find(s, max(0, sample.sent - len(s))) for s in p.stop) if i >= 0),
-                      default=-1)
+            cut = find_stop(sample.text, sample.sent, p.stop)
             if cut >= 0:
                 sample.text = sample.text[:cut]
                 self._end_sample(sample, "stop", flush=False)
@@ -508,8 +451,7 @@ class Engine:
         if len(sample.ids) >= limit or len(sample.all_ids) >= self.max_model_len:
             self._end_sample(sample, "length")
             return False
-        hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may still begin in the last chars
-        self._emit(sample, len(sample.text) - hold)
+        self._emit(sample, len(sample.text) - stop_holdback(p.stop))
         return True
 
     def _emit(self, sample: Sample, upto: int, finish: str | None = None) -> None:
@@ -544,16 +486,3 @@ class Engine:
             return
         for sample in req.samples:
             self._end_sample(sample, reason)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, p: SamplingParams, generator) -> int:
-        if p.temperature == 0:
-            return int(logits.argmax())
-        probs = next_token_probs(logits.unsqueeze(0), p.temperature, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _logprobs(self, logits: torch.Tensor, token: int, k: int) -> dict:
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        top = torch.topk(lp, k) if k else None
-        return {"token": token, "logprob": float(lp[token]),
-                "top": [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]}

@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from dsv4 import chat
-from dsv4.serve.engine import Engine, EngineError, Event, Request, SamplingParams, add_event, new_outputs
+from dsv4.serve.engine import Engine, Request
+from dsv4.serve.sampling import EngineError, Event, SamplingParams, add_event, new_outputs
 from dsv4.serve.metrics import Metrics
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "latest_reminder"}
