@@ -237,6 +237,15 @@ def test_not_fitting_names_the_figure(main, capsys):
         plan_memory(config, context=64, prefill_chunk=64, memory_bytes=4 * MIB).check()
 
 
+@pytest.mark.parametrize("args, words", [(["--prompt", "0"], "--prompt"), (["--batch-size", "0"], "batch"),
+                                         (["--prefill-chunk", "0"], "prefill_chunk"),
+                                         (["--memory-gib", "0"], "--memory-gib")])
+def test_bad_figures_are_named(main, capsys, args, words):
+    assert main(["cost", "--fit", "--preset", "tiny", "--context", "4096", *args]) == 2
+    captured = capsys.readouterr()
+    assert words in captured.err and captured.out == ""
+
+
 def test_bad_checkpoints_name_the_file(main, capsys, checkpoints, tmp_path):
     def fails(path, *words):
         assert main(["cost", "--fit", "--model", str(path), "--context", "4096"]) == 2

@@ -230,7 +230,12 @@ def run_fit(args: argparse.Namespace, context: int) -> int:
         if not args.memory_gib > 0:
             raise ValueError(f"--memory-gib must be positive, got {args.memory_gib}")
         memory = int(args.memory_gib * (1 << 30))
-    prompt = parse_context(args.prompt) if args.prompt is not None else None
+    prompt = None
+    if args.prompt is not None:
+        try:
+            prompt = parse_context(args.prompt)
+        except ValueError as e:
+            raise ValueError(f"--prompt: {e}".replace("--context", "the prompt").replace("context", "the prompt"))
     kw = dict(context=context, batch=args.batch_size, prefill_chunk=args.prefill_chunk, prompt=prompt,
               all_logits=args.all_logits, speculative=args.speculative, memory_bytes=memory)
     if args.model:
