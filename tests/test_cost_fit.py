@@ -56,6 +56,9 @@ def test_weight_bytes_are_the_safetensors_payloads(checkpoints):
     assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) == hf.weights_bytes
     assert config_weights(model.config, "float32") == hf.weights
     assert all(hf.weights[k] > 0 for k in KINDS)
+    # plan_memory takes a checkpoint directory as weights too (benchmarks/flash_slice.py does)
+    assert plan_memory(None, weights=str(checkpoints["official"]), context=4096,
+                       memory_bytes=1 << 40).to_dict() == official.to_dict()
     # packed: no loading peak (the files are mapped); materialized: the checkpoint's tensors, the experts stacked
     # and the model at once
     assert official.loading_bytes == 0

@@ -521,19 +521,27 @@ def machine_memory() -> tuple[int, str]:
         raise ValueError("cannot tell this machine's memory (no /proc/meminfo, no psutil): give --memory-gib") from None
 
 
-def plan_memory(config: ModelConfig, weights: dict[str, int] | None = None, context: int = 4096, batch: int = 1,
-                dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, all_logits: bool = False,
-                speculative: bool = False, prompt: int | None = None, memory_bytes: int | None = None,
-                loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
+def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path | None = None, context: int = 4096,
+                batch: int = 1, dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                all_logits: bool = False, speculative: bool = False, prompt: int | None = None,
+                memory_bytes: int | None = None, loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
     """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts of ``prompt``
     tokens (default: the whole context, the worst case) prefilled in chunks of ``prefill_chunk``, the rest decoded
-    (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or
-    ``config_weights``; computed from the config at ``dtype`` when None). ``dtype``: "packed" (FP8 / FP4 weights kept
-    as stored and memory-mapped, computed in float32, a weight dequantized at a time), "float32" or "bfloat16".
-    A packed model's resident weights are the pages it touches: the embedding rows of at most ``batch * context``
+    (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or ``config_weights``;
+    computed from the config at ``dtype`` when None), or a checkpoint directory (then ``plan_checkpoint``: its own
+    config.json and headers are read, ``config`` is not needed). ``dtype``: "packed" (FP8 / FP4 weights kept as
+    stored and memory-mapped, computed in float32, a weight dequantized at a time), "float32" or "bfloat16"; None:
+    float32, or for a checkpoint directory what ``from_pretrained`` makes of its layout. A packed model's resident weights are the pages it touches: the embedding rows of at most ``batch * context``
     tokens, the routed experts those tokens are routed to (uniform routing: ``experts_touched``), the MTP block
     only with ``speculative`` decoding, everything else. ``memory_bytes``: the budget (default: this machine's
     RAM). ``loading_bytes``: the loader's peak, if more than the weights."""
+    if isinstance(weights, (str, Path)):
+        return plan_checkpoint(weights, context=context, batch=batch, dtype=dtype, prefill_chunk=prefill_chunk,
+                               all_logits=all_logits, speculative=speculative, prompt=prompt,
+                               memory_bytes=memory_bytes)
+    if config is None:
+        raise ValueError("plan_memory needs a config, or a checkpoint directory as weights")
+    dtype = dtype or "float32"
     context = check_context(context)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
