@@ -7,7 +7,7 @@ hash-routed CSA layer, an HCA layer and the MTP block at hidden 4096, 256 expert
 parameters, 12.9 GB), then in a fresh process loads it packed (``dsv4.from_pretrained``), prefills a prompt of random
 token ids (so that nearly every expert is touched) and decodes greedily, and prints one JSON object: the
 checkpoint's bytes, load / prefill seconds, decode ms per token, the process's peak resident set (file pages
-included, as ``ru_maxrss`` counts them) and its ratio to the checkpoint, and ``dsv4 cost --fit``'s prediction of that
+included: ``VmHWM``) and its ratio to the checkpoint, and ``dsv4 cost --fit``'s prediction of that
 peak. The float32 model of the same slice would need about 83 GB.
 """
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 _MEASURE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import dsv4
 path, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
@@ -41,8 +41,10 @@ with torch.no_grad():
         t = time.perf_counter()
         logits = model(token, cache=cache)
         times.append(time.perf_counter() - t)
+with open("/proc/self/status") as f:  # VmHWM: this process's peak resident set (ru_maxrss may carry the parent's)
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2],
-                  "tokens": out, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "tokens": out, "peak_rss_bytes": peak}))
 """
 
 
@@ -55,7 +57,7 @@ def main() -> None:
     args = p.parse_args()
 
     from dsv4.config import ModelConfig
-    from dsv4.cost.fit import plan_memory
+    from dsv4.cost.fit import plan_checkpoint
     from dsv4.weights.synthetic import flash_slice_config, write_synthetic
 
     path = Path(args.dir)
@@ -69,7 +71,7 @@ def main() -> None:
                          capture_output=True, text=True, check=True)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     config = ModelConfig.from_json(path / "config.json")
-    plan = plan_memory(config, weights=str(path), context=args.prompt_tokens + args.new_tokens, batch=1)
+    plan = plan_checkpoint(path, context=args.prompt_tokens + args.new_tokens, batch=1, prompt=args.prompt_tokens)
     result = {"checkpoint_bytes": ckpt_bytes, "parameters": config.num_parameters(), "write_s": write_s, **figures,
               "peak_over_checkpoint": figures["peak_rss_bytes"] / ckpt_bytes,
               "predicted_peak_bytes": plan.peak_bytes,

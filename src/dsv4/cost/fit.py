@@ -33,9 +33,7 @@ are not counted. Measured against a real process in ``tests/test_cost_fit.py``.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +49,6 @@ FLOAT = 4  # activations, scores, logits and compressed entries are float32 (dsv
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8, "I32": 4,
              "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 _ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_MAX_HEADER = 100 << 20  # a safetensors header larger than this is not a header
 
 # The fast prefill path's blocks (``dsv4.model.attention.Attention.__init__``): CSA queries per indexer block, window
 # queries per block, queries per span, CSA queries per top-k gather; and chunk_scores' tiling (dsv4.model.indexer).
@@ -99,90 +96,14 @@ class TensorInfo:
     file: str = ""
 
 
-def read_header(path: str | Path) -> list[TensorInfo]:
-    """The tensors of one safetensors file, from its header alone (the data is never read). A file that is not a
-    safetensors file, or whose header promises bytes the file does not have (truncated), is a ``ValueError`` naming
-    it."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-            n = struct.unpack("<Q", head)[0]
-            if n > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit its {size} bytes)")
-            raw = f.read(n)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read its safetensors header ({e})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise TypeError("the header is not a JSON object")
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
-    out, end = [], 0
-    for name, d in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, z) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry ({e!r})") from None
-        if dtype not in _ST_BYTES:
-            raise ValueError(f"{path}: tensor {name!r} has an unknown dtype {dtype!r}")
-        if not (isinstance(a, int) and isinstance(z, int) and 0 <= a <= z) \
-                or z - a != math.prod(shape) * _ST_BYTES[dtype]:
-            raise ValueError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has byte range {[a, z]}, "
-                             "which does not match its shape")
-        end = max(end, z)
-        out.append(TensorInfo(name, dtype, shape, z - a, path.name))
-    if 8 + n + end > size:
-        raise ValueError(f"{path}: truncated: its header needs {8 + n + end} bytes, the file has {size}")
-    return out
-
-
 def checkpoint_tensors(path: str | Path) -> list[TensorInfo]:
-    """Every tensor of a checkpoint directory, from the headers of its shards (``model.safetensors``, every
-    ``*.safetensors``, or those ``model.safetensors.index.json`` names), checked against the index: a shard it names
-    that is missing, a tensor in the index that its shard does not hold, or one held by a shard the index does not
-    say, is an error naming the file."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index ({e!r})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
-    else:
-        weight_map = None
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {path}")
-    tensors: list[TensorInfo] = []
-    where: dict[str, str] = {}
-    for f in files:
-        for t in read_header(path / f):
-            if t.name in where:
-                raise ValueError(f"tensor {t.name!r} is in two shards: {where[t.name]} and {f}")
-            if weight_map is not None and weight_map.get(t.name) != f:
-                raise ValueError(f"{path / f} holds {t.name!r}, which {index.name} places in "
-                                 f"{weight_map.get(t.name) or 'no shard'}")
-            where[t.name] = f
-            tensors.append(t)
-    if weight_map is not None:
-        absent = sorted(k for k in weight_map if k not in where)
-        if absent:
-            raise ValueError(f"{index} lists tensor(s) that their shard does not hold: "
-                             f"{[f'{k} ({weight_map[k]})' for k in absent[:5]]}")
-    return tensors
+    """Every tensor of a checkpoint directory, from the headers of its shards alone, checked against its index
+    (``dsv4.weights.files.read_headers``: a bad header, a truncated shard, a shard or tensor the index and the files
+    disagree on is an error naming the file)."""
+    from dsv4.weights.files import SAFETENSORS_DTYPE, read_headers
+
+    return [TensorInfo(name, SAFETENSORS_DTYPE[info.dtype], info.shape, info.nbytes, f.name)
+            for name, (f, info) in read_headers(path).items()]
 
 
 def _is_scale(name: str, names: set[str]) -> str | None:

@@ -60,7 +60,8 @@ class Compressor(nn.Module):
         n = kv.shape[1] // self.rate
         usable = n * self.rate
         if state is not None:
-            state.kv, state.gate = kv[:, usable:], gate[:, usable:]
+            # copies, not views: a view would keep this whole chunk's projections alive in the cache
+            state.kv, state.gate = kv[:, usable:].clone(), gate[:, usable:].clone()
         if n == 0:
             return kv.new_zeros(b, 0, self.dim), first
         kv = kv[:, :usable].unflatten(1, (n, self.rate))
@@ -72,7 +73,7 @@ class Compressor(nn.Module):
             if state is not None:
                 if state.prev_kv is not None:
                     prev_kv, prev_gate = state.prev_kv.unsqueeze(1), state.prev_gate.unsqueeze(1)
-                state.prev_kv, state.prev_gate = kv[:, -1, :, :d], gate[:, -1, :, :d]
+                state.prev_kv, state.prev_gate = kv[:, -1, :, :d].clone(), gate[:, -1, :, :d].clone()
             # slots [0, rate): series b of the previous block; slots [rate, 2 rate): series a of this block
             kv = torch.cat([torch.cat([prev_kv, kv[:, :-1, :, :d]], dim=1), kv[..., d:]], dim=2)
             gate = torch.cat([torch.cat([prev_gate, gate[:, :-1, :, :d]], dim=1), gate[..., d:]], dim=2)

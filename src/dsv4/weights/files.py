@@ -50,7 +50,8 @@ def _check_index(path: Path, where: dict[str, str]) -> None:
         raise ValueError(f"{index} lists tensor(s) that no shard holds: {absent[:5]}")
     moved = sorted(k for k in where if weight_map.get(k, where[k]) != where[k])
     if moved:
-        raise ValueError(f"{index} places tensor(s) {moved[:5]} in a different shard than the one holding them")
+        raise ValueError(f"{index} places tensor(s) in a different shard than the one holding them: "
+                         + ", ".join(f"{k} (index: {weight_map[k]}, held by {where[k]})" for k in moved[:5]))
 
 
 def _merge(tensors: dict, where: dict[str, str], part: dict, f: Path) -> None:
@@ -82,7 +83,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 # safetensors dtype names -> torch dtypes (the ones checkpoints of this model use, and the usual others)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
+           "U32": torch.uint32, "U64": torch.uint64}
 if hasattr(torch, "float8_e8m0fnu"):
     _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 SAFETENSORS_DTYPE = {v: k for k, v in _DTYPES.items()}
