@@ -16,8 +16,7 @@ no weight is read):
   ``dsv4.cache.append_rows`` allocates it over chunked prefill), and the compressors' partial blocks.
 * **working memory**, the larger of a prefill chunk's and a decoding step's: the activations the fast prefill path
   holds at once (per token: the residual streams, the layer input, the query latent, the heads' queries and partial
-  outputs, the indexer's queries; and the compressed layers' chunk projections, which the cache's partial-block views
-  keep alive until the next chunk), the largest attention score block at the chunk size (window band per span, HCA
+  outputs, the indexer's queries; and the compressed layer's chunk projections), the largest attention score block at the chunk size (window band per span, HCA
   logits, CSA index scores and gathered top-k), the logits ([B, 1, vocab] float32 as ``generate`` asks for them, or
   [B, S, vocab] with ``all_logits``), and for a packed model what it dequantizes at once (one routed expert's
   three matrices, or a tile of a packed matrix), in float32.
@@ -279,16 +278,15 @@ def prefill_activations(config: ModelConfig) -> dict[str, int]:
     the most chunk projections are held): ``base`` (residual streams n d, the embedding, the normed layer input and
     the collapsed stream 3 d, the query latent, the K=V vector), ``heads`` (per layer type: the queries, the scaled
     queries, the window band's output and the key sets' partial outputs and their merge, in units of H c), the CSA
-    indexer's queries, and ``retained``: the chunk projections (KV, gate logits and the gate with its position bias)
-    of every compressed layer up to that one, held by the cache's partial-block views until the next chunk."""
+    indexer's queries, and ``retained``: the layer's own chunk projections (KV, gate logits and the gate with its
+    position bias; the cache keeps copies of the last partial block only, so earlier layers' are freed)."""
     d, n, hc = config.hidden_size, config.hc_mult, config.num_attention_heads * config.head_dim
     base = n * d + 3 * d + config.q_lora_rank + config.head_dim
     heads = {SLIDING: 6 * hc, HCA: 7 * hc, CSA: 4 * hc + config.index_n_heads * config.index_head_dim}
     moe = (config.num_experts_per_tok + 2) * d + config.n_routed_experts + 3 * config.moe_intermediate_size
     best = {"per_token": base + moe, "base": base, "layer": 0, "retained": 0}
-    retained = 0
     for i, lt in enumerate(config.layer_types):
-        retained += 3 * _width(config, lt)
+        retained = 3 * _width(config, lt)
         here = base + max(heads[lt], moe) + retained
         if here >= best["per_token"]:
             best = {"per_token": here, "base": base, "layer": i, "retained": retained}
