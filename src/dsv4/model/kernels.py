@@ -63,7 +63,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, keep:
     query sees every key (two masking passes saved). K must be > 0. Differentiable in q and keys; backward
     recomputes the weights (flash attention's trade), so no [..., Q, H, K] tensor is stored.
     """
-    out, m, s, e = _Attend.apply(q, keys, mask, keys.dim() == q.dim() - 1)
+    # the math in q's dtype (float32, DESIGN: numerics) also under bf16 autocast, whose casts would otherwise
+    # reach the forward's products but not the backward's (which runs outside autocast)
+    with torch.autocast(q.device.type, enabled=False):
+        out, m, s, e = _Attend.apply(q, keys.to(q.dtype), mask, keys.dim() == q.dim() - 1)
     return Partial(out, m, s, e if keep else None)
 
 
