@@ -15,7 +15,8 @@ import torch
 
 from dsv4 import cli
 from dsv4.config import ModelConfig
-from dsv4.cost.fit import KINDS, config_weights, entries_capacity, plan_checkpoint, plan_memory
+from dsv4.cost.fit import entries_capacity, plan_checkpoint, plan_memory
+from dsv4.cost.weights import KINDS, config_weights
 from dsv4.weights.files import read_header
 from dsv4.weights.hf import save_pretrained
 from dsv4.weights.official import save_official

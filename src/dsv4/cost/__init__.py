@@ -3,7 +3,8 @@
 ``model``: V4's per-token FLOPs and KV-cache bytes at a context, and the bytes and roofline time of a decoding step
 (``dsv4 bench decode``); ``baselines``: V3.2, V3 and GQA-8 at the same context; ``report``: the ``dsv4 cost``
 command (table, JSON, plot); ``fit``: the memory of running a model or checkpoint at a context and batch size
-(``dsv4 cost --fit``, ``plan_memory`` / ``plan_checkpoint``).
+(``dsv4 cost --fit``, ``plan_memory`` / ``plan_checkpoint``), with ``weights``: a checkpoint's or config's weights by
+kind, from safetensors headers or the meta device.
 """
 
 from __future__ import annotations
