@@ -7,8 +7,9 @@ hash-routed CSA layer, an HCA layer and the MTP block at hidden 4096, 256 expert
 parameters, 12.9 GB), then in a fresh process loads it packed (``dsv4.from_pretrained``), prefills a prompt of random
 token ids (so that nearly every expert is touched) and decodes greedily, and prints one JSON object: the
 checkpoint's bytes, load / prefill seconds, decode ms per token, the process's peak resident set (file pages
-included: ``VmHWM``) and its ratio to the checkpoint, and ``dsv4 cost --fit``'s prediction of that
-peak. The float32 model of the same slice would need about 83 GB.
+included: ``VmHWM``) and its ratio to the checkpoint, ``dsv4 cost --fit``'s prediction of that peak, and the decoding
+step's roofline (the stored bytes a token reads, at the measured copy bandwidth). The float32 model of the same slice
+would need about 83 GB.
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_ms_per_token
 """
 
 
+def decode_bytes_per_token(path: Path, config) -> int:
+    """Stored bytes one decoding step of one row reads: every tensor of the main layers and the head, the routed
+    experts at k / E of their bytes (a token's k experts), one embedding row; not the MTP block (plain decoding)."""
+    from dsv4.weights.files import read_headers
+
+    total = 0
+    share = config.num_experts_per_tok / config.n_routed_experts
+    for name, (_, info) in read_headers(path).items():
+        if name.startswith("mtp."):
+            continue
+        if name.startswith("embed."):
+            total += info.nbytes // config.vocab_size
+        elif ".ffn.experts." in name:
+            total += info.nbytes * share
+        else:
+            total += info.nbytes
+    return int(total)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=os.path.join(os.environ.get("DSV4_CACHE", "/tmp"), "dsv4-flash-slice"))
@@ -56,6 +76,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    from dsv4.bench import copy_bandwidth
     from dsv4.config import ModelConfig
     from dsv4.cost.fit import plan_checkpoint
     from dsv4.weights.synthetic import flash_slice_config, write_synthetic
@@ -71,12 +92,16 @@ def main() -> None:
                          capture_output=True, text=True, check=True)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     config = ModelConfig.from_json(path / "config.json")
+    token_bytes = decode_bytes_per_token(path, config)
+    bandwidth = copy_bandwidth()
     plan = plan_checkpoint(path, context=args.prompt_tokens + args.new_tokens, batch=1, prompt=args.prompt_tokens)
     result = {"checkpoint_bytes": ckpt_bytes, "parameters": config.num_parameters(), "write_s": write_s, **figures,
               "peak_over_checkpoint": figures["peak_rss_bytes"] / ckpt_bytes,
               "predicted_peak_bytes": plan.peak_bytes,
               "predicted_over_measured": plan.peak_bytes / figures["peak_rss_bytes"],
-              "float32_bytes": 4 * config.num_parameters()}
+              "float32_bytes": 4 * config.num_parameters(), "decode_bytes_per_token": token_bytes,
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_ms_per_token": 1e3 * token_bytes / bandwidth}
+    result["decode_over_roofline"] = result["decode_ms_per_token"] / result["roofline_ms_per_token"]
     print(json.dumps(result, indent=None if args.json else 2))
 
 
