@@ -79,10 +79,14 @@ def full_grads(par: Parallel, model: nn.Module, rank0_only: bool = True) -> dict
 
 
 class _FullModel:
-    """What ``dsv4.weights.save_pretrained`` reads of a model (``config``, ``state_dict()``), from whole tensors."""
+    """What ``dsv4.weights.save_pretrained`` reads of a model (``config``, ``named_modules()``, ``state_dict()``),
+    from whole tensors: one module, holding no packed weights."""
 
     def __init__(self, config, state: dict[str, torch.Tensor]):
         self.config, self._state = config, state
+
+    def named_modules(self):
+        yield "", self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
