@@ -6,7 +6,7 @@ larger than memory is written in memory of one tensor. ``flash_slice_config()`` 
 real width.
 
 Values: matrices about N(0, 0.02) (FP8: codes of a normal draw times 8 with the scale 2^-9; FP4: uniform codes
-with the scale 2^-7, so |w| <= 0.047), norms 1, mHC as ``dsv4.model.Transformer.init_weights`` starts it up to its
+with the scale 2^-7, so |w| <= 0.047), norms 1, mHC as ``dsv4.model.init.init_weights`` starts it up to its
 random part, sinks, ``ape`` and router bias 0, hash routing tables balanced. Deterministic: each tensor is drawn
 from its own generator, seeded by ``seed`` and its name.
 """
