@@ -13,3 +13,18 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, relative: 
     rel = RELATIVE[expected.dtype] if relative is None else relative
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, atol=rel * scale, rtol=0)
+
+
+def logits_in_calls(model, ids: torch.Tensor, splits, cache=None) -> torch.Tensor:
+    """The logits of ``ids`` [B, S] computed through a cache: calls of ``splits`` tokens, then one token a call to
+    the end; [B, S, vocab], to compare with one full call."""
+    cache = model.new_cache(ids.shape[0]) if cache is None else cache
+    parts, i = [], 0
+    with torch.no_grad():
+        for n in splits:
+            parts.append(model(ids[:, i:i + n], cache=cache))
+            i += n
+        while i < ids.shape[1]:
+            parts.append(model(ids[:, i:i + 1], cache=cache))
+            i += 1
+    return torch.cat(parts, dim=1)

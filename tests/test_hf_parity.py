@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_config, random_hf_model
+from numerics import logits_in_calls
 
 import dsv4
 from dsv4 import ModelConfig
@@ -68,16 +69,7 @@ def test_full_forward_matches(pair):
 @pytest.mark.parametrize("chunks", [(5, 9), (13,), (1, 2, 3)])
 def test_chunked_prefill_then_decode_matches(pair, chunks):
     _, _, model, ids, ref = pair
-    cache = model.new_cache(ids.shape[0])
-    outs, i = [], 0
-    with torch.no_grad():
-        for n in chunks:
-            outs.append(model(ids[:, i:i + n], cache=cache))
-            i += n
-        while i < ids.shape[1]:
-            outs.append(model(ids[:, i:i + 1], cache=cache))
-            i += 1
-    torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_in_calls(model, ids, chunks), ref, atol=1e-4, rtol=0)
 
 
 def test_transformers_loads_what_dsv4_saves(pair, tmp_path):

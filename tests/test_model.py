@@ -5,7 +5,7 @@ import torch
 
 from dsv4 import ModelConfig, Transformer
 from lively import lively
-from numerics import assert_close_scaled
+from numerics import assert_close_scaled, logits_in_calls
 
 
 def tiny(dtype=torch.float32, **changes):
@@ -62,15 +62,8 @@ def test_any_split_matches_one_call(splits, dtype):
     ids = torch.randint(0, 257, (2, 90))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(2)
-        parts, i = [], 0
-        for n in splits:
-            parts.append(model(ids[:, i:i + n], cache=cache))
-            i += n
-        while i < ids.shape[1]:
-            parts.append(model(ids[:, i:i + 1], cache=cache))
-            i += 1
-    assert_close_scaled(torch.cat(parts, dim=1), full)
+    cache = model.new_cache(2)
+    assert_close_scaled(logits_in_calls(model, ids, splits, cache), full)
     assert cache.seen == 90
 
 

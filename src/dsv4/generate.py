@@ -214,6 +214,9 @@ def add_arguments(p) -> None:
                         "stderr")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, or 'deepseek-v4' (default: the one beside the model)")
+    p.add_argument("--numerics", choices=["official", "plain"], default=None,
+                   help="DeepSeek's inference roundings (dsv4.model.numerics) or none (default: official for an "
+                        "official-layout checkpoint, plain for HF layout)")
 
 
 def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.8, top_p: float = 0.95,
@@ -316,7 +319,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer (a tokenizer.json, or "
                                     f"'{DEEPSEEK_V4}')")
         tokenizer = load_tokenizer(tok_path)
-    model = dsv4.from_pretrained(path).eval()
+    model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
     if args.samples > 1:
         print_samples(model, tokenizer, args.prompt, args.max_tokens, args.samples, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed)

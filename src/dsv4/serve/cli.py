@@ -14,6 +14,9 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a model directory (HF or official layout), or a `dsv4 train` run")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, a folder holding one, or 'deepseek-v4' (default: the one beside the model)")
+    p.add_argument("--numerics", choices=["official", "plain"], default=None,
+                   help="DeepSeek's inference roundings (dsv4.model.numerics) or none (default: official for an "
+                        "official-layout checkpoint, plain for HF layout)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the longest sequence (prompt and completion) a request may reach; each decoding row holds "
                         "this much (default: the model's max_position_embeddings, at most 32768)")
@@ -68,7 +71,7 @@ def build_engine(args):
     if not tokenizer.chat_ready:
         logging.getLogger("dsv4.serve").warning(
             "the tokenizer lacks DeepSeek-V4's chat tokens: /v1/chat/completions prompts spell them as text")
-    model = dsv4.from_pretrained(path).eval()
+    model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
     max_len = args.max_model_len or min(model.config.max_position_embeddings, 32768)
