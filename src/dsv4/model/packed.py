@@ -73,16 +73,17 @@ def dequant_rows(weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: 
     w = weight[r0:r1]
     rows = w.shape[0]
     if scale is None:
-        out = _buffer(slot, w.shape, dtype)
+        out = _buffer(slot, w.shape, dtype, w.device)
         return out.copy_(w) if out is not None else w.to(dtype)
     fp4 = weight.dtype in (torch.int8, torch.uint8)
     cols = w.shape[1] * (2 if fp4 else 1)
     if not fp4 and (rows % FP8_BLOCK or cols % FP8_BLOCK):  # partial blocks at the edges (small models)
         return quant.fp8_block_dequant(w, scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)], FP8_BLOCK).to(dtype)
-    codes = _buffer(f"{slot}.codes" if slot else None, (w.numel(),), torch.int32)
+    codes = _buffer(f"{slot}.codes" if slot else None, (w.numel(),), torch.int32, w.device)
     codes = codes.copy_(w.reshape(-1).view(torch.uint8)) if codes is not None else \
         w.reshape(-1).view(torch.uint8).to(torch.int32)
-    values = _buffer(f"{slot}.f32" if slot and dtype != torch.float32 else slot, (rows, cols), torch.float32)
+    values = _buffer(f"{slot}.f32" if slot and dtype != torch.float32 else slot, (rows, cols), torch.float32,
+                     w.device)
     if values is None:
         values = torch.empty(rows, cols, device=w.device)
     table = _tables(w.device)[1 if fp4 else 0]  # 1-D: a 1-D gather is several times faster than one of rows
@@ -94,7 +95,7 @@ def dequant_rows(weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: 
         values.view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK).mul_(s[:, None, :, None])
     if dtype == torch.float32:
         return values
-    out = _buffer(slot, (rows, cols), dtype)
+    out = _buffer(slot, (rows, cols), dtype, w.device)
     return out.copy_(values) if out is not None else values.to(dtype)
 
 
@@ -113,18 +114,19 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[device]
 
 
-def _buffer(slot: str | None, shape, dtype: torch.dtype) -> torch.Tensor | None:
-    """This thread's scratch buffer ``slot`` viewed as ``shape`` (grown when too small); None for no slot, and with
-    autograd on (a product's saved weight must not be overwritten before backward)."""
+def _buffer(slot: str | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """This thread's scratch buffer ``slot`` on ``device`` viewed as ``shape`` (grown when too small); None for no
+    slot, and with autograd on (a product's saved weight must not be overwritten before backward)."""
     if slot is None or torch.is_grad_enabled():
         return None
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
     n = math.prod(shape)
-    buf = pool.get((slot, dtype))
+    key = (slot, dtype, device)
+    buf = pool.get(key)
     if buf is None or buf.numel() < n:
-        buf = pool[(slot, dtype)] = torch.empty(n, dtype=dtype)
+        buf = pool[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
