@@ -28,3 +28,14 @@ def logits_in_calls(model, ids: torch.Tensor, splits, cache=None) -> torch.Tenso
             parts.append(model(ids[:, i:i + 1], cache=cache))
             i += 1
     return torch.cat(parts, dim=1)
+
+
+def prefill_rows(model, state, ids: torch.Tensor, lengths) -> list[torch.Tensor]:
+    """Row r of the DecodeState ``state`` prefilled with ``ids[r, :lengths[r]]`` through a one-row cache
+    (``load_row``); each row's prefill logits [lengths[r], vocab]."""
+    out = []
+    for r, n in enumerate(lengths):
+        cache = model.new_cache(1)
+        out.append(model(ids[r:r + 1, :n], cache=cache)[0])
+        state.load_row(r, cache)
+    return out

@@ -12,7 +12,7 @@ from dsv4 import ModelConfig, Transformer
 from dsv4.model.decode import DecodeState
 from dsv4.serve.engine import Engine, SamplingParams
 from lively import lively
-from numerics import assert_close_scaled
+from numerics import assert_close_scaled, prefill_rows
 from test_serve_engine import LetterDecoder, Letters, prompts
 
 VOCAB = 257
@@ -28,10 +28,7 @@ def filled(model, starts, rows=4, capacity=96, seed=0):
     """A decode state whose rows hold prompts of the given lengths (the rest free), and the prompts' ids."""
     state = DecodeState(model, rows, capacity)
     ids = torch.randint(0, VOCAB, (len(starts), capacity), generator=torch.Generator().manual_seed(seed))
-    for r, n in enumerate(starts):
-        cache = model.new_cache(1)
-        model(ids[r:r + 1, :n], cache=cache)
-        state.load_row(r, cache)
+    prefill_rows(model, state, ids, starts)
     return state, ids
 
 

@@ -8,7 +8,7 @@ from dsv4 import ModelConfig, Transformer
 from dsv4.model.decode import DecodeState, compressor_rates
 from dsv4.model.moe import MoE
 from lively import lively
-from numerics import assert_close_scaled
+from numerics import assert_close_scaled, prefill_rows
 
 VOCAB = 257
 
@@ -153,11 +153,7 @@ def test_several_tokens_per_call_and_rollback_equal_one_call(topk):
     with torch.no_grad():
         full = model(ids)
         state = DecodeState(model, rows=3, capacity=110)
-        got = [[] for _ in range(3)]
-        for r, n in enumerate([4, 11, 16]):
-            cache = model.new_cache(1)
-            got[r].append(model(ids[r:r + 1, :n], cache=cache)[0])
-            state.load_row(r, cache)
+        got = [[logits] for logits in prefill_rows(model, state, ids, [4, 11, 16])]
         step = 0
         while int(state.lengths.min()) < 66:
             lengths = state.lengths.tolist()

@@ -21,7 +21,7 @@ from dsv4.model.moe import Experts
 from dsv4.model.rope import apply_rope
 from dsv4.quant import bf16_round, fp8_act_round, hadamard
 from lively import lively
-from numerics import assert_close_scaled, logits_in_calls
+from numerics import assert_close_scaled, logits_in_calls, prefill_rows
 
 VOCAB = 257
 
@@ -387,11 +387,7 @@ def test_decode_state_rows_equal_cached_decode():
     with torch.no_grad():
         full = model(ids)
         state = DecodeState(model, rows=3, capacity=80)
-        got = [[] for _ in range(3)]
-        for r, n in enumerate([1, 13, 30]):
-            cache = model.new_cache(1)
-            got[r].append(model(ids[r:r + 1, :n], cache=cache)[0])
-            state.load_row(r, cache)
+        got = [[logits] for logits in prefill_rows(model, state, ids, [1, 13, 30])]
         while int(state.lengths.min()) < 40:  # one token a row
             lengths = state.lengths.tolist()
             logits = model(torch.tensor([[ids[r, lengths[r]]] for r in range(3)]), cache=state)

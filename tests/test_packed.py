@@ -18,7 +18,7 @@ from dsv4.model.packed import PackedEmbedding, PackedExperts, PackedLinear
 from dsv4.weights import read_tensors, save_official, save_pretrained
 from dsv4.weights.files import map_tensors, read_header, read_headers
 from dsv4.weights.synthetic import write_synthetic
-from numerics import assert_close_scaled
+from numerics import assert_close_scaled, prefill_rows
 
 
 def small_config(**changes) -> ModelConfig:
@@ -170,10 +170,7 @@ def test_packed_decoding_matches_materialized(pair):
                              [packed64(ids[:, t:t + 1], cache=cache) for t in range(20, 30)], dim=1)
             assert_close_scaled(step, full)
             state = DecodeState(packed64, rows=2, capacity=64)
-            for r in range(2):
-                prefill = packed64.new_cache(1)
-                packed64(ids[:, :10], cache=prefill)
-                state.load_row(r, prefill)
+            prefill_rows(packed64, state, ids.expand(2, -1), [10, 10])
             rows = [packed64(ids[:, t:t + 1].expand(2, 1), cache=state) for t in range(10, 30)]
             for r in range(2):
                 assert_close_scaled(torch.cat([x[r] for x in rows]), full[0, 10:])

@@ -157,13 +157,15 @@ def read_headers(path: str | Path) -> dict[str, tuple[Path, TensorInfo]]:
     return out
 
 
-def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def map_tensors(path: str | Path, headers: dict[str, tuple[Path, TensorInfo]] | None = None
+                ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, by its stored name, memory-mapped from the files: nothing is read
     until used, and pages read are the operating system's to drop again (they are file-backed and clean). The
     tensors are read-only in effect (a copy-on-write mapping: writing to one changes neither the file nor the other
-    processes' view). A tensor whose offset does not suit its dtype's alignment is copied into memory instead."""
+    processes' view). A tensor whose offset does not suit its dtype's alignment is copied into memory instead.
+    ``headers``: the directory's ``read_headers``, if already read."""
     out: dict[str, torch.Tensor] = {}
-    for name, (f, info) in read_headers(path).items():
+    for name, (f, info) in (read_headers(path) if headers is None else headers).items():
         out[name] = _mapped(f, info)
     return out
 

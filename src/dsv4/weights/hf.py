@@ -77,7 +77,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if dtype is None and is_packed_layout(names):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"a packed model runs on the CPU; pass dtype= to load {path} materialized on {device}")
-        return set_numerics(load_packed(path, config), numerics)
+        return set_numerics(load_packed(path, config, headers=names), numerics)
     return set_numerics(_materialized(path, config, dtype, device), numerics)
 
 

@@ -114,15 +114,16 @@ def official_to_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def official_state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under official names, experts one tensor each, as plain floats (the weights a packed
-    model keeps as stored, ``dsv4.model.packed``, dequantized)."""
+def official_state_of(model: torch.nn.Module, as_stored: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors under official names, experts one tensor each, as plain floats: the weights a packed
+    model keeps as stored (``dsv4.model.packed``) dequantized, or with ``as_stored`` as they are stored (the mapped
+    bytes and their scales)."""
     out, packed = {}, []
     for mname, module in model.named_modules():
-        dense = getattr(module, "dense_tensors", None)
-        if dense is not None:
+        tensors = getattr(module, "stored_tensors" if as_stored else "dense_tensors", None)
+        if tensors is not None:
             packed.append(mname + ".")
-            out.update({f"{mname}.{k}": t for k, t in dense().items()})
+            out.update({f"{mname}.{k}": t for k, t in tensors().items()})
     for name, t in model.state_dict().items():
         if packed and name.startswith(tuple(packed)):
             continue

@@ -20,7 +20,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.weights.files import map_tensors
-from dsv4.weights.names import ONE_EXPERT, internal_to_official, official_to_internal
+from dsv4.weights.names import ONE_EXPERT, official_state_of, official_to_internal
 
 _EMBED, _HEAD = "embed.weight", "head.weight"
 _SCALE = re.compile(r"^(.*)\.(scale|weight_scale_inv)$")
@@ -50,9 +50,10 @@ def check_quantization_config(config: ModelConfig, source: str) -> None:
         raise ValueError(f"{source}: unknown quantization_config {odd} (dsv4 reads {_KNOWN_QUANT})")
 
 
-def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dtype: torch.dtype = torch.float32):
+def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dtype: torch.dtype = torch.float32,
+                headers: dict | None = None):
     """The model of the official-layout checkpoint at ``path`` with its weights kept as stored (see the module
-    docstring); products in ``compute_dtype``."""
+    docstring); products in ``compute_dtype``. ``headers``: the checkpoint's ``read_headers``, if already read."""
     from dsv4.model import Transformer
     from dsv4.model.moe import Experts
     from dsv4.model.packed import PackedEmbedding, PackedExperts, PackedLinear
@@ -60,7 +61,7 @@ def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dty
     path = Path(path)
     config = config or ModelConfig.from_json(path / "config.json")
     check_quantization_config(config, str(path / "config.json"))
-    stored = map_tensors(path)
+    stored = map_tensors(path, headers)
     scales = {}
     for name in list(stored):
         m = _SCALE.match(name)
@@ -187,18 +188,8 @@ def packed_tensors(model) -> dict[str, torch.Tensor]:
     """The tensors of a packed model under their official names as stored: the mapped bytes of the packed modules,
     the other tensors in the dtypes the checkpoint held them in (``model.stored_dtypes``, exact: they were widened
     on loading). What ``save_official`` writes back, bit for bit."""
-    out, held = {}, []
-    for mname, module in model.named_modules():
-        stored = getattr(module, "stored_tensors", None)
-        if stored is not None:
-            held.append(mname + ".")
-            out.update({f"{mname}.{k}": t for k, t in stored().items()})
     dtypes = getattr(model, "stored_dtypes", {})
-    for name, t in model.state_dict().items():
-        if not name.startswith(tuple(held)):
-            k = internal_to_official(name)
-            out[k] = t.detach().to(dtypes.get(k, t.dtype))
-    return out
+    return {k: t.detach().to(dtypes.get(k, t.dtype)) for k, t in official_state_of(model, as_stored=True).items()}
 
 
 def stored_format(model) -> tuple[bool, bool]:
