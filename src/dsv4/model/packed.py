@@ -259,14 +259,19 @@ class StoredExpert(Stored):
 
 class PackedExperts(Experts):
     """The routed experts as stored, one ``StoredExpert`` each: ``Experts.forward``'s per-expert paths (never the
-    stacked batched product), an expert dequantized only when some token is routed to it."""
+    stacked batched product), an expert dequantized only when some token is routed to it.
+
+    ``first``: the layer's index of ``experts[0]``, where the module holds a slice of the layer's experts (one rank
+    of expert-parallel inference, ``dsv4.parallel.inference``): its forward takes local indices, its stored
+    tensors keep the checkpoint's names."""
 
     stacked = False
 
     def __init__(self, experts: list[dict[str, torch.Tensor]], limit: float | None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, first: int = 0) -> None:
         nn.Module.__init__(self)
         self.limit = limit
+        self.first = first
         self.fp4_qat = False
         self.register_buffer("_dtype", torch.empty(0, dtype=compute_dtype), persistent=False)
         self.stored = nn.ModuleList(StoredExpert(t) for t in experts)
@@ -291,7 +296,7 @@ class PackedExperts(Experts):
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for e, ex in enumerate(self.stored):
+        for e, ex in enumerate(self.stored, self.first):
             for w in ("w1", "w2", "w3"):
                 out[f"{e}.{w}.weight"] = getattr(ex, w)
                 if getattr(ex, f"{w}_scale") is not None:
@@ -302,7 +307,7 @@ class PackedExperts(Experts):
         out = {}
         for e in range(len(self.stored)):
             for w, t in zip(("w1", "w2", "w3"), self.expert_weights_of(e)):
-                out[f"{e}.{w}.weight"] = t
+                out[f"{e + self.first}.{w}.weight"] = t
         return out
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, per_token: bool = False
