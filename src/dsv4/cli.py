@@ -21,6 +21,7 @@ COMMANDS = {
                   "specialists (SFT, GRPO) merged by on-policy distillation, on small verifiable domains"),
     "serve": ("dsv4.serve.cli", "the OpenAI API (chat and completions) on a saved model, with exact prefix reuse"),
     "chat": ("dsv4.serve.chat_cli", "a conversation with a saved model in the terminal, in V4's chat format"),
+    "lab": ("dsv4.lab.cli", "the report's claims reproduced at small scale, each with its verdict (JSON, plots)"),
 }
 
 
