@@ -15,6 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -m dsv4.model.fused  # builds the fused packed-weight kernel for this CPU (cached by PyTorch)
 	touch $(STAMP)
 
 install: $(STAMP)

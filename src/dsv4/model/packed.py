@@ -28,13 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import quant
+from dsv4.model import fused
 from dsv4.model.linear import linear
-from dsv4.model.moe import Experts
+from dsv4.model.moe import Experts, swiglu
 from dsv4.model.numerics import round_activations
 
 FP8_BLOCK = 128  # the FP8 matrices' square scale blocks (spec 1.3)
 FP4_BLOCK = 32  # the FP4 experts' 1 x 32 scale tiles along the input dim
 TILE_BYTES = 4 << 20  # a dequantized tile of output rows: about this many bytes in the compute dtype
+# products of at most this many rows go through the fused kernel (dsv4.model.fused), which reads each stored byte
+# once; more rows dequantize a tile and multiply it (compute-bound, where a matmul is faster)
+FUSED_MAX_ROWS = 8
 
 
 class Stored(nn.Module):
@@ -136,6 +140,39 @@ def tile_rows(out_features: int, in_features: int, dtype: torch.dtype) -> int:
     return min(out_features, max(FP8_BLOCK, rows // FP8_BLOCK * FP8_BLOCK))
 
 
+def kernel_format(weight: torch.Tensor, scale: torch.Tensor | None) -> str | None:
+    """The fused kernel's name for a stored matrix ("fp8", "fp4", "bf16"), or None where it has none (a float32
+    or float16 matrix, FP8 with partial blocks)."""
+    if scale is None:
+        return "bf16" if weight.dtype == torch.bfloat16 else None
+    if weight.dtype in (torch.int8, torch.uint8):
+        return "fp4" if weight.shape[1] * 2 % FP4_BLOCK == 0 else None
+    return "fp8"
+
+
+def fuses(x: torch.Tensor, fmt: str | None) -> bool:
+    """Whether ``stored_product`` of x takes the fused kernel: float32 CPU rows, few of them, no autograd, not
+    inside a compiled graph, and the kernel built."""
+    return (fmt is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() <= FUSED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and fused.available())
+
+
+def stored_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: int,
+                   dtype: torch.dtype, slot: str | None = None) -> torch.Tensor:
+    """x [..., in] @ rows [r0, r1) of a stored matrix, transposed -> [..., r1 - r0], in ``dtype``: the fused kernel
+    for a few float32 rows (each stored byte read once), else the rows dequantized (``dequant_rows``, into scratch
+    ``slot``) and multiplied. The two differ only in the order of the sums (tests hold them together)."""
+    fmt = kernel_format(weight, scale)
+    if fmt == "fp8" and (r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0])):
+        fmt = None  # a slice that cuts a scale block
+    if fuses(x, fmt) and dtype == torch.float32:
+        if scale is not None:
+            scale = scale[r0:r1] if fmt == "fp4" else scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]
+        return fused.packed_matmul(x, weight[r0:r1], scale, fmt)
+    return linear(x, dequant_rows(weight, scale, r0, r1, dtype, slot))
+
+
 class PackedLinear(Stored):
     """A bias-free projection whose weight stays as stored: ``fmt`` "fp8" (E4M3 + 128x128 UE8M0 scales), "fp4"
     (E2M1 packed two per byte + 1x32 scales) or "plain" (a float matrix in its stored dtype, e.g. the BF16 LM
@@ -201,14 +238,17 @@ class PackedLinear(Stored):
         x = x.to(self.compute_dtype)
         return round_activations(x, self.act_quant_block) if self.act_quant_block else x
 
+    def _product(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return stored_product(x, self.weight, self.scale, r0, r1, self.compute_dtype, "tile")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._input(x)
         tiles = list(self._tiles(self.out_features))
-        if len(tiles) == 1:
-            return linear(x, self.rows(0, self.out_features, "tile"))
+        if len(tiles) == 1 or fuses(x, kernel_format(self.weight, self.scale)):
+            return self._product(x, 0, self.out_features)
         out = x.new_empty(*x.shape[:-1], self.out_features)
         for r0, r1 in tiles:
-            out[..., r0:r1] = linear(x, self.rows(r0, r1, "tile"))
+            out[..., r0:r1] = self._product(x, r0, r1)
         return out
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,8 +256,7 @@ class PackedLinear(Stored):
         g = x.shape[-2]
         per = self.out_features // g
         x = self._input(x)
-        return torch.stack([linear(x[..., j, :], self.rows(j * per, (j + 1) * per, "tile")) for j in range(g)],
-                           dim=-2)
+        return torch.stack([self._product(x[..., j, :], j * per, (j + 1) * per) for j in range(g)], dim=-2)
 
 
 class PackedEmbedding(Stored):
@@ -251,10 +290,10 @@ class StoredExpert(Stored):
         for name in self._stored:
             self.register_buffer(name, tensors.get(name))
 
-    def weights(self, dtype: torch.dtype, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) in ``dtype``; ``scratch``: in this thread's expert buffers, valid until the next expert's."""
-        return tuple(dequant_rows(getattr(self, w), getattr(self, f"{w}_scale"), 0, getattr(self, w).shape[0], dtype,
-                                  f"expert.{w}" if scratch else None) for w in ("w1", "w2", "w3"))
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) dequantized to ``dtype`` (new tensors)."""
+        return tuple(dequant_rows(getattr(self, w), getattr(self, f"{w}_scale"), 0, getattr(self, w).shape[0], dtype)
+                     for w in ("w1", "w2", "w3"))
 
 
 class PackedExperts(Experts):
@@ -291,8 +330,22 @@ class PackedExperts(Experts):
         return self.stored[e].weights(self.compute_dtype)
 
     def weights_getter(self):
-        """The forward's experts in scratch buffers: each is used before the next is dequantized."""
-        return lambda e: self.stored[e].weights(self.compute_dtype, scratch=True)
+        """The forward's experts as stored: (weight, scale) pairs for w1, w2, w3, multiplied by ``_expert``."""
+        return lambda e: tuple((getattr(self.stored[e], w), getattr(self.stored[e], f"{w}_scale"))
+                               for w in ("w1", "w2", "w3"))
+
+    def _expert(self, x, w1, w2, w3, gate) -> torch.Tensor:
+        """``Experts._expert`` with stored matrices: each product fused for a few rows (decoding), else its matrix
+        dequantized into this thread's scratch buffer and multiplied."""
+        dtype = self.compute_dtype
+
+        def product(v, w):
+            return stored_product(v, w[0], w[1], 0, w[0].shape[0], dtype, "expert")
+
+        h = swiglu(product(x, w1), product(x, w3), self.limit) * gate
+        if self.act_quant_block:
+            h = round_activations(h, self.act_quant_block)
+        return product(h, w2).to(x.dtype)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -1,0 +1,264 @@
+// Fused dequantize-and-multiply for a few rows of activations against a weight kept as the checkpoint stores it
+// (dsv4.model.fused builds and loads this file; dsv4.model.packed calls it for decoding rows).
+//
+//   out [M, N] = x [M, K] @ W^T, W [N, K] stored as
+//     fmt 0: BF16 (the weight's bytes viewed as int16 [N, K]), no scale;
+//     fmt 1: FP8 E4M3 (uint8 [N, K]) with one scale per 128 x 128 block (scale [ceil(N/128), ceil(K/128)]);
+//     fmt 2: FP4 E2M1 packed two per byte, the low nibble the even column (uint8 [N, K/2]), one scale per 1 x 32
+//            tile along K (scale [N, K/32]).
+//   Scales are E8M0 (uint8: 2^(e - 127)) or float32.
+//
+// Each weight byte is read once and decoded in registers (no dequantized copy of the matrix is written), so a
+// decoding step is bound by the bytes of the weights, not by a float32 copy of them. The decoding is exact (every
+// stored value is a float32); only the order of the sums differs from dequantize-then-matmul (8 partial sums per
+// row, the block scale multiplied into the weights before the product).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DSV4_AVX2 1
+#else
+#define DSV4_AVX2 0
+#endif
+
+namespace {
+
+constexpr int FMT_BF16 = 0, FMT_FP8 = 1, FMT_FP4 = 2;
+constexpr int64_t MAX_ROWS = 8;  // activation rows per pass over the weights (accumulators held in registers)
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// E4M3 -> float32: the 7 magnitude bits placed under the float32 exponent and scaled by 2^(127 - 7) (exact for
+// the subnormals too), the sign bit moved to bit 31.
+inline float fp8_value(uint8_t b) {
+  return std::copysign(bits_to_float(uint32_t(b & 0x7F) << 20) * 0x1p120f, (b & 0x80) ? -1.f : 1.f);
+}
+
+const float FP4_MAGNITUDES[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+
+inline float fp4_value(uint8_t nibble) {
+  float v = FP4_MAGNITUDES[nibble & 7];
+  return (nibble & 8) ? -v : v;
+}
+
+inline float bf16_value(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// A scale tensor read as float32, E8M0 (uint8) or float32.
+struct Scales {
+  const uint8_t* e8m0 = nullptr;
+  const float* f32 = nullptr;
+  int64_t row_stride = 0;
+  float at(int64_t r, int64_t c) const {
+    if (f32) return f32[r * row_stride + c];
+    uint8_t e = e8m0[r * row_stride + c];
+    return e == 0 ? std::ldexp(1.f, -127) : bits_to_float(uint32_t(e) << 23);
+  }
+};
+
+#if DSV4_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 fp8x8(const uint8_t* p) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
+  __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
+  __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_or_ps(f, _mm256_castsi256_ps(sign));
+}
+
+inline __m256 fp4x8(__m256i nibbles, __m256 table) {
+  __m256 mag = _mm256_permutevar8x32_ps(table, nibbles);  // uses the low 3 bits of each lane
+  __m256i sign = _mm256_slli_epi32(_mm256_and_si256(nibbles, _mm256_set1_epi32(8)), 28);
+  return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+}
+
+inline __m256 bf16x8(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+#endif
+
+// One weight row n against M activation rows: out[m * N + n]. x rows are K long (FP4: even / odd columns apart,
+// xe / xo, K / 2 long each).
+template <int M>
+void row_bf16(const uint16_t* w, const float* x, int64_t K, float* acc) {
+  int64_t k = 0;
+#if DSV4_AVX2
+  __m256 part[M];
+  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv = bf16x8(w + k);
+    for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+  }
+  for (int m = 0; m < M; ++m) acc[m] = hsum(part[m]);
+#else
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+#endif
+  for (; k < K; ++k) {
+    float wv = bf16_value(w[k]);
+    for (int m = 0; m < M; ++m) acc[m] += wv * x[m * K + k];
+  }
+}
+
+template <int M>
+void row_fp8(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64_t n, float* acc) {
+  const int64_t blocks = (K + 127) / 128;
+#if DSV4_AVX2
+  __m256 part[M];
+  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+#endif
+  float tail[M];
+  for (int m = 0; m < M; ++m) tail[m] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float scale = s.at(n / 128, b);
+    const int64_t k1 = std::min(K, (b + 1) * 128);
+    int64_t k = b * 128;
+#if DSV4_AVX2
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; k + 8 <= k1; k += 8) {
+      __m256 wv = _mm256_mul_ps(fp8x8(w + k), sv);
+      for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+    }
+#endif
+    for (; k < k1; ++k) {
+      float wv = fp8_value(w[k]) * scale;
+      for (int m = 0; m < M; ++m) tail[m] += wv * x[m * K + k];
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+#if DSV4_AVX2
+    acc[m] = hsum(part[m]) + tail[m];
+#else
+    acc[m] = tail[m];
+#endif
+  }
+}
+
+template <int M>
+void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, const Scales& s, int64_t n,
+             float* acc) {
+  const int64_t half = K / 2, tiles = K / 32;
+#if DSV4_AVX2
+  __m256 part[M];
+  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+  const __m256 table = _mm256_loadu_ps(FP4_MAGNITUDES);
+  const __m256i low = _mm256_set1_epi32(0xF);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const __m256 sv = _mm256_set1_ps(s.at(n, t));
+    for (int64_t j = t * 16; j < t * 16 + 16; j += 8) {
+      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j)));
+      __m256 lo = _mm256_mul_ps(fp4x8(_mm256_and_si256(v, low), table), sv);
+      __m256 hi = _mm256_mul_ps(fp4x8(_mm256_srli_epi32(v, 4), table), sv);
+      for (int m = 0; m < M; ++m) {
+        part[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe + m * half + j), part[m]);
+        part[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo + m * half + j), part[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) acc[m] = hsum(part[m]);
+#else
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float scale = s.at(n, t);
+    for (int64_t j = t * 16; j < t * 16 + 16; ++j) {
+      float lo = fp4_value(w[j] & 0xF) * scale, hi = fp4_value(w[j] >> 4) * scale;
+      for (int m = 0; m < M; ++m) acc[m] += lo * xe[m * half + j] + hi * xo[m * half + j];
+    }
+  }
+#endif
+}
+
+template <int M>
+void rows_pass(int fmt, const uint8_t* w, int64_t row_bytes, const float* x, const float* xe, const float* xo,
+               int64_t K, const Scales& s, int64_t N, float* out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float acc[M];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = w + n * row_bytes;
+      if (fmt == FMT_BF16) row_bf16<M>(reinterpret_cast<const uint16_t*>(wr), x, K, acc);
+      else if (fmt == FMT_FP8) row_fp8<M>(wr, x, K, s, n, acc);
+      else row_fp4<M>(wr, xe, xo, K, s, n, acc);
+      for (int m = 0; m < M; ++m) out[m * N + n] = acc[m];
+    }
+  });
+}
+
+using Pass = void (*)(int, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t,
+                      const Scales&, int64_t, float*);
+const Pass PASSES[MAX_ROWS] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
+                               rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
+
+}  // namespace
+
+torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> scale,
+                            int64_t fmt) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "packed_matmul: x must be a float32 CPU matrix [M, K], got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(fmt == FMT_BF16 || fmt == FMT_FP8 || fmt == FMT_FP4, "packed_matmul: unknown format ", fmt);
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
+              "packed_matmul: weight must be a contiguous CPU matrix, got ", weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t row_bytes = weight.size(1) * weight.element_size();
+  const int64_t want_bytes = fmt == FMT_BF16 ? 2 * K : fmt == FMT_FP8 ? K : K / 2;
+  TORCH_CHECK(row_bytes == want_bytes && (fmt != FMT_FP4 || K % 32 == 0),
+              "packed_matmul: a weight row of ", row_bytes, " bytes does not hold ", K, " inputs in format ", fmt);
+  Scales s;
+  torch::Tensor sc;
+  if (fmt != FMT_BF16) {
+    TORCH_CHECK(scale.has_value(), "packed_matmul: format ", fmt, " needs its scales");
+    sc = scale->contiguous();
+    const int64_t want_r = fmt == FMT_FP8 ? (N + 127) / 128 : N, want_c = fmt == FMT_FP8 ? (K + 127) / 128 : K / 32;
+    TORCH_CHECK(sc.dim() == 2 && sc.size(0) == want_r && sc.size(1) == want_c, "packed_matmul: scale of shape ",
+                sc.sizes(), " for a weight of ", N, " x ", K, " (want ", want_r, " x ", want_c, ")");
+    s.row_stride = want_c;
+    if (sc.scalar_type() == torch::kFloat32) s.f32 = sc.data_ptr<float>();
+    else {
+      TORCH_CHECK(sc.element_size() == 1, "packed_matmul: scales must be E8M0 bytes or float32, got ",
+                  sc.scalar_type());
+      s.e8m0 = static_cast<const uint8_t*>(sc.data_ptr());
+    }
+  }
+  x = x.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+  const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+    const int64_t rows = std::min(MAX_ROWS, M - m0);
+    torch::Tensor xm = x.narrow(0, m0, rows).contiguous(), xe, xo;
+    if (fmt == FMT_FP4) {  // even and odd columns apart: the low and the high nibbles' inputs
+      auto pairs = xm.view({rows, K / 2, 2});
+      xe = pairs.select(2, 0).contiguous();
+      xo = pairs.select(2, 1).contiguous();
+    }
+    torch::Tensor om = torch::empty({rows, N}, x.options());
+    PASSES[rows - 1](int(fmt), w, row_bytes, xm.data_ptr<float>(), fmt == FMT_FP4 ? xe.data_ptr<float>() : nullptr,
+                     fmt == FMT_FP4 ? xo.data_ptr<float>() : nullptr, K, s, N, om.data_ptr<float>());
+    out.narrow(0, m0, rows).copy_(om);
+  }
+  return out;
+}
+
+bool vectorized() { return DSV4_AVX2; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_matmul", &packed_matmul, "x [M, K] @ W^T for W stored as BF16, FP8 E4M3 or packed FP4 E2M1",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("fmt"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
+}

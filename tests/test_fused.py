@@ -1,0 +1,101 @@
+"""The fused dequantize-and-multiply kernel (dsv4.model.fused) against dequantize-then-matmul in float64, for every
+stored format, row counts across its 8-row passes, edge shapes (partial FP8 blocks, lengths not a multiple of the
+vector width), both scale encodings; and the packed modules' choice between the two paths."""
+
+import pytest
+import torch
+
+from dsv4 import quant
+from dsv4.model import fused, packed
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernel could not be built here")
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Within float32 rounding of each dot product: 1e-5 of the sum of |x||w| (on any CPU: a bound, not a
+    computation order)."""
+    ref = x.double() @ w.double().t()
+    bound = x.double().abs() @ w.double().abs().t()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert ((got.double() - ref).abs() <= 1e-5 * bound + 1e-30).all(), float(((got.double() - ref).abs()
+                                                                                / (bound + 1e-30)).max())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (130, 1000)])
+def test_fp8_matches_dequantized(rows, shape):
+    torch.manual_seed(rows)
+    w = torch.randn(*shape) * torch.rand(shape[0], 1) * 3
+    q, s = quant.fp8_block_quant(w, 128)
+    x = torch.randn(rows, shape[1])
+    dense = quant.fp8_block_dequant(q, s, 128)
+    _check(fused.packed_matmul(x, q, s, "fp8"), x, dense)
+    _check(fused.packed_matmul(x, q, s.float(), "fp8"), x, dense)  # float32 scales read the same
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_fp4_matches_dequantized(rows):
+    torch.manual_seed(rows)
+    w = torch.randn(96, 320)
+    q, s = quant.mxfp4_quant(w, 32)
+    x = torch.randn(rows, 320)
+    _check(fused.packed_matmul(x, q, s, "fp4"), x, quant.mxfp4_dequant(q, s, 32))
+
+
+def test_bf16_matches_and_keeps_leading_dims():
+    torch.manual_seed(0)
+    w = torch.randn(70, 203).bfloat16()
+    x = torch.randn(2, 3, 203)
+    got = fused.packed_matmul(x, w, None, "bf16")
+    assert got.shape == (2, 3, 70)
+    _check(got.reshape(6, 70), x.reshape(6, 203), w.float())
+
+
+def test_every_code_decodes_exactly():
+    """All 256 E4M3 bytes (NaN aside) and all 16 E2M1 codes: a one-hot input row reads each weight back exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].reshape(-1, 2)[:, 0].contiguous()  # 127 non-NaN codes, one row each
+    n = codes.numel()
+    w8 = codes.view(torch.float8_e4m3fn).reshape(n, 1).expand(n, 128).contiguous()
+    one = torch.ones(-(-n // 128), 1, dtype=torch.float32)
+    got = fused.packed_matmul(torch.eye(128)[:1], w8, one, "fp8")[0]
+    assert torch.equal(got, codes.view(torch.float8_e4m3fn).float())
+    nib = torch.arange(16, dtype=torch.uint8)
+    w4 = (nib | (nib << 4)).view(torch.int8).reshape(16, 1).expand(16, 16).contiguous()  # both nibbles the code
+    got4 = fused.packed_matmul(torch.eye(32)[:2], w4, torch.ones(16, 1), "fp4")
+    want = quant.fp4_decode(nib)
+    assert torch.equal(got4[0], want) and torch.equal(got4[1], want)
+
+
+def test_bad_input_is_named():
+    q, s = quant.fp8_block_quant(torch.randn(128, 128), 128)
+    with pytest.raises(RuntimeError, match="scale of shape"):
+        fused.packed_matmul(torch.randn(1, 128), q, s[:, :0], "fp8")
+    with pytest.raises(TypeError, match="float32"):
+        fused.packed_matmul(torch.randn(1, 128).double(), q, s, "fp8")
+    with pytest.raises(RuntimeError, match="does not hold"):
+        fused.packed_matmul(torch.randn(1, 64), q, s, "fp8")
+
+
+def test_packed_linear_takes_the_kernel_for_few_rows_only(monkeypatch):
+    """A PackedLinear's product is the kernel's for up to FUSED_MAX_ROWS rows and the tiles' above, and the two
+    agree; with autograd on it never fuses."""
+    torch.manual_seed(1)
+    q, s = quant.fp8_block_quant(torch.randn(256, 256), 128)
+    lin = packed.PackedLinear(q, s)
+    calls = []
+    real = fused.packed_matmul
+    monkeypatch.setattr(fused, "packed_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    dense = quant.fp8_block_dequant(q, s, 128)
+    with torch.no_grad():
+        for rows in (1, packed.FUSED_MAX_ROWS, packed.FUSED_MAX_ROWS + 1):
+            x = torch.randn(rows, 256)
+            _check(lin(x), x, dense)
+        xg = torch.randn(1, 2, 256)
+        got = lin.grouped(xg)[0]  # [2 groups, 128]
+        _check(got[:1], xg[0, :1], dense[:128])
+        _check(got[1:], xg[0, 1:], dense[128:])
+    assert calls[:2] == [(1, 256), (packed.FUSED_MAX_ROWS, 256)] and len(calls) == 4  # + the two groups
+    calls.clear()
+    lin(torch.randn(1, 256))  # grad mode: the reference path
+    assert calls == []
