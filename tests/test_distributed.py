@@ -286,8 +286,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, jobs: list[dict], tmp: Path, name: str, timeout: float = RUN_TIMEOUT_S):
-    """Run ``jobs`` on ``world`` rank processes; returns [(returncode, stderr)] per rank. Kills them on timeout."""
+def launch(world: int, jobs: list[dict], tmp: Path, name: str, timeout: float = RUN_TIMEOUT_S,
+           script: str | None = None):
+    """Run ``jobs`` on ``world`` rank processes (``python script SPEC``, default this file's ``worker``); returns
+    [(returncode, stderr)] per rank. Kills them on timeout."""
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"jobs": jobs}))
     port = _free_port()
@@ -299,7 +301,7 @@ def launch(world: int, jobs: list[dict], tmp: Path, name: str, timeout: float = 
                    OMP_NUM_THREADS="1", DSV4_DIST_BACKEND="gloo",
                    PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
         err = open(tmp / f"{name}-rank{rank}.err", "w+")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(spec)], env=env, stdout=err,
+        procs.append((subprocess.Popen([sys.executable, script or __file__, str(spec)], env=env, stdout=err,
                                        stderr=subprocess.STDOUT, start_new_session=True), err))
     deadline = time.monotonic() + timeout
     results = []

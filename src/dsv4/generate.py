@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -319,11 +320,20 @@ def run(args) -> int:
             raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer (a tokenizer.json, or "
                                     f"'{DEEPSEEK_V4}')")
         tokenizer = load_tokenizer(tok_path)
-    model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
-    if args.samples > 1:
-        print_samples(model, tokenizer, args.prompt, args.max_tokens, args.samples, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed)
-    else:
-        print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                     seed=args.seed, speculative=args.speculative)
+    from dsv4.parallel.inference import expert_ranks
+
+    with expert_ranks() as ranks:  # under torchrun: the routed experts spread over the ranks, rank 0 printing
+        if ranks is None:
+            model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
+        elif args.speculative:
+            raise ValueError("--speculative runs in one process, not with the experts spread over ranks (torchrun)")
+        else:
+            model = ranks.from_pretrained(path, numerics=args.numerics).eval()
+        out = None if ranks is None or ranks.is_main else io.StringIO()
+        if args.samples > 1:
+            print_samples(model, tokenizer, args.prompt, args.max_tokens, args.samples, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, out=out)
+        else:
+            print_stream(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, speculative=args.speculative, out=out)
     return 0

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.weights.files import map_tensors
+from dsv4.weights.files import map_tensors, read_headers
 from dsv4.weights.names import ONE_EXPERT, official_state_of, official_to_internal
 
 _EMBED, _HEAD = "embed.weight", "head.weight"
 _SCALE = re.compile(r"^(.*)\.(scale|weight_scale_inv)$")
+_EXPERT_TENSOR = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.(weight|scale|weight_scale_inv)$")
 _KNOWN_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
 
 
@@ -50,10 +51,31 @@ def check_quantization_config(config: ModelConfig, source: str) -> None:
         raise ValueError(f"{source}: unknown quantization_config {odd} (dsv4 reads {_KNOWN_QUANT})")
 
 
+def expert_slice(n_experts: int, ranks: tuple[int, int] | None) -> tuple[int, int]:
+    """The routed experts [lo, hi) of each layer that rank ``r`` of ``n`` holds (``ranks`` = (r, n); None: all):
+    the ``r``-th of ``n`` equal slices. ``n`` must divide ``n_experts``."""
+    if ranks is None:
+        return 0, n_experts
+    rank, size = ranks
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"expert parallelism: the number of ranks must be a positive integer, got {size!r}")
+    if n_experts % size:
+        fits = [d for d in range(1, n_experts + 1) if n_experts % d == 0]
+        raise ValueError(f"expert parallelism: {size} ranks do not divide the {n_experts} routed experts of a layer "
+                         f"evenly; launch a number of processes among {fits}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+        raise ValueError(f"expert parallelism: rank {rank!r} is not one of 0..{size - 1}")
+    per = n_experts // size
+    return rank * per, (rank + 1) * per
+
+
 def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dtype: torch.dtype = torch.float32,
-                headers: dict | None = None):
+                headers: dict | None = None, experts: tuple[int, int] | None = None):
     """The model of the official-layout checkpoint at ``path`` with its weights kept as stored (see the module
-    docstring); products in ``compute_dtype``. ``headers``: the checkpoint's ``read_headers``, if already read."""
+    docstring); products in ``compute_dtype``. ``headers``: the checkpoint's ``read_headers``, if already read.
+    ``experts`` (rank, ranks): hold only that rank's slice of each layer's routed experts (``expert_slice``; the
+    other experts' tensors are not even mapped), as ``PackedExperts(first=lo)`` whose forward takes local indices:
+    the model runs once ``dsv4.parallel.inference`` has installed the token exchange among the ranks."""
     from dsv4.model import Transformer
     from dsv4.model.moe import Experts
     from dsv4.model.packed import PackedEmbedding, PackedExperts, PackedLinear
@@ -61,6 +83,12 @@ def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dty
     path = Path(path)
     config = config or ModelConfig.from_json(path / "config.json")
     check_quantization_config(config, str(path / "config.json"))
+    lo, hi = expert_slice(config.n_routed_experts, experts)
+    if experts is not None:  # other ranks' experts: not mapped (out-of-range indices are kept, to be refused below)
+        headers = read_headers(path) if headers is None else headers
+        headers = {k: v for k, v in headers.items()
+                   if not (m := _EXPERT_TENSOR.search(k)) or lo <= int(m.group(1)) < hi
+                   or int(m.group(1)) >= config.n_routed_experts}
     stored = map_tensors(path, headers)
     scales = {}
     for name in list(stored):
@@ -93,11 +121,11 @@ def load_packed(path: str | Path, config: ModelConfig | None = None, compute_dty
             if per is None:
                 raise ValueError(f"{path}: the checkpoint has no routed experts for {name}")
             want = config.n_routed_experts
-            missing = [e for e in range(want) if e not in per or any(w not in per[e] for w in ("w1", "w2", "w3"))]
-            if missing or len(per) != want:
+            missing = [e for e in range(lo, hi) if e not in per or any(w not in per[e] for w in ("w1", "w2", "w3"))]
+            if missing or len(per) != hi - lo:
                 raise ValueError(f"{path}: {name} needs experts 0..{want - 1} with w1, w2, w3; "
                                  f"missing or extra: {missing[:8] or sorted(set(per) - set(range(want)))[:8]}")
-            packed = PackedExperts([per[e] for e in range(want)], module.limit, compute_dtype)
+            packed = PackedExperts([per[e] for e in range(lo, hi)], module.limit, compute_dtype, first=lo)
             _check_experts(packed, module, name, path)
             replace(name, packed)
         elif isinstance(module, nn.Linear) and key in stored and (key in scales or name == "head"):
@@ -141,7 +169,7 @@ def _check_experts(packed, module, name, path) -> None:
     from dsv4.model.packed import FP4_BLOCK, FP8_BLOCK
 
     want = {"w1": tuple(module.w1.shape[1:]), "w2": tuple(module.w2.shape[1:]), "w3": tuple(module.w3.shape[1:])}
-    for e, ex in enumerate(packed.stored):
+    for e, ex in enumerate(packed.stored, packed.first):
         for w, (rows, cols) in want.items():
             t, s = getattr(ex, w), getattr(ex, f"{w}_scale")
             where = f"{path}: {name}.{e}.{w}.weight"
