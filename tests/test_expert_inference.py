@@ -210,5 +210,28 @@ def test_ranks_that_do_not_divide_the_experts_are_refused(checkpoint):
         inference.split_experts(model, 0, 2)
 
 
+def test_cost_fit_plans_one_rank_of_expert_parallelism(two_ranks, checkpoint, capsys, monkeypatch):
+    from dsv4 import cli
+    from dsv4.cost.fit import plan_checkpoint
+    from dsv4.weights.files import read_headers
+
+    one = plan_checkpoint(checkpoint, context=256, memory_bytes=1 << 40)
+    two = plan_checkpoint(checkpoint, context=256, memory_bytes=1 << 40, expert_parallel=2)
+    assert two.weights["experts"] * 2 == one.weights["experts"] and two.kv == one.kv
+    # what a rank does not hold is the half of the experts (the MTP block's included) that it does not map
+    # (test_each_rank_maps_only_its_own_experts)
+    expert = re.compile(r"\.ffn\.experts\.")
+    experts = sum(info.nbytes for name, (_, info) in read_headers(checkpoint).items() if expert.search(name))
+    assert one.weights_bytes - two.weights_bytes == experts // 2
+    assert two.prefill["exchange"] > 0 and "exchange" not in one.prefill
+    monkeypatch.setattr(cli, "COMMANDS", {"cost": cli.COMMANDS["cost"]})
+    assert cli.main(["cost", "--fit", "--model", str(checkpoint), "--context", "256", "--memory-gib", "1024",
+                     "--expert-parallel", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == two.to_dict()
+    assert cli.main(["cost", "--fit", "--model", str(checkpoint), "--context", "256", "--expert-parallel", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "expert_parallel" in err and "divisor of the 8 routed experts, got 3" in err
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

@@ -25,6 +25,12 @@ no weight is read):
 * what the live tensors do not show (``ALLOCATOR_SLACK``, ``RUNTIME_BYTES``): memory the allocator keeps from a
   prefill chunk's transients, and the running process's own memory beyond its imports.
 
+* **expert parallelism** (``expert_parallel=N``, ``--expert-parallel N``): the memory of one of N ranks that share
+  each layer's routed experts (``torchrun --nproc_per_node N -m dsv4 generate``, ``dsv4.parallel.inference``): its
+  1/N of the routed experts (the MTP block's too), everything else replicated, and the exchange's buffers (rows sent
+  to and received from the experts' ranks, outputs sent back and gathered). A materialized model is loaded whole
+  before it keeps its slice, so its loading peak is the whole model's.
+
 ``total_bytes`` = weights + KV cache + working memory + runtime; the plan ``fits`` when that and the loading peak
 are within ``memory_bytes`` (default: this machine's RAM). The interpreter and torch themselves (a few hundred MiB)
 are not counted. Measured against a real process in ``tests/test_cost_fit.py``.
@@ -177,6 +183,7 @@ class MemoryPlan:
     memory_bytes: int
     memory_source: str
     notes: list[str] = field(default_factory=list)
+    expert_parallel: int = 1
 
     @property
     def weights_bytes(self) -> int:
@@ -244,7 +251,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {
             "source": self.source, "dtype": self.dtype, "context": self.context, "batch": self.batch,
-            "prefill_chunk": self.prefill_chunk, "prompt": self.prompt,
+            "prefill_chunk": self.prefill_chunk, "prompt": self.prompt, "expert_parallel": self.expert_parallel,
             "weights": dict(self.weights), "weights_bytes": self.weights_bytes,
             "weights_resident": dict(self.resident), "weights_resident_bytes": self.resident_bytes,
             "kv_cache": dict(self.kv), "kv_bytes": self.kv_bytes,
@@ -285,7 +292,8 @@ def machine_memory() -> tuple[int, str]:
 def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path | None = None, context: int = 4096,
                 batch: int = 1, dtype: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
                 all_logits: bool = False, speculative: bool = False, prompt: int | None = None,
-                memory_bytes: int | None = None, loading_bytes: int = 0, source: str = "config") -> MemoryPlan:
+                memory_bytes: int | None = None, loading_bytes: int = 0, source: str = "config",
+                expert_parallel: int = 1) -> MemoryPlan:
     """The memory of running ``config`` on ``batch`` sequences up to ``context`` tokens, prompts of ``prompt``
     tokens (default: the whole context, the worst case) prefilled in chunks of ``prefill_chunk``, the rest decoded
     (see the module docstring). ``weights``: bytes by kind (``checkpoint_weights`` or ``config_weights``;
@@ -295,11 +303,12 @@ def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path
     float32, or for a checkpoint directory what ``from_pretrained`` makes of its layout. A packed model's resident weights are the pages it touches: the embedding rows of at most ``batch * context``
     tokens, the routed experts those tokens are routed to (uniform routing: ``experts_touched``), the MTP block
     only with ``speculative`` decoding, everything else. ``memory_bytes``: the budget (default: this machine's
-    RAM). ``loading_bytes``: the loader's peak, if more than the weights."""
+    RAM). ``loading_bytes``: the loader's peak, if more than the weights. ``expert_parallel``: the plan of one of
+    that many ranks sharing the routed experts (see the module docstring); it must divide ``n_routed_experts``."""
     if isinstance(weights, (str, Path)):
         return plan_checkpoint(weights, context=context, batch=batch, dtype=dtype, prefill_chunk=prefill_chunk,
                                all_logits=all_logits, speculative=speculative, prompt=prompt,
-                               memory_bytes=memory_bytes)
+                               memory_bytes=memory_bytes, expert_parallel=expert_parallel)
     if config is None:
         raise ValueError("plan_memory needs a config, or a checkpoint directory as weights")
     dtype = dtype or "float32"
@@ -310,9 +319,19 @@ def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path
         raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    ep = expert_parallel
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1 or config.n_routed_experts % ep:
+        raise ValueError(f"expert_parallel (ranks sharing the routed experts) must be a positive divisor of the "
+                         f"{config.n_routed_experts} routed experts, got {ep!r}")
     if weights is None:
         weights = config_weights(config, dtype)
     weights = {k: int(weights.get(k, 0)) for k in KINDS}
+    if ep > 1:  # one rank's slice of the routed experts; the MTP block's experts are a layer's size
+        whole = sum(weights.values())
+        mtp_experts = min(weights["mtp"], weights["experts"] * config.num_nextn_predict_layers
+                          // max(1, config.num_hidden_layers))
+        weights["mtp"] -= mtp_experts - mtp_experts // ep
+        weights["experts"] //= ep
     if memory_bytes is None:
         memory_bytes, memory_source = machine_memory()
     else:
@@ -334,6 +353,15 @@ def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path
               "logits": batch * config.vocab_size * FLOAT}
     notes = [f"prefill activations: {act['per_token']:,} float32 values per token at their peak (layer "
              f"{act['layer']}), of which {act['retained']:,} are chunk projections the cache's partial blocks hold"]
+    if ep > 1:
+        # per token: its share of (token, expert) rows sent and received, expert outputs received and sent back
+        # (4 k / ep rows of d), its output combined and every rank's gathered (2 d)
+        exchange = (4 * config.num_experts_per_tok / ep + 2) * config.hidden_size * FLOAT
+        prefill["exchange"] = round(batch * s * exchange)
+        decode["exchange"] = round(batch * exchange)
+        notes.append(f"expert parallelism: one of {ep} ranks, holding 1/{ep} of the routed experts "
+                     f"({_gib(weights['experts'])} of each rank's {_gib(sum(weights.values()))}; the whole model "
+                     f"{_gib(whole)}), the rest replicated; the {ep} ranks together need {ep} times this plan")
     resident = dict(weights)
     if dtype == "packed":
         prefill["dequantized"] = decode["dequantized"] = dequantized_bytes(config)
@@ -351,7 +379,7 @@ def plan_memory(config: ModelConfig | None, weights: dict[str, int] | str | Path
                       prompt=prompt,
                       weights=weights, resident=resident, kv=kv, prefill=prefill, decode=decode,
                       loading_bytes=int(loading_bytes), runtime_bytes=RUNTIME_BYTES, memory_bytes=memory_bytes,
-                      memory_source=memory_source, notes=notes)
+                      memory_source=memory_source, notes=notes, expert_parallel=ep)
 
 
 def plan_checkpoint(path: str | Path, context: int = 4096, batch: int = 1, dtype: str | None = None,
@@ -388,7 +416,8 @@ def format_plan(plan: MemoryPlan) -> str:
     """The text of ``dsv4 cost --fit``."""
     d = plan.to_dict()
     lines = [f"dsv4 cost --fit: {plan.source}, weights {plan.dtype}, context {plan.context:,} (prompt "
-             f"{plan.prompt:,} in chunks of {plan.prefill_chunk:,}), batch {plan.batch}", ""]
+             f"{plan.prompt:,} in chunks of {plan.prefill_chunk:,}), batch {plan.batch}"
+             + (f", one of {plan.expert_parallel} expert-parallel ranks" if plan.expert_parallel > 1 else ""), ""]
 
     def row(label: str, value: int, indent: int = 0) -> None:
         lines.append(f"{' ' * indent}{label:<{34 - indent}}{_gib(value):>12}")
@@ -398,7 +427,7 @@ def format_plan(plan: MemoryPlan) -> str:
               "window": "window rings", "compressed": "compressed entries", "indexer": "indexer keys",
               "compressor_state": "compressors' partial blocks", "activations": "activations",
               "scores": "largest score block", "logits": "logits (float32)", "allocator": "allocator slack",
-              "dequantized": "one weight dequantized"}
+              "dequantized": "one weight dequantized", "exchange": "experts' exchange"}
     packed = plan.resident != plan.weights
     row("weights (resident of the mapped)" if packed else "weights", plan.resident_bytes)
     for k, v in plan.weights.items():

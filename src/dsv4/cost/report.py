@@ -217,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "context is decoded a token at a time")
     fit.add_argument("--speculative", action="store_true",
                      help="decoding drafts with the MTP block (a packed model then touches its weights too)")
+    fit.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                     help="the memory of one of N ranks sharing the routed experts (torchrun --nproc_per_node N -m "
+                          "dsv4 generate; N divides the experts; default 1)")
     fit.add_argument("--all-logits", action="store_true",
                      help="prefill returns every position's logits (default: the last one's, as dsv4 generate)")
 
@@ -237,7 +240,8 @@ def run_fit(args: argparse.Namespace, context: int) -> int:
         except ValueError as e:
             raise ValueError(f"--prompt: {e}".replace("--context", "the prompt").replace("context", "the prompt"))
     kw = dict(context=context, batch=args.batch_size, prefill_chunk=args.prefill_chunk, prompt=prompt,
-              all_logits=args.all_logits, speculative=args.speculative, memory_bytes=memory)
+              all_logits=args.all_logits, speculative=args.speculative, memory_bytes=memory,
+              expert_parallel=args.expert_parallel)
     if args.model:
         plan = plan_checkpoint(args.model, dtype=args.dtype, **kw)
     elif args.config:
