@@ -74,18 +74,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 fp8x8(const uint8_t* p) {
-  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
-  __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
-  __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-  return _mm256_or_ps(f, _mm256_castsi256_ps(sign));
-}
-
-inline __m256 fp4x8(__m256i nibbles, __m256 table) {
-  __m256 mag = _mm256_permutevar8x32_ps(table, nibbles);  // uses the low 3 bits of each lane
-  __m256i sign = _mm256_slli_epi32(_mm256_and_si256(nibbles, _mm256_set1_epi32(8)), 28);
-  return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+// 8 E4M3 bytes -> float32 times 2^-120 (the caller's scale carries the 2^120): each byte sign-extended, shifted
+// under the float32 exponent, and masked to its sign and its 7 magnitude bits.
+inline __m256 fp8x8_unscaled(const uint8_t* p) {
+  __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32(int(0x87F00000u))));
 }
 
 inline __m256 bf16x8(const uint16_t* p) {
@@ -130,10 +123,13 @@ void row_fp8(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64
     const int64_t k1 = std::min(K, (b + 1) * 128);
     int64_t k = b * 128;
 #if DSV4_AVX2
-    const __m256 sv = _mm256_set1_ps(scale);
-    for (; k + 8 <= k1; k += 8) {
-      __m256 wv = _mm256_mul_ps(fp8x8(w + k), sv);
-      for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+    const float folded = scale * 0x1p120f;  // the block scale and E4M3's exponent bias in one product
+    if (std::isfinite(folded)) {
+      const __m256 sv = _mm256_set1_ps(folded);
+      for (; k + 8 <= k1; k += 8) {
+        __m256 wv = _mm256_mul_ps(fp8x8_unscaled(w + k), sv);
+        for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+      }
     }
 #endif
     for (; k < k1; ++k) {
@@ -155,20 +151,30 @@ void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, cons
              float* acc) {
   const int64_t half = K / 2, tiles = K / 32;
 #if DSV4_AVX2
+  // a tile is 16 bytes: 32 values, one scale. Each nibble through a byte table of twice its E2M1 value (pshufb),
+  // widened to float32; the tile's four products summed, then times half its scale.
   __m256 part[M];
   for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
-  const __m256 table = _mm256_loadu_ps(FP4_MAGNITUDES);
-  const __m256i low = _mm256_set1_epi32(0xF);
+  const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t t = 0; t < tiles; ++t) {
-    const __m256 sv = _mm256_set1_ps(s.at(n, t));
-    for (int64_t j = t * 16; j < t * 16 + 16; j += 8) {
-      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j)));
-      __m256 lo = _mm256_mul_ps(fp4x8(_mm256_and_si256(v, low), table), sv);
-      __m256 hi = _mm256_mul_ps(fp4x8(_mm256_srli_epi32(v, 4), table), sv);
-      for (int m = 0; m < M; ++m) {
-        part[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe + m * half + j), part[m]);
-        part[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo + m * half + j), part[m]);
-      }
+    const __m256 sv = _mm256_set1_ps(0.5f * s.at(n, t));
+    const int64_t j = t * 16;
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+    __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
+    __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    for (int m = 0; m < M; ++m) {
+      const float* e = xe + m * half + j;
+      const float* o = xo + m * half + j;
+      __m256 tile = _mm256_mul_ps(l0, _mm256_loadu_ps(e));
+      tile = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), tile);
+      tile = _mm256_fmadd_ps(h0, _mm256_loadu_ps(o), tile);
+      tile = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), tile);
+      part[m] = _mm256_fmadd_ps(tile, sv, part[m]);
     }
   }
   for (int m = 0; m < M; ++m) acc[m] = hsum(part[m]);
