@@ -131,6 +131,7 @@ def from_pretrained(path: str | Path, rank: int, size: int, group=None, dtype: t
     only this rank's experts and computes in ``compute_dtype``; any other loads whole, then keeps only its slice.
     The ranks must run the model together: each forward exchanges rows with the others. A ``size`` that does not
     divide the routed experts is refused before anything is read."""
+    from dsv4.atomic import recover_directory
     from dsv4.config import ModelConfig
     from dsv4.model.numerics import set_numerics
     from dsv4.weights import from_pretrained as load
@@ -138,6 +139,7 @@ def from_pretrained(path: str | Path, rank: int, size: int, group=None, dtype: t
     from dsv4.weights.packed import check_quantization_config, is_official_layout, is_packed_layout, load_packed
 
     path = Path(path)
+    recover_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     config = ModelConfig.from_json(path / "config.json")
