@@ -30,6 +30,7 @@ from types import ModuleType
 
 # name -> module; the order is the order of docs/claims.md
 LABS: dict[str, str] = {
+    "million": "dsv4.lab.million",
 }
 
 
