@@ -93,3 +93,60 @@ def test_helpers():
     assert json_safe({"a": (1.0, float("inf"))}) == {"a": [1.0, None]}
     flat = [2.0 + 0.01 * (i % 3) for i in range(40)]
     assert spikes(flat) == 0 and spikes(flat[:30] + [5.0] + flat[:9]) == 1 and spikes(flat + [None]) == 1
+
+
+# ------------------------------------------------------------------------------------------ the labs, --quick
+# the figures docs/claims.md shows, per lab: each --quick run must carry them
+NEEDED = {
+    "mhc": ["hc_over_mhc_gain_normal", "hc_over_mhc_gain_high", "mhc_high_max_gain", "hc_high_max_gain",
+            "residual_high_val_loss", "hc_diverges_where_mhc_trains"],
+    "muon": ["muon_best_lr", "adamw_best_lr", "target_val_loss", "adamw_tokens", "muon_tokens_to_target",
+             "token_ratio"],
+    "routing": ["sqrtsoftplus_hash_val_loss", "sqrtsoftplus_hash_imbalance", "sigmoid_learned_imbalance",
+                "softmax_learned_val_loss", "best_val_loss", "best_imbalance"],
+}
+
+
+@pytest.fixture(scope="module")
+def lab_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab")  # one folder: the labs share its prepared corpus
+
+
+@pytest.mark.parametrize("name", [n for n in LABS if n in NEEDED])
+def test_quick_lab_end_to_end(name, lab_out):
+    r = run_lab(name, LabOptions(quick=True, out=lab_out))
+    assert r["verdict"] in (HOLDS, DOES_NOT_HOLD) and r["reason"]
+    for key in NEEDED[name]:
+        assert key in r, key
+    assert all(Path(p).stat().st_size > 1000 for p in r["plots"])  # real PNGs
+    assert json.loads((lab_out / f"{name}.json").read_text())["lab"] == name
+
+
+def test_mhc_composite_gain_of_a_plain_residual_is_one_and_grows_with_unconstrained_mixing():
+    import torch
+
+    import dsv4
+    from dsv4.lab.mhc import composite_gains, model_config
+
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    gains = {}
+    for mode in ("residual", "mhc", "hc"):
+        torch.manual_seed(0)
+        model = dsv4.Transformer(model_config(300, 2, 32, mode))
+        if mode == "hc":  # comb = 1.5 I in every unit: the composite of 4 units is 1.5^4 I
+            for layer in model.layers:
+                for unit in (layer.hc_attn, layer.hc_ffn):
+                    unit.scale.data.zero_()
+                    unit.base.data[8:].copy_((1.5 * torch.eye(4)).flatten())
+        gains[mode] = composite_gains(model, ids)
+    assert gains["residual"] == {"forward": [1.0] * 4, "backward": [1.0] * 4}
+    assert all(abs(g - 1) < 1e-4 for g in gains["mhc"]["forward"] + gains["mhc"]["backward"])
+    assert gains["hc"]["forward"] == pytest.approx([1.5, 1.5 ** 2, 1.5 ** 3, 1.5 ** 4])
+
+
+def test_muon_tokens_to_reach():
+    from dsv4.lab.muon import tokens_to_reach
+
+    assert tokens_to_reach(2.0, [10, 20, 30], [3.0, 2.5, 1.5], 100) == pytest.approx(2500.0)
+    assert tokens_to_reach(3.5, [10, 20], [3.0, 2.5], 100) == 1000.0
+    assert tokens_to_reach(1.0, [10, 20], [3.0, None], 100) is None

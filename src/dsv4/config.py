@@ -22,6 +22,9 @@ LAYER_TYPES = (SLIDING, CSA, HCA)
 HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
+# router affinities: V4's sqrt(softplus(.)), and for experiments (``dsv4 lab routing``) V3's sigmoid and a softmax
+SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+HC_MODES = ("mhc", "hc", "residual")  # ModelConfig.hc_mode
 
 def _default_rope_parameters(rope_theta: float, compress_rope_theta: float, prf: float, flat: dict | None) -> dict:
     """HF's nesting: {"main": plain RoPE at rope_theta, "compress": ``flat`` (YaRN or plain) at compress_rope_theta}."""
@@ -83,6 +86,11 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Not an HF field: the official checkpoints' quantization (None for plain float weights).
     quantization_config: dict | None = field(default=None, repr=False)
+    # Not an HF field, for experiments (``dsv4 lab mhc``): the residual connection. "mhc" (DeepSeek-V4's
+    # manifold-constrained hyper-connections), "hc" (unconstrained hyper-connections: the same streams and mixing
+    # without the Sinkhorn projection and the sigmoid bounds) or "residual" (a plain residual). Written to
+    # config.json only when it is not "mhc".
+    hc_mode: str = "mhc"
 
     def __post_init__(self) -> None:
         # Shape checks that must hold before the defaults below can be derived; validate() does the rest.
@@ -189,8 +197,11 @@ class ModelConfig:
         if self.num_experts_per_tok > self.n_routed_experts:
             raise bad("num_experts_per_tok", f"{self.num_experts_per_tok} is above the expert count "
                                              f"n_routed_experts={self.n_routed_experts}")
-        if self.scoring_func != "sqrtsoftplus":
-            raise bad("scoring_func", f"DeepSeek-V4 routes with 'sqrtsoftplus', got {self.scoring_func!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise bad("scoring_func", f"DeepSeek-V4 routes with 'sqrtsoftplus' (experiments: 'sigmoid', "
+                                      f"'softmax'), got {self.scoring_func!r}")
+        if self.hc_mode not in HC_MODES:
+            raise bad("hc_mode", f"must be one of {list(HC_MODES)}, got {self.hc_mode!r}")
         if self.hidden_act != "silu":
             raise bad("hidden_act", f"DeepSeek-V4 experts use 'silu', got {self.hidden_act!r}")
         if not isinstance(self.norm_topk_prob, bool):
@@ -265,6 +276,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if d.get("quantization_config") is None:
             d.pop("quantization_config")
+        if d.get("hc_mode") == "mhc":
+            d.pop("hc_mode")
         d["qk_rope_head_dim"] = self.qk_rope_head_dim
         d["model_type"] = "deepseek_v4"
         d["architectures"] = ["DeepseekV4ForCausalLM"]

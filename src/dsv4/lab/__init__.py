@@ -12,6 +12,8 @@ defines
 
 and may define
 
+- ``THREADS``: the torch threads it runs on unless ``--threads`` says otherwise (default: PyTorch's);
+
 - ``plot(result: dict, prefix: Path) -> list[Path]``: draws the result's figures (from the dict alone, so that the
   docs redraw them from a saved result) into PNG files named ``<prefix>-<what>.png``;
 - ``figures(result: dict) -> list[tuple[str, object]]``: the (label, value) rows ``docs/claims.md`` shows (default:
@@ -30,6 +32,9 @@ from types import ModuleType
 
 # name -> module; the order is the order of docs/claims.md
 LABS: dict[str, str] = {
+    "mhc": "dsv4.lab.mhc",
+    "muon": "dsv4.lab.muon",
+    "routing": "dsv4.lab.routing",
     "million": "dsv4.lab.million",
 }
 

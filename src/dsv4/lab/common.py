@@ -91,18 +91,26 @@ def run_lab(name: str, options: LabOptions, results_dir: Path | None = None) -> 
     its plots drawn into ``options.out``, the JSON written to ``<out>/<name>.json`` and, with ``options.save``, to
     ``<results_dir>/lab-<name>-<time>.json`` (default ``benchmarks/results``)."""
     module = lab_module(name)
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    threads = torch.get_num_threads()
+    # a lab's own default (its THREADS: the training labs' models are so small that one thread is fastest on a busy
+    # CPU), else PyTorch's
+    want = options.threads or getattr(module, "THREADS", None)
+    if want:
+        torch.set_num_threads(want)
     options.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     t0 = time.perf_counter()
-    figures = module.run(options)
+    try:
+        figures = module.run(options)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     if figures.get("verdict") not in (HOLDS, DOES_NOT_HOLD) or not figures.get("reason"):
         raise RuntimeError(f"lab {name} returned no verdict ({HOLDS!r} or {DOES_NOT_HOLD!r}) with a reason")
     result = json_safe({"lab": name, "title": module.TITLE, "spec": module.SPEC, "threshold": module.THRESHOLD,
                         "command": options.command(name), "quick": options.quick, "seed": options.seed, **figures,
-                        "seconds": seconds, "threads": torch.get_num_threads(), "commit": commit(),
+                        "seconds": seconds, "threads": used, "commit": commit(),
                         "date": time.strftime("%Y-%m-%d", time.gmtime()),
                         "load_average_at_end": os.getloadavg()[0]})
     if hasattr(module, "plot"):

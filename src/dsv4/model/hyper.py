@@ -9,6 +9,12 @@ logits split [pre | post | comb], and
   - collapses the streams into the sublayer input with ``pre = sigmoid(.) + eps``,
   - writes the sublayer output back with ``post = 2 sigmoid(.)`` and mixes the residual with ``comb^T``, where comb is
     made doubly stochastic by Sinkhorn-Knopp: softmax over each row, then column / (row, column) normalizations.
+
+Two variants for experiments (``ModelConfig.hc_mode``, ``dsv4 lab mhc``): "hc", unconstrained hyper-connections,
+the same streams, parameters and mixing without the Sinkhorn projection and the sigmoid bounds (pre, post and comb
+are the affine logits themselves; ``dsv4.model.init`` starts them at mHC's initial values), and "residual", a plain
+residual (pre = 1/n, post = 1, comb = I: streams that start equal stay equal, each one x + F(x); the unit's
+parameters are unused).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.linear import linear
-from dsv4.model.precision import upcast
+from dsv4.model.precision import compute_dtype, upcast
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -133,6 +139,7 @@ class HyperConnection(nn.Module):
         super().__init__()
         n = config.hc_mult
         self.n = n
+        self.mode = config.hc_mode
         self.iters = config.hc_sinkhorn_iters
         self.hc_eps = config.hc_eps
         self.norm_eps = config.rms_norm_eps
@@ -143,13 +150,23 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, S, n, d] -> (collapsed [B, S, d] float32, post [B, S, n], comb [B, S, n, n])."""
         n = self.n
-        if streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 and not torch.compiler.is_compiling() \
+        if self.mode == "residual":
+            lead, dtype = streams.shape[:-2], compute_dtype(streams.dtype)
+            one = torch.ones((), dtype=dtype, device=streams.device)
+            pre = (one / n).expand(*lead, n)
+            comb = torch.eye(n, dtype=dtype, device=streams.device).expand(*lead, n, n)
+            return collapse(streams, pre), one.expand(*lead, n), comb
+        if self.mode == "mhc" and streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 \
+                and not torch.compiler.is_compiling() \
                 and not (torch.is_grad_enabled() and (streams.requires_grad or self.fn.requires_grad)):
             return self._forward_one(streams)
         mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = upcast(self.base).split([n, n, n * n])
         s = upcast(self.scale)
+        if self.mode == "hc":  # unconstrained: the affine logits are the mixing
+            comb = (comb_w * s[2] + comb_b).unflatten(-1, (n, n))
+            return collapse(streams, pre_w * s[0] + pre_b), post_w * s[1] + post_b, comb
         pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * s[1] + post_b)
         comb = sinkhorn((comb_w * s[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
@@ -192,6 +209,7 @@ class HyperHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         n = config.hc_mult
+        self.mode = config.hc_mode
         self.hc_eps = config.hc_eps
         self.norm_eps = config.rms_norm_eps
         self.fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
@@ -199,6 +217,11 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.empty(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        if self.mode == "residual":  # the mean of the streams
+            n = streams.shape[-2]
+            return collapse(streams, torch.full(streams.shape[:-1], 1 / n, dtype=compute_dtype(streams.dtype),
+                                                device=streams.device))
         mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
-        pre = torch.sigmoid(mix * upcast(self.scale) + upcast(self.base)) + self.hc_eps
+        logits = mix * upcast(self.scale) + upcast(self.base)
+        pre = logits if self.mode == "hc" else torch.sigmoid(logits) + self.hc_eps
         return collapse(streams, pre)

@@ -23,7 +23,9 @@ RotaryEmbedding   the inverse-frequency tables, recomputed from the config
 mHC (spec 3 leaves its initialization open; our choice, experimental, after the spec's suggestion): with the gating
 factors at 0.01 the mixing starts at its static part, pre = sigmoid(0) + hc_eps = 1/2 + hc_eps, post = 2 sigmoid(0)
 = 1, comb = Sinkhorn(4 I) = (e^4 I + (J - I)) / (e^4 + n - 1) up to hc_eps (about 0.95 on the diagonal for n = 4:
-the residual streams start nearly unmixed); the head's collapse starts at pre = 1/2 + hc_eps.
+the residual streams start nearly unmixed); the head's collapse starts at pre = 1/2 + hc_eps. Unconstrained
+hyper-connections (``hc_mode="hc"``, no sigmoid or Sinkhorn) start at the same mixing: their static logits ``base``
+are those initial values themselves (pre 1/2 + hc_eps, post 1, comb = Sinkhorn(4 I); the head's pre 1/2 + hc_eps).
 
 Random draws happen in the order of ``model.named_parameters()`` (modules in ``named_modules`` order, each
 module's own parameters in the order it registers them), one ``normal_`` per drawn tensor, from torch's global
@@ -83,12 +85,13 @@ def init_weights(model: "Transformer", std: float | None = None) -> "Transformer
             fill(module.ape, 0.0)
         elif isinstance(module, HyperConnection):
             normal(module.fn)
-            init_hyper_base(module.base, module.n)
+            init_hyper_base(module.base, module.n, unconstrained=module.mode == "hc", eps=module.hc_eps,
+                            iters=module.iters)
             done.add(id(module.base))
             fill(module.scale, HC_SCALE)
         elif isinstance(module, HyperHead):
             normal(module.fn)
-            fill(module.base, 0.0)
+            fill(module.base, 0.5 + config.hc_eps if module.mode == "hc" else 0.0)
             fill(module.scale, HC_SCALE)
         elif isinstance(module, Router):
             normal(module.weight)
@@ -112,8 +115,17 @@ def init_weights(model: "Transformer", std: float | None = None) -> "Transformer
     return model
 
 
-def init_hyper_base(base: torch.Tensor, n: int) -> None:
+def init_hyper_base(base: torch.Tensor, n: int, unconstrained: bool = False, eps: float = 1e-6,
+                    iters: int = 20) -> None:
     """An mHC unit's static logits [(2 + n) n] = [pre n | post n | comb n n]: 0, but HC_COMB_DIAGONAL on comb's
-    diagonal (pre = 1/2 + eps, post = 1, comb near the identity while the gating factors are small)."""
+    diagonal (pre = 1/2 + eps, post = 1, comb near the identity while the gating factors are small). With
+    ``unconstrained`` (hyper-connections without sigmoid or Sinkhorn, whose logits are the mixing): those values."""
     base.zero_()
     base[2 * n:].view(n, n).diagonal().fill_(HC_COMB_DIAGONAL)
+    if unconstrained:
+        from dsv4.model.hyper import sinkhorn
+
+        comb = sinkhorn(base[2 * n:].view(n, n).double(), iters, eps)
+        base[:n].fill_(0.5 + eps)
+        base[n:2 * n].fill_(1.0)
+        base[2 * n:].copy_(comb.flatten())

@@ -40,7 +40,7 @@ def balanced_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> 
 class RouterOutput:
     weights: torch.Tensor  # [N, k] gate values (normalized, times the routed scaling factor), float32
     indices: torch.Tensor  # [N, k] selected experts
-    scores: torch.Tensor  # [N, E] sqrt-softplus affinities, float32 (for balance losses and statistics)
+    scores: torch.Tensor  # [N, E] affinities (sqrt-softplus), float32 (for balance losses and statistics)
 
 
 class Router(nn.Module):
@@ -54,6 +54,7 @@ class Router(nn.Module):
         self.scaling = config.routed_scaling_factor
         self.normalize = config.norm_topk_prob
         self.hashed = hashed
+        self.scoring_func = config.scoring_func
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         if hashed:
             table = balanced_tid2eid(config.vocab_size, self.n_experts, self.top_k, seed=layer_idx or 0)
@@ -65,9 +66,18 @@ class Router(nn.Module):
         # the gate values still come from the current weight (dsv4.train.anticipatory)
         self.routing_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def affinity(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits [N, E] -> affinities: V4's sqrt(softplus(.)) (spec 4), or for experiments
+        (``ModelConfig.scoring_func``) V3's sigmoid or a softmax over the experts."""
+        if self.scoring_func == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.scoring_func == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return torch.sqrt(F.softplus(logits))
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> RouterOutput:
         logits = linear(upcast(x), upcast(self.weight))
-        scores = torch.sqrt(F.softplus(logits))
+        scores = self.affinity(logits)
         if self.hashed:
             if input_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids (input_ids)")
@@ -75,7 +85,7 @@ class Router(nn.Module):
         elif self.routing_params is not None:
             old_w, old_b = self.routing_params
             with torch.no_grad():
-                old = torch.sqrt(F.softplus(linear(upcast(x), upcast(old_w))))
+                old = self.affinity(linear(upcast(x), upcast(old_w)))
                 indices = torch.topk(old + upcast(old_b), self.top_k, dim=-1).indices
         else:
             indices = torch.topk(scores + upcast(self.bias), self.top_k, dim=-1).indices
