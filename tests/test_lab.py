@@ -104,6 +104,8 @@ NEEDED = {
              "token_ratio"],
     "routing": ["sqrtsoftplus_hash_val_loss", "sqrtsoftplus_hash_imbalance", "sigmoid_learned_imbalance",
                 "softmax_learned_val_loss", "best_val_loss", "best_imbalance"],
+    "mtp": ["val_loss_with_mtp", "val_loss_without_mtp", "val_loss_rel_diff", "final_acceptance",
+            "final_acceptance_untrained_draft"],
 }
 
 

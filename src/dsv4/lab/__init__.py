@@ -35,6 +35,7 @@ LABS: dict[str, str] = {
     "mhc": "dsv4.lab.mhc",
     "muon": "dsv4.lab.muon",
     "routing": "dsv4.lab.routing",
+    "mtp": "dsv4.lab.mtp",
     "million": "dsv4.lab.million",
 }
 

@@ -1,6 +1,6 @@
 """``dsv4 lab mhc``: does mHC keep a deep residual stack stable where unconstrained hyper-connections do not?
 
-A deep, thin model (32 sliding-window layers of width 32, four residual streams, two routed experts of which one
+A deep, thin model (32 sliding-window layers of width 32, 30 steps, four residual streams, two routed experts of which one
 is chosen, and a shared one; ``--quick``: 6 layers) is trained three times on the same tokens from the same initial
 weights, with AdamW (as the mHC paper's experiments; Muon's many small Newton-Schulz products per step would take most
 of the time of so deep a model on two cores): with mHC (V4), with unconstrained
@@ -39,8 +39,8 @@ def sizes(quick: bool) -> dict:
     if quick:
         return dict(layers=6, hidden=32, steps=8, batch_size=4, seq_len=32, vocab=384, lrs=(3e-3, 3e-2),
                     gain_every=4, val_batches=1)
-    return dict(layers=32, hidden=32, steps=100, batch_size=4, seq_len=64, vocab=1024, lrs=(3e-3, 3e-2),
-                gain_every=10, val_batches=2)
+    return dict(layers=32, hidden=32, steps=30, batch_size=4, seq_len=64, vocab=1024, lrs=(3e-3, 3e-2),
+                gain_every=5, val_batches=2)
 
 
 def model_config(vocab: int, layers: int, hidden: int, mode: str):

@@ -33,7 +33,7 @@ def sizes(quick: bool) -> dict:
     if quick:
         return dict(layers=1, hidden=32, steps=8, batch_size=4, seq_len=32, vocab=384, val_every=2, val_batches=1,
                     muon_lrs=(1e-2, 3e-2), adamw_lrs=(3e-3, 1e-2))
-    return dict(layers=2, hidden=64, steps=200, batch_size=8, seq_len=64, vocab=1024, val_every=20, val_batches=4,
+    return dict(layers=2, hidden=64, steps=100, batch_size=8, seq_len=64, vocab=1024, val_every=10, val_batches=4,
                 muon_lrs=(3e-3, 1e-2, 3e-2), adamw_lrs=(1e-3, 3e-3, 1e-2))
 
 

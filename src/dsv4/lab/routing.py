@@ -31,7 +31,7 @@ FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 def sizes(quick: bool) -> dict:
     if quick:
         return dict(layers=2, hidden=32, experts=4, steps=5, batch_size=4, seq_len=32, vocab=384, val_batches=1)
-    return dict(layers=4, hidden=64, experts=8, steps=150, batch_size=8, seq_len=64, vocab=1024, val_batches=4)
+    return dict(layers=4, hidden=64, experts=8, steps=80, batch_size=8, seq_len=64, vocab=1024, val_batches=4)
 
 
 def model_config(vocab: int, s: dict, func: str, hashed: bool):
