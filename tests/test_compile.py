@@ -1,15 +1,18 @@
-"""The compiled decoding step (``torch.compile`` of a ``DecodeState`` step): equal to the eager step over many steps
-(ring wraps, compressor blocks, CSA's top-k, rows at different lengths), batch-invariant like it, and an engine whose
-compiler fails decodes eager after one warning. (These are the suite's tests about compilation: the others run
-eager.)"""
+"""The compiled decoding step (``dsv4.model.decode.DecodeStep``: ``torch.compile`` of a ``DecodeState`` step, one
+graph without breaks): equal to the eager step over many steps (ring wraps, compressor blocks, CSA's top-k, rows at
+different lengths), batch-invariant like it; ``dsv4.generate`` and the serving engine decode with it and give the
+eager outputs; where the compiler fails they decode eager after one warning. (These are the suite's tests about
+compilation: the others run eager.)"""
 
+import copy
 import logging
 
 import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
-from dsv4.model.decode import DecodeState
+from dsv4.generate import generate
+from dsv4.model.decode import DecodeState, DecodeStep, capacity_bucket
 from dsv4.serve.engine import Engine, SamplingParams
 from lively import lively
 from numerics import assert_close_scaled, prefill_rows
@@ -24,32 +27,51 @@ def model():
     return lively(Transformer(ModelConfig.preset("tiny").replace(vocab_size=VOCAB)).eval())
 
 
-def filled(model, starts, rows=4, capacity=96, seed=0):
-    """A decode state whose rows hold prompts of the given lengths (the rest free), and the prompts' ids."""
+def filled(model, starts, rows=4, capacity=96, seed=0, compile=False):
+    """A decode state whose rows hold prompts of the given lengths (the rest free), its step (compiled before the
+    rows are filled, with ``fullgraph``: a graph break fails), and the prompts' ids."""
     state = DecodeState(model, rows, capacity)
+    step = DecodeStep(model, state)
+    if compile:
+        assert step.compile(fullgraph=True), "the decoding step does not compile as one graph"
     ids = torch.randint(0, VOCAB, (len(starts), capacity), generator=torch.Generator().manual_seed(seed))
     prefill_rows(model, state, ids, starts)
-    return state, ids
+    return state, step, ids
 
 
 def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model):
     with torch.inference_mode():
-        eager, ids = filled(model, [3, 17, 40])
-        compiled, _ = filled(model, [3, 17, 40])
-        alone, _ = filled(model, [3, 17, 40])
+        eager, step, ids = filled(model, [3, 17, 40])
+        compiled, compiled_step, _ = filled(model, [3, 17, 40], compile=True)
+        alone, alone_step, _ = filled(model, [3, 17, 40], compile=True)  # the same graph: no second compilation
         for r in (0, 2):  # row 1 alone in its batch
             alone.reset_row(r)
-        def step(tokens, state):
-            return model(tokens.unsqueeze(1), cache=state)[:, 0]
-
-        compiled_step = torch.compile(step, dynamic=False)
         for _ in range(45):  # row 0 from 3 to 48 tokens: the ring (16) wraps, CSA (4) and HCA (16) blocks end
             tokens = torch.stack([ids[r, int(eager.lengths[r])] if r < 3 else torch.tensor(0) for r in range(4)])
-            a, b = step(tokens, eager), compiled_step(tokens, compiled)
+            a, b = step(tokens), compiled_step(tokens)
             assert_close_scaled(b[:3], a[:3])
-            c = compiled_step(torch.where(torch.arange(4) == 1, tokens, 0), alone)
+            c = alone_step(torch.where(torch.arange(4) == 1, tokens, 0))
             assert torch.equal(c[1], b[1])  # the other rows (free in ``alone``) change nothing of row 1
         assert eager.lengths.tolist() == compiled.lengths.tolist() == [48, 62, 85, 0]
+        compiled.lengths[2] = 96  # the compiled step checks room and ids before it runs, as the eager one does
+        with pytest.raises(ValueError, match="full"):
+            compiled_step(tokens)
+        with pytest.raises(ValueError, match="token ids"):
+            compiled_step(torch.full((4,), VOCAB))
+
+
+def test_compiled_generation_equals_eager_generation(model):
+    """``generate(compile=True)`` in float64 (no near-tie of two computation orders flips a greedy token): two
+    prompts of different lengths, two samples each (four rows of one compiled state), greedy and sampled with a
+    seed, give eager generation's tokens; its capacity is the bucket of prompt and new tokens."""
+    m64 = copy.deepcopy(model).double()
+    prompt = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
+    prompt[1, :7] = 0
+    info = {}
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}):
+        compiled = generate(m64, prompt, 40, samples=2, compile=True, info=info, **kw)
+        assert info["compile_seconds"] is not None and info["capacity"] == capacity_bucket(30 + 39, 65536) == 256
+        assert torch.equal(compiled, generate(m64, prompt, 40, samples=2, **kw))
 
 
 def test_a_compiled_engine_gives_the_eager_engines_greedy_outputs(model):
@@ -75,10 +97,25 @@ def test_an_engine_whose_compiler_fails_decodes_eager(model, monkeypatch, caplog
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    with caplog.at_level(logging.WARNING, logger="dsv4.serve"):
+    with caplog.at_level(logging.WARNING, logger="dsv4.model.decode"):
         eng = Engine(model, Letters(), max_model_len=64, max_num_seqs=4, compile=True)
-    assert eng.compile_seconds is None and "decoding eager" in caplog.text
-    assert not eng.state.active.any() and not eng.state.lengths.any()
+        assert eng.compile_seconds is None and "decoding eager" in caplog.text
+        assert not eng.state.active.any() and not eng.state.lengths.any()
+        caplog.clear()
+        info = {}
+        prompt = torch.arange(10)
+        out = generate(model, prompt, 6, temperature=0, compile=True, info=info)
+        assert info["compile_seconds"] is None and "decoding eager" in caplog.text
+        assert torch.equal(out, generate(model, prompt, 6, temperature=0))
+
+
+def test_capacity_buckets():
+    assert [capacity_bucket(n, 65536) for n in (1, 256, 257, 5000)] == [256, 256, 512, 8192]
+    assert capacity_bucket(70000, 100000) == 100000
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        capacity_bucket(70000, 65536)
+    with pytest.raises(ValueError, match="at least one token"):
+        capacity_bucket(0, 65536)
 
 
 def test_the_official_roundings_survive_compilation():

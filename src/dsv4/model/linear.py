@@ -25,13 +25,20 @@ FEW_ROWS = (1, 64)  # rows for which a faster form is taken (tests set an empty 
 PARTS_MIN = 1 << 16  # weight elements from which one row is split across threads (below, waking them costs more)
 
 
+@torch.compiler.assume_constant_result
+def threads() -> int:
+    """torch's intra-op threads (``torch.get_num_threads``); inside a compiled step, a constant of its graph (which
+    is compiled for the threads it runs on) instead of a graph break."""
+    return torch.get_num_threads()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in], weight [out, in] -> [..., out]."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
     if rows == 1:  # a weight below PARTS_MIN in one part: waking the other threads would cost more
-        y = row_parts(x.reshape(1, x.shape[-1]), weight, torch.get_num_threads() if weight.numel() >= PARTS_MIN else 1)
+        y = row_parts(x.reshape(1, x.shape[-1]), weight, threads() if weight.numel() >= PARTS_MIN else 1)
     else:  # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow paths
         y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.generate import accept_draft, next_token_probs
-from dsv4.model.decode import DecodeState, compressor_rates
+from dsv4.model.decode import DecodeState, DecodeStep, compressor_rates
 from dsv4.model.numerics import numerics_of
 from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
@@ -117,14 +117,13 @@ class Engine:
         self.rows = rows
         with torch.inference_mode():
             self.state = DecodeState(model, rows, capacity, mtp=speculative)
-        self.step = self._eager_step
-        self.compile_seconds: float | None = None
         if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row);
             # not for a packed model, whose experts run one by one (dsv4.model.packed)
             stacked = all(getattr(m, "stacked", True) for m in model.modules())
             compile = stacked and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
-        if compile and not speculative:  # speculative steps (two tokens a row, then the MTP block) run eager
-            self._compile()
+        # speculative steps (two tokens a row, then the MTP block) run eager
+        self.step = DecodeStep(model, self.state, compile=compile and not speculative)
+        self.compile_seconds: float | None = self.step.compile_seconds
         self.prefix: PrefixCache | None = None
         if prefix_cache:
             self.prefix = PrefixCache(
@@ -144,32 +143,6 @@ class Engine:
         self._kv_in_use = 0
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
                       "drafts": 0, "accepted": 0}
-
-    # ---------------------------------------------------------------------------------------------- the step
-    def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One decoding step: a token per row -> logits [R, V]."""
-        return self.model(tokens.unsqueeze(1).to(self.model.device), cache=self.state)[:, 0]
-
-    def _compile(self) -> None:
-        """The decoding step compiled once for this engine's (rows, capacity) (``torch.compile``: inductor's C++ on
-        the CPU; its cache keeps the result between runs) and warmed up on the empty state. Where no compiler
-        works, one warning and the eager step."""
-        compiled = torch.compile(self._eager_step, dynamic=False)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            try:
-                compiled(torch.zeros(self.rows, dtype=torch.long))
-            except Exception as e:  # no C++ compiler, an unsupported backend: serve eager
-                log.warning("the compiled decoding step is not available (%s: %s); decoding eager",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                return
-            finally:
-                for r in range(self.rows):  # the warm-up computed on the free rows: clear them
-                    self.state.reset_row(r)
-        self.compile_seconds = time.perf_counter() - t0
-        self.step = compiled
-        log.info("decoding step compiled for %d rows of %d tokens in %.1f s", self.rows, self.state.capacity,
-                 self.compile_seconds)
 
     # ------------------------------------------------------------------------------------------------ interface
     def new_decoder(self):
