@@ -36,6 +36,9 @@ LABS: dict[str, str] = {
     "muon": "dsv4.lab.muon",
     "routing": "dsv4.lab.routing",
     "mtp": "dsv4.lab.mtp",
+    "fp4": "dsv4.lab.fp4",
+    "indexer": "dsv4.lab.indexer",
+    "distill": "dsv4.lab.distill",
     "million": "dsv4.lab.million",
 }
 
