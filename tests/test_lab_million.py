@@ -3,13 +3,15 @@ held to the model's own choice, and the retrieval data it trains on (dsv4.data.r
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from dsv4.data.retrieval import RetrievalLoader, RetrievalVocab, needle_context, question
 from dsv4.lab import million
-from dsv4.lab.common import DOES_NOT_HOLD, LabOptions
+from dsv4.lab.common import DOES_NOT_HOLD, LabOptions, json_safe
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +39,22 @@ def test_quick_run_reports_every_figure(quick):
     assert not r["model_reused"]
 
 
+def test_plot_and_figures_read_the_saved_json(quick):
+    out, r = quick
+    saved = json.loads(json.dumps(json_safe(r)))  # what run_lab writes and the docs read back
+    (path,) = million.plot(saved, out / "million")
+    assert path.exists() and path.stat().st_size > 1000
+    rows = dict(million.figures(saved))
+    assert rows["accuracy at 2048 tokens"] == r["accuracy"]["2048"] and "dense_cache_bytes" in rows
+
+
 def test_the_saved_model_is_reused(quick):
     out, first = quick
     options = LabOptions(quick=True, out=out, log=lambda msg: None)
     options.lengths = "1K"
     again = million.run(options)
     assert again["model_reused"] and list(again["accuracy"]) == ["1024"]
+    assert again["command"] == "python -m dsv4.lab.million --quick --lengths 1K"
     assert again["per_length"]["1024"]["questions"] == first["per_length"]["1024"]["questions"]
 
 
@@ -85,7 +97,7 @@ def test_the_probe_sees_the_indexers_own_choice(monkeypatch):
             probe.armed = True
             model(torch.tensor([[token]]), cache=cache)
     probe.armed = False
-    v = needles[0].value_position
+    v = needles[0].value_positions[0]
     hits = probe.hits([v // 4, v // 4 + 1])
     assert len(hits) == 1 and probe.picks[0] == set(chosen[-1].flatten().tolist())
     assert hits[0] == (v // 4 in probe.picks[0] or v // 4 + 1 in probe.picks[0])
@@ -93,7 +105,7 @@ def test_the_probe_sees_the_indexers_own_choice(monkeypatch):
 
 
 def test_retrieval_rows_hold_their_answers():
-    vocab = RetrievalVocab(keys=16, values=8)
+    vocab = RetrievalVocab(keys=16, values=8, repeats=2)
     loader = RetrievalLoader(vocab, batch_size=3, seq_len=256, seed=1, tokens_per_needle=32, asked=0.5)
     batch = next(loader)
     assert batch.tokens.shape == (3, 257) and loader.n_needles == 8 and loader.n_questions == 4
@@ -107,7 +119,7 @@ def test_retrieval_rows_hold_their_answers():
         context = row[:answers[0] - 2]
         keys = [context[j + 1] for j in range(len(context)) if context[j] == vocab.needle]
         assert len(keys) == len(set(keys)) == 8 and max(context) < vocab.size
-        assert sum(t < 256 for t in context) == len(context) - 3 * 8  # the rest is filler bytes
+        assert sum(t < 256 for t in context) == len(context) - vocab.needle_tokens * 8  # the rest is filler
     assert batch.answer_targets.shape == batch.inputs.shape
     state = loader.state_dict()
     after = next(loader)
@@ -120,10 +132,14 @@ def test_needle_contexts_and_their_errors():
     tokens, needles = needle_context(1000, 5, vocab, np.random.default_rng(3))
     assert len(tokens) == 1000 and [n.position // 200 for n in needles] == list(range(5))
     for n in needles:
-        assert list(tokens[n.position:n.position + 3]) == [vocab.needle, vocab.key(n.key), vocab.value(n.value)]
+        pair = [vocab.key(n.key), vocab.value(n.value)]
+        assert list(tokens[n.position:n.position + 9]) == [vocab.needle] + pair * 4 and n.length == 9
+        assert n.value_positions == [n.position + 2, n.position + 4, n.position + 6, n.position + 8]
     with pytest.raises(ValueError, match="needles per context"):
         needle_context(1000, 33, vocab, np.random.default_rng(0))
     with pytest.raises(ValueError, match="no room"):
         needle_context(10, 5, vocab, np.random.default_rng(0))
     with pytest.raises(ValueError, match="RetrievalVocab.keys"):
         RetrievalVocab(keys=1)
+    with pytest.raises(ValueError, match="RetrievalVocab.repeats"):
+        RetrievalVocab(repeats=0)

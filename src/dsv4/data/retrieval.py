@@ -3,10 +3,12 @@
 A context is filler text from the built-in corpus (the CPython standard library's sources, as bytes) with needles
 hidden in it; a question then asks for one of them::
 
-    ... filler bytes ... NEEDLE key value ... filler bytes ... NEEDLE key' value' ... | QUERY key -> value
+    ... filler bytes ... NEEDLE key value key value ... filler bytes ... NEEDLE key' value' key' value' ... | QUERY key -> value
 
 Tokens (``RetrievalVocab``): ids 0-255 are the filler's bytes; then ``NEEDLE`` and ``QUERY`` markers, ``keys`` key
-tokens and ``values`` value tokens, which appear only in needles and questions. Keys are distinct within a context and
+tokens and ``values`` value tokens, which appear only in needles and questions. A needle states its pair ``repeats``
+times, as passkey prompts repeat the passkey (Mohtashami & Jaggi 2023): with 4 repeats the needle spans 9 tokens, so
+some compressed entry of a 4x compressing layer is made of the pair alone. Keys are distinct within a context and
 each value is drawn uniformly at random per needle, so nothing but the context tells the answer: a model that has not
 found the needle answers at chance (1 / ``values``).
 
@@ -31,7 +33,6 @@ import torch
 from dsv4.data.packing import Batch
 
 HELD_OUT = 10  # every 10th file of the corpus is evaluation filler
-NEEDLE_TOKENS = 3  # NEEDLE key value
 QUESTION_TOKENS = 3  # QUERY key value (the value is the answer)
 
 
@@ -41,14 +42,19 @@ class RetrievalVocab:
 
     keys: int = 32
     values: int = 32
+    repeats: int = 4  # a needle is NEEDLE followed by (key value) this many times
     needle: int = 256
     query: int = 257
 
     def __post_init__(self) -> None:
-        for name in ("keys", "values"):
+        for name, low in (("keys", 2), ("values", 2), ("repeats", 1)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
-                raise ValueError(f"RetrievalVocab.{name} must be an integer >= 2, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"RetrievalVocab.{name} must be an integer >= {low}, got {v!r}")
+
+    @property
+    def needle_tokens(self) -> int:
+        return 1 + 2 * self.repeats
 
     @property
     def first_key(self) -> int:
@@ -95,15 +101,17 @@ def filler(split: str, length: int, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Needle:
-    """A needle: its key and value indices and the position of its NEEDLE token (key at +1, value at +2)."""
+    """A needle: its key and value indices, the position of its NEEDLE token and its length in tokens (keys at
+    +1, +3, ..., values at +2, +4, ...)."""
 
     key: int
     value: int
     position: int
+    length: int
 
     @property
-    def value_position(self) -> int:
-        return self.position + 2
+    def value_positions(self) -> list[int]:
+        return list(range(self.position + 2, self.position + self.length, 2))
 
 
 def needle_context(length: int, n_needles: int, vocab: RetrievalVocab, rng: np.random.Generator,
@@ -113,16 +121,17 @@ def needle_context(length: int, n_needles: int, vocab: RetrievalVocab, rng: np.r
     if n_needles < 1 or n_needles > vocab.keys:
         raise ValueError(f"needles per context must be in [1, {vocab.keys}] (the key count), got {n_needles}")
     stretch = (length - lo) // n_needles
-    if stretch < NEEDLE_TOKENS:
+    span = vocab.needle_tokens
+    if stretch < span:
         raise ValueError(f"a context of {length} tokens has no room for {n_needles} needles")
     tokens = filler(split, length, rng)
     keys = rng.permutation(vocab.keys)[:n_needles]
     needles = []
     for i, key in enumerate(keys):
-        at = lo + i * stretch + int(rng.integers(0, stretch - NEEDLE_TOKENS + 1))
+        at = lo + i * stretch + int(rng.integers(0, stretch - span + 1))
         value = int(rng.integers(0, vocab.values))
-        tokens[at:at + NEEDLE_TOKENS] = (vocab.needle, vocab.key(int(key)), vocab.value(value))
-        needles.append(Needle(int(key), value, at))
+        tokens[at:at + span] = [vocab.needle] + [vocab.key(int(key)), vocab.value(value)] * vocab.repeats
+        needles.append(Needle(int(key), value, at, span))
     return tokens, needles
 
 

@@ -13,7 +13,7 @@ stretches, from evaluation text the model never trained on) is prefilled once in
 the cache's snapshot (``ModelCache.snapshot``) is taken, and each question is asked from it (``restore``, then
 ``QUERY``, ``key`` one token per call; the argmax after the key is the answer, which is then fed as one more decoded
 token). Reported: accuracy per length; whether each CSA layer's indexer top-k at the key token holds a compressed entry
-covering the needle's value (``topk_hit_rate``, counted where the layer had more entries than it picks); prefill
+covering one of the needle's values (``topk_hit_rate``, counted where the layer had more entries than it picks); prefill
 seconds per length (with a fit of chunk time against position, extrapolated to 1M when 1M is not run); decode ms per
 token (single-token calls at the longest length); peak resident memory of the evaluation; ``cache.nbytes()`` against
 the cost model's ``kv_cache_bytes`` (float32) and against the dense-attention cache of the same model
@@ -71,14 +71,15 @@ class Settings:
     quick: bool = False
     keys: int = 32
     values: int = 32
+    repeats: int = 4
 
     def train_key(self) -> dict:
         """The settings that decide the trained model (a saved model is reused only when these match)."""
         return {k: v for k, v in asdict(self).items() if k not in ("lengths", "questions", "prefill_chunk")}
 
 
-FULL = Settings(lengths=[16384, 131072, ONE_M], questions=20, steps=60, stages=[(0, 512), (35, 1024), (50, 2048)],
-                tokens_per_step=2048, tokens_per_needle=32, dense_steps=48, indexer_warmup=4, lr=1e-2,
+FULL = Settings(lengths=[16384, 131072, ONE_M], questions=20, steps=48, stages=[(0, 256), (28, 512), (40, 1024)],
+                tokens_per_step=2048, tokens_per_needle=32, dense_steps=42, indexer_warmup=3, lr=1e-2,
                 prefill_chunk=8192)
 QUICK = Settings(lengths=[1024, 2048], questions=4, steps=4, stages=[(0, 64), (2, 128)], tokens_per_step=256,
                  tokens_per_needle=16, dense_steps=2, indexer_warmup=1, lr=1e-2, prefill_chunk=512, quick=True)
@@ -87,7 +88,7 @@ QUICK = Settings(lengths=[1024, 2048], questions=4, steps=4, stages=[(0, 64), (2
 def lab_config(settings: Settings) -> ModelConfig:
     """The model: the report's ratios (window 128, rates 4 / 128, top-k 512) at width 128; quick: a tiny one at
     window 16, rates 4 / 16, top-k 16."""
-    vocab = RetrievalVocab(settings.keys, settings.values)
+    vocab = RetrievalVocab(settings.keys, settings.values, settings.repeats)
     common = dict(vocab_size=vocab.size, num_hidden_layers=3, layer_types=[CSA, HCA, SLIDING],
                   mlp_layer_types=[HASH_MOE, MOE, MOE], num_experts_per_tok=2, n_routed_experts=4, hc_mult=2,
                   o_groups=2, num_nextn_predict_layers=0)
@@ -167,7 +168,7 @@ def train(settings: Settings, seed: int, log) -> tuple[torch.nn.Module, dict]:
     from dsv4.train.stages import StagedLoader
 
     torch.manual_seed(seed)
-    vocab = RetrievalVocab(settings.keys, settings.values)
+    vocab = RetrievalVocab(settings.keys, settings.values, settings.repeats)
     model = Transformer(lab_config(settings))
 
     def make_loader(seq_len: int, rank: int = 0, world: int = 1) -> RetrievalLoader:
@@ -310,7 +311,7 @@ class TopkProbe:
 def evaluate_length(model, settings: Settings, length: int, seed: int, log) -> dict:
     """One context of ``length`` tokens with ``settings.questions`` needles, prefilled once; every question asked
     from the snapshot after the prefill."""
-    vocab = RetrievalVocab(settings.keys, settings.values)
+    vocab = RetrievalVocab(settings.keys, settings.values, settings.repeats)
     rng = np.random.default_rng([seed, 1, length])
     tokens, needles = needle_context(length, settings.questions, vocab, rng, split="eval")
     ids = torch.from_numpy(tokens).unsqueeze(0)
@@ -340,8 +341,8 @@ def evaluate_length(model, settings: Settings, length: int, seed: int, log) -> d
                 step_seconds.append(time.perf_counter() - tc)
             probe.armed = False
             answer = int(logits[0, -1].argmax())
-            v = needle.value_position
-            hits = probe.hits([e for e in (v // rate, v // rate + 1)])
+            # the CSA entries holding a value token: entry i pools tokens [4 (i - 1), 4 (i + 1)) (overlap)
+            hits = probe.hits(sorted({e for v in needle.value_positions for e in (v // rate, v // rate + 1)}))
             tc = time.perf_counter()
             model(torch.tensor([[answer]]), cache=cache)  # the answer decoded as the next token
             step_seconds.append(time.perf_counter() - tc)
@@ -433,7 +434,22 @@ def run(options) -> dict:
         "per_length": {k: {kk: vv for kk, vv in r.items() if kk != "chunk_seconds"} for k, r in per_length.items()},
     }
     result.update(judge(result, per_length))
+    extra = command_extras(options)
+    if extra:  # the lab's own options: the command that reproduces this run is this module's
+        base = options.command("million") if hasattr(options, "command") else "dsv4 lab million"
+        result["command"] = base.replace("dsv4 lab million", "python -m dsv4.lab.million") + extra
     return result
+
+
+def command_extras(options) -> str:
+    """The lab's own options given (``--lengths``, ``--questions``, ``--prefill-chunk``) on a command line."""
+    out = ""
+    for name in ("lengths", "questions", "prefill_chunk"):
+        v = getattr(options, name, None)
+        if v is not None:
+            v = ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
+            out += f" --{name.replace('_', '-')} {v}"
+    return out
 
 
 def judge(result: dict, per_length: dict) -> dict:
