@@ -98,6 +98,18 @@ def packed_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return out.view(*lead, out.shape[-1])
 
 
+def dequant(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: torch.Tensor) -> torch.Tensor:
+    """A stored weight's rows decoded into ``out`` (float32 [N, K], contiguous), scales applied: the same values as
+    ``quant.fp8_block_dequant`` / ``quant.mxfp4_dequant`` / ``.float()``."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    w = weight.view(torch.int16) if fmt == "bf16" else weight.view(torch.uint8)
+    s = None if scale is None else scale if scale.dtype == torch.float32 else scale.view(torch.uint8)
+    module.dequant(w, s, FORMATS[fmt], out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the kernel now (``make install`` runs this) and print what was built, as JSON."""
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])

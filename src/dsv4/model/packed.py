@@ -37,8 +37,9 @@ FP8_BLOCK = 128  # the FP8 matrices' square scale blocks (spec 1.3)
 FP4_BLOCK = 32  # the FP4 experts' 1 x 32 scale tiles along the input dim
 TILE_BYTES = 4 << 20  # a dequantized tile of output rows: about this many bytes in the compute dtype
 # products of at most this many rows go through the fused kernel (dsv4.model.fused), which reads each stored byte
-# once; more rows dequantize a tile and multiply it (compute-bound, where a matmul is faster)
-FUSED_MAX_ROWS = 8
+# once per 8 rows; more rows decode a tile and multiply it with a matmul (compute-bound, where the matmul is faster;
+# measured here: the fused product 1.3-2x faster at 64 rows, the tile's at 256 for FP4)
+FUSED_MAX_ROWS = 64
 
 
 class Stored(nn.Module):
@@ -69,13 +70,27 @@ def dequant_rows(weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: 
     """Rows [r0, r1) of a stored matrix as ``dtype``: FP8 E4M3 [out, in] with [ceil(out/128), ceil(in/128)] scales
     (r0 a multiple of 128), packed FP4 int8 [out, in/2] with [out, in/32] scales, or a plain float matrix. The same
     values as ``quant.fp8_block_dequant`` / ``quant.mxfp4_dequant`` (tests hold them equal), computed the fast way:
-    bytes through a 256-entry table (FP4: of value pairs) into a buffer, then the block scales multiplied in place.
+    on a CPU by the fused kernel's decoder (``dsv4.model.fused.dequant``) where it is built; otherwise bytes through a
+    256-entry table (FP4: of value pairs) into a buffer, then the block scales multiplied in place.
 
     ``slot``: the result is written into this thread's scratch buffer of that name and is valid until the next call
     with the same slot (no fresh allocation per tile: a new buffer of this size costs more in page faults than the
     dequantization itself); None: a new tensor."""
     w = weight[r0:r1]
     rows = w.shape[0]
+    fmt = kernel_format(weight, scale)
+    if fmt is not None and (scale is not None or dtype == torch.float32) and w.device.type == "cpu" \
+            and not (fmt == "fp8" and (r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0]))) \
+            and not torch.compiler.is_compiling() and fused.available():  # the kernel's decoder
+        cols = w.shape[1] * (2 if fmt == "fp4" else 1)
+        values = _buffer(f"{slot}.f32" if slot and dtype != torch.float32 else slot, (rows, cols), torch.float32,
+                         w.device)
+        values = fused.dequant(w, None if scale is None else _scale_rows(scale, fmt, r0, r1),
+                               fmt, torch.empty(rows, cols) if values is None else values)
+        if dtype == torch.float32:
+            return values
+        out = _buffer(slot, (rows, cols), dtype, w.device)
+        return out.copy_(values) if out is not None else values.to(dtype)
     if scale is None:
         out = _buffer(slot, w.shape, dtype, w.device)
         return out.copy_(w) if out is not None else w.to(dtype)
@@ -150,6 +165,11 @@ def kernel_format(weight: torch.Tensor, scale: torch.Tensor | None) -> str | Non
     return "fp8"
 
 
+def _scale_rows(scale: torch.Tensor, fmt: str, r0: int, r1: int) -> torch.Tensor:
+    """The scales of output rows [r0, r1) (FP8: of their 128-row blocks; r0 a multiple of 128)."""
+    return scale[r0:r1] if fmt == "fp4" else scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]
+
+
 def fuses(x: torch.Tensor, fmt: str | None) -> bool:
     """Whether ``stored_product`` of x takes the fused kernel: float32 CPU rows, few of them, no autograd, not
     inside a compiled graph, and the kernel built."""
@@ -167,9 +187,7 @@ def stored_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     if fmt == "fp8" and (r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0])):
         fmt = None  # a slice that cuts a scale block
     if fuses(x, fmt) and dtype == torch.float32:
-        if scale is not None:
-            scale = scale[r0:r1] if fmt == "fp4" else scale[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]
-        return fused.packed_matmul(x, weight[r0:r1], scale, fmt)
+        return fused.packed_matmul(x, weight[r0:r1], None if scale is None else _scale_rows(scale, fmt, r0, r1), fmt)
     return linear(x, dequant_rows(weight, scale, r0, r1, dtype, slot))
 
 

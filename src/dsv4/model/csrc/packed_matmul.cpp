@@ -211,6 +211,79 @@ using Pass = void (*)(int, const uint8_t*, int64_t, const float*, const float*, 
 const Pass PASSES[MAX_ROWS] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
                                rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
+// The scales of a weight of N x K in format fmt, checked; ``keep`` holds the contiguous tensor they point into.
+Scales read_scales(const c10::optional<torch::Tensor>& scale, int64_t fmt, int64_t N, int64_t K, torch::Tensor& keep) {
+  Scales s;
+  if (fmt == FMT_BF16) return s;
+  TORCH_CHECK(scale.has_value(), "packed_matmul: format ", fmt, " needs its scales");
+  keep = scale->contiguous();
+  const int64_t want_r = fmt == FMT_FP8 ? (N + 127) / 128 : N, want_c = fmt == FMT_FP8 ? (K + 127) / 128 : K / 32;
+  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == want_r && keep.size(1) == want_c, "packed_matmul: scale of shape ",
+              keep.sizes(), " for a weight of ", N, " x ", K, " (want ", want_r, " x ", want_c, ")");
+  s.row_stride = want_c;
+  if (keep.scalar_type() == torch::kFloat32) s.f32 = keep.data_ptr<float>();
+  else {
+    TORCH_CHECK(keep.element_size() == 1, "packed_matmul: scales must be E8M0 bytes or float32, got ",
+                keep.scalar_type());
+    s.e8m0 = static_cast<const uint8_t*>(keep.data_ptr());
+  }
+  return s;
+}
+
+// K inputs a weight row of row_bytes holds in format fmt, checked.
+int64_t row_inputs(int64_t fmt, int64_t row_bytes) {
+  TORCH_CHECK(fmt == FMT_BF16 || fmt == FMT_FP8 || fmt == FMT_FP4, "packed_matmul: unknown format ", fmt);
+  return fmt == FMT_BF16 ? row_bytes / 2 : fmt == FMT_FP8 ? row_bytes : row_bytes * 2;
+}
+
+// One stored row decoded into out[K] (float32, scales applied): the values dequantize-then-matmul would use.
+void decode_row(int fmt, const uint8_t* w, int64_t K, const Scales& s, int64_t n, float* out) {
+  int64_t k = 0;
+  if (fmt == FMT_BF16) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+#if DSV4_AVX2
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, bf16x8(h + k));
+#endif
+    for (; k < K; ++k) out[k] = bf16_value(h[k]);
+  } else if (fmt == FMT_FP8) {
+    for (int64_t b = 0; b * 128 < K; ++b) {
+      const float scale = s.at(n / 128, b);
+      const int64_t k1 = std::min(K, (b + 1) * 128);
+      k = b * 128;
+#if DSV4_AVX2
+      const float folded = scale * 0x1p120f;
+      if (std::isfinite(folded)) {
+        const __m256 sv = _mm256_set1_ps(folded);
+        for (; k + 8 <= k1; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(fp8x8_unscaled(w + k), sv));
+      }
+#endif
+      for (; k < k1; ++k) out[k] = fp8_value(w[k]) * scale;
+    }
+  } else {
+    for (int64_t t = 0; t < K / 32; ++t) {
+      const float scale = s.at(n, t);
+      int64_t j = t * 16;
+#if DSV4_AVX2
+      const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+      const __m128i low = _mm_set1_epi8(0x0F);
+      const __m256 sv = _mm256_set1_ps(0.5f * scale);
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+      __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
+      __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+      __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // column order
+      const __m128i parts[4] = {first, _mm_unpackhi_epi64(first, first), second, _mm_unpackhi_epi64(second, second)};
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_ps(out + 2 * j + 8 * q, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[q])), sv));
+#else
+      for (; j < t * 16 + 16; ++j) {
+        out[2 * j] = fp4_value(w[j] & 0xF) * scale;
+        out[2 * j + 1] = fp4_value(w[j] >> 4) * scale;
+      }
+#endif
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> scale,
@@ -225,22 +298,8 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional
   const int64_t want_bytes = fmt == FMT_BF16 ? 2 * K : fmt == FMT_FP8 ? K : K / 2;
   TORCH_CHECK(row_bytes == want_bytes && (fmt != FMT_FP4 || K % 32 == 0),
               "packed_matmul: a weight row of ", row_bytes, " bytes does not hold ", K, " inputs in format ", fmt);
-  Scales s;
   torch::Tensor sc;
-  if (fmt != FMT_BF16) {
-    TORCH_CHECK(scale.has_value(), "packed_matmul: format ", fmt, " needs its scales");
-    sc = scale->contiguous();
-    const int64_t want_r = fmt == FMT_FP8 ? (N + 127) / 128 : N, want_c = fmt == FMT_FP8 ? (K + 127) / 128 : K / 32;
-    TORCH_CHECK(sc.dim() == 2 && sc.size(0) == want_r && sc.size(1) == want_c, "packed_matmul: scale of shape ",
-                sc.sizes(), " for a weight of ", N, " x ", K, " (want ", want_r, " x ", want_c, ")");
-    s.row_stride = want_c;
-    if (sc.scalar_type() == torch::kFloat32) s.f32 = sc.data_ptr<float>();
-    else {
-      TORCH_CHECK(sc.element_size() == 1, "packed_matmul: scales must be E8M0 bytes or float32, got ",
-                  sc.scalar_type());
-      s.e8m0 = static_cast<const uint8_t*>(sc.data_ptr());
-    }
-  }
+  const Scales s = read_scales(scale, fmt, N, K, sc);
   x = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
   const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
@@ -260,11 +319,34 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional
   return out;
 }
 
+// The weight's rows decoded into out [N, K] float32 (the tile path of many-row products: decoded here, multiplied
+// by a matmul).
+void dequant(torch::Tensor weight, c10::optional<torch::Tensor> scale, int64_t fmt, torch::Tensor out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
+              "dequant: weight must be a contiguous CPU matrix, got ", weight.sizes());
+  const int64_t N = weight.size(0), row_bytes = weight.size(1) * weight.element_size();
+  const int64_t K = row_inputs(fmt, row_bytes);
+  TORCH_CHECK(fmt != FMT_FP4 || K % 32 == 0, "dequant: FP4 rows of ", K, " inputs are not whole 1 x 32 tiles");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == K, "dequant: out must be a contiguous float32 [", N, ", ", K, "], got ", out.sizes());
+  torch::Tensor sc;
+  const Scales s = read_scales(scale, fmt, N, K, sc);
+  const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes)),
+                   [&](int64_t n0, int64_t n1) {
+                     for (int64_t n = n0; n < n1; ++n) decode_row(int(fmt), w + n * row_bytes, K, s, n, o + n * K);
+                   });
+}
+
 bool vectorized() { return DSV4_AVX2; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_matmul", &packed_matmul, "x [M, K] @ W^T for W stored as BF16, FP8 E4M3 or packed FP4 E2M1",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("fmt"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dequant", &dequant, "a stored weight's rows decoded into a float32 matrix", pybind11::arg("weight"),
+        pybind11::arg("scale"), pybind11::arg("fmt"), pybind11::arg("out"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
 }
