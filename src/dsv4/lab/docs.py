@@ -8,6 +8,7 @@ that run, marked as such; a lab never saved says how to run it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def section(name: str, results_dir: Path, docs_dir: Path) -> list[str]:
     if result is None:
         return lines + [f"Not run yet: `dsv4 lab {name} --save`, then `dsv4 lab --docs`.", ""]
     lines += [f"Command: `{result['command']}` (commit {result.get('commit') or '-'}, {result.get('date', '-')}, "
-              f"{_fmt(result.get('seconds'))} s on {result.get('threads', '-')} threads, load average "
-              f"{_fmt(result.get('load_average_at_end'))} at the end: other work was running on the machine)"
+              f"{_fmt(result.get('seconds'))} s on {result.get('threads', '-')} torch thread(s); the machine's load "
+              f"average at the end {_fmt(result.get('load_average_at_end'))} on {os.cpu_count()} cores: above the "
+              f"core count, other work shared the CPU and the seconds are pessimistic)"
               + (" — **a --quick run only**: tiny sizes, not the claim's scale" if result.get("quick") else ""), ""]
     rows = module.figures(result) if hasattr(module, "figures") else default_figures(result)
     lines += ["| figure | value |", "|---|---|"] + [f"| {label} | {_fmt(value)} |" for label, value in rows] + [""]
