@@ -195,7 +195,7 @@ def plot(result: dict, prefix: Path) -> list[Path]:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, lr in enumerate(("normal", "high")):
-        for m in MODES:
+        for m in ("residual", "hc", "mhc"):  # mHC last: on top of the plain residual's 1
             r = result["runs"][f"{m}_{lr}"]
             axes[0, col].plot(r["gain_steps"], r["forward_gain"], color=colors[m], label=f"{m} forward")
             axes[0, col].plot(r["gain_steps"], r["backward_gain"], color=colors[m], ls="--", label=f"{m} backward")
