@@ -79,6 +79,11 @@ def run(args) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    from dsv4.parallel.mesh import launched
+
+    if launched():
+        raise ValueError("dsv4 chat runs in one process; with the experts spread over ranks, run `torchrun ... -m "
+                         "dsv4 serve` and chat through its API")
     engine, tokenizer, path = build_engine(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     out = sys.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 GIB = 1 << 30
@@ -48,12 +49,42 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder)")
 
 
-def build_engine(args):
-    """(engine, tokenizer, model directory) from the shared options."""
+def build_engine(args, ranks=None):
+    """(engine, tokenizer, model directory) from the shared options. ``ranks`` (rank 0 of an expert-parallel launch,
+    ``dsv4.parallel.inference.Ranks``): this rank's slice of the routed experts and a ``LeaderEngine``."""
     import dsv4
+    from dsv4.serve.engine import Engine
+
+    path, tokenizer = check_options(args, ranks)
+    if not tokenizer.chat_ready:
+        logging.getLogger("dsv4.serve").warning(
+            "the tokenizer lacks DeepSeek-V4's chat tokens: /v1/chat/completions prompts spell them as text")
+    make = Engine
+    if ranks is None:
+        model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
+    else:
+        from dsv4.parallel.inference import from_pretrained
+        from dsv4.serve.distributed import LeaderEngine
+
+        model = from_pretrained(path, ranks.rank, ranks.size, ranks.group, numerics=args.numerics).eval()
+        make = partial(LeaderEngine, ranks=ranks)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
+    max_len = args.max_model_len or min(model.config.max_position_embeddings, 32768)
+    engine = make(model, tokenizer, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+                  kv_memory_bytes=None if args.kv_memory_gib is None else int(args.kv_memory_gib * GIB),
+                  prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache,
+                  cache_memory_bytes=int(args.kv_cache_memory_gib * GIB), cache_dir=args.kv_cache_dir,
+                  cache_disk_bytes=int(args.kv_cache_disk_gib * GIB), speculative=args.speculative,
+                  compile=args.compile)
+    return engine, tokenizer, path
+
+
+def check_options(args, ranks=None):
+    """(model directory, tokenizer) after checking the shared options: every rank of a launch runs this before
+    loading, so that bad options fail on each alike."""
     from dsv4.data import load_tokenizer
     from dsv4.generate import resolve_model_dir
-    from dsv4.serve.engine import Engine
 
     for name in ("max_model_len", "max_num_seqs", "prefill_chunk"):
         value = getattr(args, name)
@@ -63,28 +94,56 @@ def build_engine(args):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if ranks is not None:
+        from dsv4.serve import distributed
+
+        distributed.check_options(args.compile, args.speculative)
     path = resolve_model_dir(args.model)
     tok = args.tokenizer or path / "tokenizer.json"
     if args.tokenizer is None and not Path(tok).exists():
         raise FileNotFoundError(f"no tokenizer at {tok}; pass --tokenizer")
-    tokenizer = load_tokenizer(tok)
-    if not tokenizer.chat_ready:
-        logging.getLogger("dsv4.serve").warning(
-            "the tokenizer lacks DeepSeek-V4's chat tokens: /v1/chat/completions prompts spell them as text")
-    model = dsv4.from_pretrained(path, numerics=args.numerics).eval()
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
-    max_len = args.max_model_len or min(model.config.max_position_embeddings, 32768)
-    engine = Engine(model, tokenizer, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
-                    kv_memory_bytes=None if args.kv_memory_gib is None else int(args.kv_memory_gib * GIB),
-                    prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache,
-                    cache_memory_bytes=int(args.kv_cache_memory_gib * GIB), cache_dir=args.kv_cache_dir,
-                    cache_disk_bytes=int(args.kv_cache_disk_gib * GIB), speculative=args.speculative,
-                    compile=args.compile)
-    return engine, tokenizer, path
+    return path, load_tokenizer(tok)
+
+
+def follow(args, ranks) -> int:
+    """A rank other than 0 of ``torchrun ... dsv4 serve``: its slice of the experts, replaying rank 0's model calls
+    (``dsv4.serve.distributed.Follower``) until rank 0's engine ends."""
+    from dsv4.parallel.inference import from_pretrained
+    from dsv4.serve.distributed import Follower, start
+
+    model, error = None, None
+    try:
+        path, _ = check_options(args, ranks)
+        model = from_pretrained(path, ranks.rank, ranks.size, ranks.group, numerics=args.numerics).eval()
+    except Exception as e:
+        error = e
+    shape = start(ranks, error)
+    Follower(model, ranks, shape).run()
+    return 0
 
 
 def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from dsv4.parallel.inference import expert_ranks
+
+    with expert_ranks() as ranks:  # under torchrun: the routed experts spread over the ranks, rank 0 serving
+        if ranks is None:
+            return serve(args, *build_engine(args))
+        if not ranks.is_main:
+            return follow(args, ranks)
+        from dsv4.serve.distributed import start
+
+        engine, error = None, None
+        try:
+            engine, tokenizer, path = build_engine(args, ranks)
+        except Exception as e:
+            error = e
+        start(ranks, error, engine.shape if engine is not None else None)
+        return serve(args, engine, tokenizer, path, ranks)
+
+
+def serve(args, engine, tokenizer, path, ranks=None) -> int:
+    """The HTTP server in a thread, the engine's loop in this (the main) thread, until a signal or the server ends."""
     import signal
     import threading
 
@@ -92,8 +151,6 @@ def run(args) -> int:
 
     from dsv4.serve.server import build_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine, tokenizer, path = build_engine(args)
     name = args.served_model_name or path.resolve().name
     app = build_app(engine, tokenizer, model_name=name, api_key=args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
@@ -114,7 +171,8 @@ def run(args) -> int:
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.max_model_len} "
           f"tokens, {engine.rows * engine.row_bytes / GIB:.2f} GiB of decode state; prefix cache "
           f"{'off' if engine.prefix is None else 'on'}; decoding step "
-          f"{'eager' if engine.compile_seconds is None else f'compiled in {engine.compile_seconds:.0f} s'})",
+          f"{'eager' if engine.compile_seconds is None else f'compiled in {engine.compile_seconds:.0f} s'}"
+          f"{'' if ranks is None else f'; routed experts over {ranks.size} ranks'})",
           file=sys.stderr, flush=True)
     engine.run()
     server.should_exit = True
