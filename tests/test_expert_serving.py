@@ -1,7 +1,8 @@
 """Serving with the routed experts across processes (#18 item 5, dsv4.serve.distributed): ``dsv4 serve`` on two
 gloo ranks (half of each layer's experts each; rank 0 serving HTTP, rank 1 following) answers two concurrent
 completions and a third that resumes from the prefix cache with the tokens that one process's engine gives, and
-rank 1 exits cleanly when rank 0 shuts down. Options not run with split experts are refused.
+rank 1 exits cleanly when rank 0 shuts down; in one process, a follower replaying a leader's announcements holds
+the leader's decode state after every step. Options not run with split experts are refused.
 
 The ranks run as subprocesses of this file (``tests/test_distributed.py``'s ``launch``) with one thread each, on
 ``tests/test_expert_inference.py``'s checkpoint; the one-process reference runs here, on one thread too.
@@ -154,6 +155,73 @@ def test_the_follower_replayed_the_batched_steps_and_exited(served):
     # each request decodes TOKENS - 1 steps after its prefill's token: A and B shared steps (continuous batching)
     assert steps < 3 * (TOKENS - 1)
     assert beats > 0  # sent while rank 0 waited for requests
+
+
+def state_tensors(state) -> list[torch.Tensor]:
+    out = [state.lengths, state.active]
+    for layer in state.all_layers():
+        out += [layer.ring, layer.ring_pos]
+        for p in layer.parts():
+            out += [t for t in (p.part_kv, p.part_gate, p.entries, p.prev_kv, p.prev_gate) if t is not None]
+    return out
+
+
+def test_a_follower_replaying_the_announcements_holds_the_leaders_decode_state(checkpoint):
+    """In one process, without a process group (the model whole on both sides): every announcement of a
+    ``LeaderEngine`` goes, pickled as ``broadcast_object_list`` sends it, to a ``Follower`` at once; after each
+    decoding step the two decode states are equal, free rows included, through samples that end early, n = 2, a
+    prefix-cache hit and a prompt cancelled halfway through its prefill."""
+    import pickle
+
+    import dsv4
+    from dsv4.data import load_tokenizer
+    from dsv4.parallel.inference import Ranks
+    from dsv4.serve.distributed import Follower, LeaderEngine
+    from dsv4.serve.engine import Request
+    from dsv4.serve.sampling import SamplingParams
+
+    model = dsv4.from_pretrained(checkpoint, numerics="plain")
+    checks = []
+
+    class Recording(LeaderEngine):
+        def _announce(self, msg):
+            msg = pickle.loads(pickle.dumps(msg))
+            getattr(follower, "_" + msg[0])(*msg[1:])
+            follower.counts[msg[0]] += 1
+            if msg[0] == "prefill" and msg[1] == long_handle and msg[3] is None:
+                long.cancel()  # after its first chunk: dropped at the next turn
+
+    leader = Recording(model, load_tokenizer(checkpoint / "tokenizer.json"), ranks=Ranks(0, 1), max_model_len=512,
+                       max_num_seqs=ROWS, prefill_chunk=CHUNK)
+    follower = Follower(model, Ranks(1, 2), leader.shape)
+    step = leader.step
+
+    def checked(tokens):
+        out = step(tokens)
+        pairs = zip(state_tensors(leader.state), state_tensors(follower.state))
+        checks.append(all(torch.equal(a, b) for a, b in pairs))
+        return out
+
+    leader.step = checked
+    ids = prompts(checkpoint)
+    long_handle = 3  # the fourth prompt admitted
+    long = Request(ids[0][::-1] * 2, SamplingParams(max_tokens=4, temperature=0), lambda ev: None)
+    reqs = [Request(ids[0], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), lambda ev: None),
+            Request(ids[1], SamplingParams(max_tokens=2, temperature=0.8, seed=1, n=2), lambda ev: None),
+            Request(ids[2], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), lambda ev: None), long]
+    leader.start()
+    try:
+        for batch in (reqs[:2], reqs[2:]):  # two at a time; the third resumes from the first's prompt
+            for r in batch:
+                leader.submit(r)
+            for r in batch:
+                r.finished.wait(60)
+    finally:
+        leader.shutdown()
+    assert all(r.finished.is_set() for r in reqs) and leader.error is None
+    assert reqs[2].cached_tokens > 0 and follower.counts["hits"] == 1
+    assert follower.counts["drop"] == 1 and not follower.caches  # every prompt's cache released
+    assert len(checks) >= 9 and all(checks)  # 5 + 4 steps at least (req 1 decodes beside req 0)
 
 
 def test_options_not_run_with_split_experts_are_refused():
