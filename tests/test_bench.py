@@ -95,6 +95,38 @@ def test_dense_baseline_decodes_like_one_call():
     assert cache.nbytes() == 40 * cfg.head_dim * 4 * cfg.num_hidden_layers
 
 
+def test_the_dense_decode_state_decodes_like_the_growing_cache():
+    """The dense baseline's static-shape state (what its compiled step runs): rows at their own lengths give the
+    growing cache's logits; a full row and a second token per row are refused."""
+    import torch
+
+    from dsv4 import Transformer
+    from dsv4.bench_baselines import DenseDecodeState, dense_attention, dense_cache
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval().set_attention(dense_attention)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
+    state = DenseDecodeState(model, 2, 32)
+    with torch.no_grad():
+        caches = [dense_cache(model, 1) for _ in range(2)]
+        for r, n in enumerate((5, 12)):  # row r's prompt through the growing cache, then copied into the state
+            model(ids[r:r + 1, :n], cache=caches[r])
+            for layer, lc in zip(state.layers, caches[r].layers):
+                layer.kv[r, :n] = lc.kv[0, :n]
+            state.lengths[r], state.active[r] = n, True
+        for _ in range(10):
+            tokens = torch.stack([ids[r, int(state.lengths[r])] for r in range(2)])
+            got = model(tokens[:, None], cache=state)[:, 0]
+            for r in range(2):
+                assert_close_scaled(got[r], model(tokens[r:r + 1, None], cache=caches[r])[0, 0])
+        assert state.lengths.tolist() == [15, 22] and state.nbytes() == 2 * 32 * cfg.head_dim * 4 * 4
+        with pytest.raises(ValueError, match="one token per row"):
+            model(ids[:, :2], cache=state)
+        state.lengths[1] = 32
+        with pytest.raises(ValueError, match="full"):
+            model(ids[:, :1], cache=state)
+
+
 def test_decode_reports_ratios(capsys):
     r = run_json(capsys, "bench", "decode", "--preset", "tiny", "--context", "300", "--tokens", "2",
                  "--repeats", "1", "--json")

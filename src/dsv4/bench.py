@@ -7,7 +7,9 @@ transformers' eager implementation on the same weights (logits compared). decode
 context and at 4,096 tokens, against dense decoding over every past token, beside the cost model's predicted ratio
 (its FLOPs) and the roofline's (its FLOPs at the matmul peak and its bytes at the copy bandwidth, both measured);
 with ``--batch-size B``, the latency of a step that decodes one token for each of B rows (``tokens_per_s`` counts
-all of them).
+all of them); with ``--compile``, beside the eager steps the compiled decoding step (``dsv4.model.decode.DecodeStep``
+on a ``DecodeState`` of capacity context + tokens, as generation and serving run it) of V4 at both contexts and of
+dense decoding (``DenseDecodeState``: compiled the same way, a fair baseline), and each one's compile time.
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process. ``--device cuda`` runs
 all of it on a GPU (timers wait for the device; ``peak_gpu_mem_gib`` beside the host's ``peak_rss_gib``).
 """
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from dsv4.bench_baselines import dense_attention, dense_cache
+from dsv4.bench_baselines import DenseDecodeState, dense_attention, dense_cache
 from dsv4.config import CSA, HCA, ModelConfig
 from dsv4.train.flops import synchronize
 
@@ -262,12 +264,44 @@ ATTENTION = {"fast": "fast", "dense": dense_attention}  # a side's name -> its `
 
 class DecodeRun(NamedTuple):
     """One side of ``bench decode``: its attention (``ATTENTION``'s name), its context, the token ids and the cache
-    its steps advance."""
+    its steps advance; for a compiled side, the ``DecodeStep`` that advances its state (else None); for V4, the
+    one-row prefilled cache that every row copies."""
 
     impl: str
     context: int
     ids: torch.Tensor
     cache: object
+    step: object = None
+    row: object = None
+
+    def run(self, i: int, model) -> None:
+        """Its ``i``-th decoding step."""
+        ids = self.ids[:, self.context + i:self.context + i + 1]
+        if self.step is not None:
+            self.step(ids[:, 0])
+        else:
+            model(ids, cache=self.cache)
+
+
+def compiled_run(model, run: DecodeRun, tokens: int, generator: torch.Generator) -> DecodeRun:
+    """``run``'s compiled twin: a decode state of its rows with room for ``tokens`` more (V4's rows loaded from its
+    prefilled cache; dense rows of random vectors), its step compiled while the rows are free."""
+    from dsv4.model.decode import DecodeState, DecodeStep
+
+    rows, capacity = run.ids.shape[0], run.context + tokens
+    if run.impl == "dense":
+        state = DenseDecodeState(model, rows, capacity)
+        step = DecodeStep(model, state, compile=True, fullgraph=True)
+        state.fill(run.context, generator)
+    else:
+        state = DecodeState(model, rows, capacity)
+        step = DecodeStep(model, state, compile=True, fullgraph=True)
+        for r in range(rows):  # the prefilled cache's rows are copies of one
+            state.load_row(r, run.row)
+    if not step.compiled:
+        raise RuntimeError("bench decode --compile: the decoding step did not compile as one graph (see the warning "
+                           "above)")
+    return run._replace(cache=state, step=step)
 
 
 def bench_decode(args) -> dict:
@@ -288,22 +322,30 @@ def bench_decode(args) -> dict:
         if impl == "dense":
             cache = filled_dense_cache(model, context, dtype, g, args.tokens, batch)
         else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
-            cache, _ = prefill(model, ids[:1, :context], args.chunk)
-            cache = cache.repeat_rows(batch) if batch > 1 else cache
+            row, _ = prefill(model, ids[:1, :context], args.chunk)
+            return DecodeRun(impl, context, ids, row.repeat_rows(batch) if batch > 1 else row, row=row)
         return DecodeRun(impl, context, ids, cache)
 
-    # the runs' steps alternate (V4 at the context, V4 at 4K, dense), so that a drift of the machine's speed during
-    # the run (on a shared 2-core machine, 20% within minutes) weighs on every ratio's both sides alike
+    # the runs' steps alternate (V4 at the context, V4 at 4K, dense; then their compiled twins), so that a drift of
+    # the machine's speed during the run (on a shared 2-core machine, 20% within minutes) weighs on every ratio's
+    # both sides alike
     runs = {"v4": start(args.context, "fast"), "v4_4k": start(4096, "fast")}
     if not args.no_dense:
         runs["dense"] = start(args.context, "dense")
+    compile_s = {}
+    if args.compile:
+        with torch.inference_mode():
+            for name in list(runs):
+                model.set_attention(ATTENTION[runs[name].impl], args.block)
+                t = time.perf_counter()
+                runs[name + "_compiled"] = compiled_run(model, runs[name], args.tokens, g)
+                compile_s[name] = time.perf_counter() - t
     times = {name: [] for name in runs}
     with torch.inference_mode():
         for i in range(args.tokens):
-            for name, (impl, context, ids, cache) in runs.items():
-                model.set_attention(ATTENTION[impl], args.block)
-                times[name].append(timed(lambda: model(ids[:, context + i:context + i + 1], cache=cache), 1,
-                                         device)[0])
+            for name, run in runs.items():
+                model.set_attention(ATTENTION[run.impl], args.block)
+                times[name].append(timed(lambda: run.run(i, model), 1, device)[0])
     model.set_attention("fast", args.block)
     ms, ms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4", "v4_4k"))  # medians of the steps
     kv = runs["v4"].cache.nbytes()
@@ -318,12 +360,24 @@ def bench_decode(args) -> dict:
            # measured here): what the step would cost without per-op overhead, and how that grows with context
            "matmul_peak_flops": peak, "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
            "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k,
+           "vs_roofline": ms / roof, "vs_roofline_4k": ms_4k / roof_4k,
            "kv_bytes": kv, "dense_kv_bytes": batch * dense_kv_bytes(config, args.context, esize),
            **peak_memory(device), "threads": torch.get_num_threads()}
     if not args.no_dense:
         dense_ms, dense_kv = statistics.median(times["dense"]) * 1e3, runs["dense"].cache.nbytes()
         out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
                     "dense_cache_bytes": dense_kv, "cache_ratio_vs_dense": dense_kv / kv})
+    if args.compile:  # the compiled steps, as generation and serving run them, beside the eager ones
+        cms, cms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4_compiled", "v4_4k_compiled"))
+        out.update({"compiled_ms_per_token": cms, "compiled_ms_per_token_4k": cms_4k,
+                    "compiled_ratio_vs_4k": cms / cms_4k, "compiled_vs_roofline": cms / roof,
+                    "compiled_vs_roofline_4k": cms_4k / roof_4k, "compiled_speedup_vs_eager": ms / cms,
+                    "compiled_speedup_vs_eager_4k": ms_4k / cms_4k,
+                    "compile_seconds": compile_s["v4"], "compile_seconds_4k": compile_s["v4_4k"]})
+        if not args.no_dense:
+            dcms = statistics.median(times["dense_compiled"]) * 1e3
+            out.update({"dense_compiled_ms_per_token": dcms, "compiled_speedup_vs_dense_compiled": dcms / cms,
+                        "dense_compile_seconds": compile_s["dense"]})
     return out
 
 
@@ -387,6 +441,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="train: timed steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="decode: also the compiled decoding steps (V4 and dense, compiled alike), timed in turn with "
+                        "the eager ones, and their compile times")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timers wait for the device)")

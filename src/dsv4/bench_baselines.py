@@ -7,7 +7,9 @@ c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode 
 ``dense_attention`` is an attention path (``Transformer.set_attention(dense_attention)``): the model's own
 projections (low-rank q, the one shared K=V head, the grouped output), then causal MQA over every past token with
 PyTorch's SDPA: no window, no compression, no sinks. Its cache (``dense_cache``) keeps every K=V vector of every
-layer in a buffer that grows by doubling.
+layer in a buffer that grows by doubling; ``DenseDecodeState`` is its static-shape form (every layer's buffer
+preallocated for a capacity, positions as tensors), which a compiled decoding step takes (``DecodeStep``), so that
+dense decoding is compiled the same way as V4's when the two are compared.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.cache import ModelCache, append_rows
+from dsv4.model.decode import DecodeState
 
 
 @dataclass
@@ -38,6 +41,56 @@ class DenseLayerCache:
         return 0 if self.kv is None else self.filled * self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
 
 
+@dataclass
+class DenseRows:
+    """One layer's K=V vectors of every row at every position [R, capacity, c] (a static-shape dense cache)."""
+
+    kv: torch.Tensor
+
+    batch_invariant = True  # as V4's decode state: each token's experts on their own (static shapes when compiled)
+
+
+class DenseDecodeState(DecodeState):
+    """The dense baseline's decode state: ``DecodeState``'s rows, lengths and positions (each row at its own), every
+    layer holding all K=V vectors up to ``capacity`` (``DenseRows``) instead of a window ring and compressed entries.
+    ``model(ids, cache=state)`` with ``dense_attention`` advances it; every shape depends only on (rows, capacity)."""
+
+    def __init__(self, model, rows: int, capacity: int):
+        if rows < 1 or capacity < 1:
+            raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
+        if capacity > model.config.max_position_embeddings:
+            raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
+                             f"({model.config.max_position_embeddings})")
+        self.rows, self.capacity = rows, capacity
+        self.dtype = model.embed.weight.dtype
+        dev = model.device
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.layers = [DenseRows(torch.zeros(rows, capacity, model.config.head_dim, dtype=self.dtype, device=dev))
+                       for _ in model.layers]
+        self.mtp = None
+
+    def fill(self, context: int, generator: torch.Generator) -> DenseDecodeState:
+        """Every row holding ``context`` random K=V vectors per layer (copies of one row, as ``filled_dense_cache``:
+        a step's cost does not depend on their values), active."""
+        if not 0 <= context < self.capacity:
+            raise ValueError(f"a context of {context} tokens leaves no room in a capacity of {self.capacity}")
+        for layer in self.layers:
+            layer.kv[:, :context] = torch.randn(1, context, layer.kv.shape[-1], generator=generator).to(layer.kv)
+        self.lengths.fill_(context)
+        self.active.fill_(True)
+        return self
+
+    def reset_row(self, r: int) -> None:
+        self.lengths[r] = 0
+        self.active[r] = False
+        for layer in self.layers:
+            layer.kv[r] = 0
+
+    def nbytes(self) -> int:
+        return sum(layer.kv.numel() * layer.kv.element_size() for layer in self.layers)
+
+
 def dense_cache(model, batch_size: int) -> ModelCache:
     """An empty dense cache for ``model``'s attention layers: what ``model(ids, cache=...)`` advances when the
     model runs ``dense_attention``."""
@@ -51,8 +104,11 @@ def dense_attention(attn, x, q, kv, q_latent, positions, cache: DenseLayerCache 
     vector (kv [B, S, c], after those of ``cache``), causal, one softmax without a sink -> [B, S, H, c]."""
     if packing is not None:
         raise ValueError("the dense baseline does not take packed documents")
+    if isinstance(cache, DenseRows):
+        return _dense_rows(attn, q, kv, positions, cache)
     if cache is not None and not isinstance(cache, DenseLayerCache):
-        raise ValueError("the dense baseline decodes with its own cache: dsv4.bench_baselines.dense_cache(model, B)")
+        raise ValueError("the dense baseline decodes with its own cache: dsv4.bench_baselines.dense_cache(model, B) "
+                         "or DenseDecodeState(model, rows, capacity)")
     keys = kv if cache is None else cache.append(kv)
     b, s, h, c = q.shape
     if s == 1:  # decoding: every key visible, so the heads fold into queries of the one K=V head (read once)
@@ -67,3 +123,18 @@ def dense_attention(attn, x, q, kv, q_latent, positions, cache: DenseLayerCache 
         mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) <= t.unsqueeze(1)
         out = F.scaled_dot_product_attention(qh, k, k, attn_mask=mask, scale=attn.scale)
     return out.transpose(1, 2)
+
+
+def _dense_rows(attn, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, cache: DenseRows) -> torch.Tensor:
+    """One token per row at its own position (q [R, 1, H, c], kv [R, 1, c], positions [R, 1]) over a
+    ``DenseRows`` buffer: the new vector written at its position, then every filled position up to it (a mask over
+    the whole capacity: static shapes)."""
+    r, s, h, c = q.shape
+    if s != 1:
+        raise ValueError(f"the dense decode state takes one token per row, got {s}")
+    pos = positions[:, 0]
+    cache.kv[torch.arange(r, device=q.device), pos] = kv[:, 0].to(cache.kv.dtype)
+    mask = torch.arange(cache.kv.shape[1], device=q.device) <= pos.unsqueeze(1)  # [R, capacity]
+    k = cache.kv.unsqueeze(1).to(q.dtype)
+    return F.scaled_dot_product_attention(q.view(r, 1, h, c), k, k, attn_mask=mask.view(r, 1, 1, -1),
+                                          scale=attn.scale).view(r, 1, h, c)
