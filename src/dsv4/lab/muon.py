@@ -34,7 +34,7 @@ def sizes(quick: bool) -> dict:
         return dict(layers=1, hidden=32, steps=8, batch_size=4, seq_len=32, vocab=384, val_every=2, val_batches=1,
                     muon_lrs=(1e-2, 3e-2), adamw_lrs=(3e-3, 1e-2))
     return dict(layers=2, hidden=64, steps=100, batch_size=8, seq_len=64, vocab=1024, val_every=10, val_batches=4,
-                muon_lrs=(3e-3, 1e-2, 3e-2), adamw_lrs=(1e-3, 3e-3, 1e-2))
+                muon_lrs=(1e-3, 3e-3, 1e-2), adamw_lrs=(1e-3, 3e-3, 1e-2))
 
 
 def model_config(vocab: int, layers: int, hidden: int):
@@ -98,6 +98,10 @@ def run(options: LabOptions) -> dict:
         why = (f"Muon (lr {muon['lr']:g}) reaches AdamW's final validation loss {target:.4g} (lr {adamw['lr']:g}) "
                f"after {muon_tokens:,.0f} tokens against AdamW's {adamw_tokens:,.0f}: {ratio:.2f}x "
                f"({'at most' if holds else 'more than'} 0.8x)")
+    edges = [f"{r['optimizer']}'s best lr {r['lr']:g} is at the edge of its sweep" for r, lrs in
+             ((muon, s["muon_lrs"]), (adamw, s["adamw_lrs"])) if r["lr"] in (min(lrs), max(lrs))]
+    if edges:
+        why += " (" + "; ".join(edges) + ")"
     return {"layers": s["layers"], "hidden_size": s["hidden"], "steps": s["steps"], "batch_size": s["batch_size"],
             "seq_len": s["seq_len"], "corpus": data.corpus, "muon_lrs": list(s["muon_lrs"]),
             "adamw_lrs": list(s["adamw_lrs"]), "muon_best_lr": muon["lr"], "adamw_best_lr": adamw["lr"],
