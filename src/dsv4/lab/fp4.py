@@ -10,6 +10,8 @@ quantized and dequantized once, what an official FP4 checkpoint holds).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dsv4.lab.common import LabOptions, lab_data, train_run, verdict
@@ -76,3 +78,26 @@ def run(options: LabOptions) -> dict:
             "no_qat_fp4_val_loss": figs["no_qat"]["fp4_val_loss"], "no_qat_fp4_rel_diff": plain_diff,
             "no_qat_fp4_kl": figs["no_qat"]["fp4_kl"], "no_qat_fp4_top1_agreement": figs["no_qat"]["fp4_top1_agreement"],
             **verdict(within and worse, why), "runs": figs}
+
+
+def plot(result: dict, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in result["runs"].items():
+        axes[0].plot(range(1, len(r["loss"]) + 1), r["loss"], lw=1, label=name)
+    axes[0].set_title("training loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    diffs = [100 * result["qat_fp4_rel_diff"], 100 * result["no_qat_fp4_rel_diff"]]
+    axes[1].bar(["QAT", "no QAT"], diffs, color=["tab:blue", "tab:orange"])
+    axes[1].axhline(0, color="gray", lw=0.5)
+    axes[1].set_title("validation loss change with real FP4 experts (%)")
+    fig.tight_layout()
+    path = Path(f"{prefix}-fp4.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]

@@ -13,6 +13,7 @@ attention against the same model with dense CSA attention.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -80,3 +81,26 @@ def run(options: LabOptions) -> dict:
             "recall_at_init": at(1), "recall_end_of_dense": at(s["dense"]), "recall_end_of_warmup": after_warmup,
             "val_loss_sparse": sparse, "val_loss_dense_attention": dense, "sparse_vs_dense": rel,
             **verdict(recall_ok and loss_ok, why), "recall": recall, "loss": curves.loss}
+
+
+def plot(result: dict, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    recall = [float("nan") if x is None else x for x in result["recall"]]
+    axes[0].plot(range(1, len(recall) + 1), recall, lw=1)
+    axes[0].set_title("indexer recall of the main attention's top-k")
+    axes[1].plot(range(1, len(result["loss"]) + 1), result["loss"], lw=1)
+    axes[1].set_title("training loss (the warm-up trains the indexer alone)")
+    for ax in axes:
+        ax.axvline(result["dense_steps"], color="gray", ls=":")
+        ax.axvline(result["dense_steps"] + result["indexer_warmup_steps"], color="gray", ls=":")
+        ax.set_xlabel("step (dense | warm-up | sparse)")
+    fig.tight_layout()
+    path = Path(f"{prefix}-recall.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
