@@ -91,7 +91,7 @@ def run_lab(name: str, options: LabOptions, results_dir: Path | None = None) -> 
     its plots drawn into ``options.out``, the JSON written to ``<out>/<name>.json`` and, with ``options.save``, to
     ``<results_dir>/lab-<name>-<time>.json`` (default ``benchmarks/results``)."""
     module = lab_module(name)
-    threads = torch.get_num_threads()
+    threads, code = torch.get_num_threads(), commit()  # the code the run starts with
     # a lab's own default (its THREADS: the training labs' models are so small that one thread is fastest on a busy
     # CPU), else PyTorch's
     want = options.threads or getattr(module, "THREADS", None)
@@ -110,7 +110,7 @@ def run_lab(name: str, options: LabOptions, results_dir: Path | None = None) -> 
         raise RuntimeError(f"lab {name} returned no verdict ({HOLDS!r} or {DOES_NOT_HOLD!r}) with a reason")
     result = json_safe({"lab": name, "title": module.TITLE, "spec": module.SPEC, "threshold": module.THRESHOLD,
                         "command": options.command(name), "quick": options.quick, "seed": options.seed, **figures,
-                        "seconds": seconds, "threads": used, "commit": commit(),
+                        "seconds": seconds, "threads": used, "commit": code,
                         "date": time.strftime("%Y-%m-%d", time.gmtime()),
                         "load_average_at_end": os.getloadavg()[0]})
     if hasattr(module, "plot"):
