@@ -27,6 +27,11 @@ def model():
     return lively(Transformer(ModelConfig.preset("tiny").replace(vocab_size=VOCAB)).eval())
 
 
+@pytest.fixture(scope="module")
+def model64(model):
+    return copy.deepcopy(model).double()
+
+
 def filled(model, starts, rows=4, capacity=96, seed=0, compile=False):
     """A decode state whose rows hold prompts of the given lengths (the rest free), its step (compiled before the
     rows are filled, with ``fullgraph``: a graph break fails), and the prompts' ids."""
@@ -60,11 +65,11 @@ def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model):
             compiled_step(torch.full((4,), VOCAB))
 
 
-def test_compiled_generation_equals_eager_generation(model):
+def test_compiled_generation_equals_eager_generation(model64):
     """``generate(compile=True)`` in float64 (no near-tie of two computation orders flips a greedy token): two
     prompts of different lengths, two samples each (four rows of one compiled state), greedy and sampled with a
     seed, give eager generation's tokens; its capacity is the bucket of prompt and new tokens."""
-    m64 = copy.deepcopy(model).double()
+    m64 = model64
     prompt = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
     prompt[1, :7] = 0
     info = {}
@@ -72,6 +77,21 @@ def test_compiled_generation_equals_eager_generation(model):
         compiled = generate(m64, prompt, 40, samples=2, compile=True, info=info, **kw)
         assert info["compile_seconds"] is not None and info["capacity"] == capacity_bucket(30 + 39, 65536) == 256
         assert torch.equal(compiled, generate(m64, prompt, 40, samples=2, **kw))
+
+
+def test_the_compiled_step_equals_eager_in_float64_to_the_capacity(model64):
+    """In float64 the compiled step equals the eager one within 1e-9 of the logits' scale, over steps that take a row
+    to the last position of its capacity (the last entry slot of CSA and HCA, the ring wrapping) beside rows at other
+    lengths (the graph of the generation test above: four rows of 256)."""
+    with torch.inference_mode():
+        eager, step, ids = filled(model64, [13, 101, 238], capacity=256)
+        compiled, compiled_step, _ = filled(model64, [13, 101, 238], capacity=256, compile=True)
+        for _ in range(18):  # row 2 from 238 to 256 tokens: its capacity
+            tokens = torch.stack([ids[r, int(eager.lengths[r])] if r < 3 else torch.tensor(0) for r in range(4)])
+            assert_close_scaled(compiled_step(tokens)[:3], step(tokens)[:3])  # float64: 1e-9
+        assert compiled.lengths.tolist() == [31, 119, 256, 0]
+        with pytest.raises(ValueError, match="full"):
+            compiled_step(tokens)
 
 
 def test_a_compiled_engine_gives_the_eager_engines_greedy_outputs(model):
