@@ -33,6 +33,8 @@ PLAN = [
     ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16"],
+    ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--compile"],
+    ["decode", "--preset", "small", "--context", "4096", "--tokens", "16", "--compile"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "2"],
     ["serve", "--preset", "small"],
 ]
@@ -52,6 +54,12 @@ QUICK = [
     ["train", "--preset", "tiny", "--context", "256", "--batch-size", "4"],
 ]
 
+
+COMPILED_NOTE = """`dsv4 bench decode --compile`: the compiled decoding step (`dsv4.model.decode.DecodeStep`, one
+graph, on a decode state of capacity context + tokens, as `dsv4 generate --compile` and `dsv4 serve` run it) and
+dense decoding compiled the same way (`bench_baselines.DenseDecodeState`), their steps alternating with the eager
+ones in one process. Compile s: compiling and warming up, with whatever inductor's cache held. At one row the
+compiled step runs all routed experts (the MoE's static form), the eager one only the picked ones."""
 
 DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the batch's rows (ms/token: the
 step's time). The steps of V4 at the context, V4 at 4K and dense alternate, so that a drift of the
@@ -187,6 +195,17 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
             ("roofline ms/token", "roofline_ms_per_token"), ("roofline ratio vs 4K", "roofline_ratio_vs_4k"),
+            ("runs", "runs"), ("load", "load_average_at_start")])
+        lines += _table("### Compiled decode\n\n" + COMPILED_NOTE,
+                        [r for r in dec if "compiled_ms_per_token" in r], [
+            ("context", "context"), ("batch", "batch_size"), ("eager ms/token", "ms_per_token"),
+            ("compiled ms/token", "compiled_ms_per_token"), ("roofline ms/token", "roofline_ms_per_token"),
+            ("eager / roofline", "vs_roofline"), ("compiled / roofline", "compiled_vs_roofline"),
+            ("compiled at 4K ms/token", "compiled_ms_per_token_4k"), ("eager at 4K", "ms_per_token_4k"),
+            ("compiled speedup vs eager", "compiled_speedup_vs_eager"),
+            ("dense compiled ms/token", "dense_compiled_ms_per_token"),
+            ("speedup vs dense compiled", "compiled_speedup_vs_dense_compiled"),
+            ("compile s", "compile_seconds"), ("dense compile s", "dense_compile_seconds"),
             ("runs", "runs"), ("load", "load_average_at_start")])
         serve = [r for r in rows if r["bench"] == "serve"]
         lines += _table("### Serving\n\n" + SERVE_NOTE, [_serve_row(r, "concurrent") for r in serve
