@@ -32,7 +32,8 @@ def _fmt(value) -> str:
 
 def default_figures(result: dict) -> list[tuple[str, object]]:
     """The result's top-level numbers and strings, less the bookkeeping the section shows elsewhere."""
-    skip = {"lab", "title", "spec", "threshold", "command", "verdict", "reason", "plots", "commit", "date"}
+    skip = {"lab", "title", "spec", "threshold", "command", "verdict", "reason", "plots", "commit", "date", "quick",
+            "seed", "seconds", "threads", "load_average_at_end"}
     return [(k, v) for k, v in result.items()
             if k not in skip and (isinstance(v, (int, float, str, bool)) or v is None)]
 

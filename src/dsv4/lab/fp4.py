@@ -101,3 +101,12 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return [path]
+
+
+def figures(result: dict) -> list[tuple[str, object]]:
+    from dsv4.lab.docs import default_figures
+
+    cost = result["qat_val_loss"] / result["no_qat_val_loss"] - 1
+    return default_figures(result) + [
+        ("QAT's cost as trained (its loss against the float model's)", f"{100 * cost:+.2f}% (QAT from scratch "
+         "here; V4 applies it in a post-training stage)")]
