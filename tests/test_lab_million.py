@@ -32,6 +32,8 @@ def test_quick_run_reports_every_figure(quick):
     assert r["dense_cache_bytes"] == 3 * 2048 * 32 * 4 and r["cache_bytes"] < r["dense_cache_bytes"]
     # 1024 tokens hold 256 CSA entries, more than the quick top-k of 16: every question probes the indexer
     assert r["per_length"]["1024"]["topk_probes"] == 4 and 0 <= r["topk_hit_rate"] <= 1
+    # values at +2 .. +8 of a needle: entries (p + 2) // 4 .. (p + 8) // 4 + 1, three or four a needle
+    assert 3 * 4 <= r["needle_entries_by_length"]["1024"] <= 4 * 4
     assert len(r["per_length"]["2048"]["questions"]) == r["questions_per_length"] == 4
     assert r["train_steps"] == million.QUICK.steps and len(r["training"]["accuracy"]) == million.QUICK.steps
     assert r["training"]["seq_len"][0] == 64 and r["training"]["seq_len"][-1] == 128  # the stages

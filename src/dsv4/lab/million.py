@@ -352,11 +352,15 @@ def evaluate_length(model, settings: Settings, length: int, seed: int, log) -> d
         probe.close()
     correct = [r["correct"] for r in rows]
     hits = [h for r in rows for h in r["topk_hits"] if h is not None]
+    # how many CSA entries hold some needle's value: when they all fit in the top-k, an indexer that picks every
+    # needle-like entry hits without telling one key from another
+    needle_entries = len({e for n in needles for v in n.value_positions for e in (v // rate, v // rate + 1)})
     return {"length": length, "accuracy": sum(correct) / len(correct), "prefill_seconds": prefill,
             "prefill_tokens_per_s": length / prefill, "chunk_seconds": chunk_seconds,
             "decode_ms_per_token": 1000 * sum(step_seconds) / len(step_seconds),
             "decode_seconds": sum(step_seconds), "cache_bytes": cache_bytes,
-            "topk_hit_rate": sum(hits) / len(hits) if hits else None, "topk_probes": len(hits), "questions": rows}
+            "topk_hit_rate": sum(hits) / len(hits) if hits else None, "topk_probes": len(hits),
+            "needle_entries": needle_entries, "questions": rows}
 
 
 def extrapolate_prefill(chunk_seconds: list[float], chunk: int, length: int) -> float | None:
@@ -415,6 +419,7 @@ def run(options) -> dict:
         "prefill_tokens_per_s_by_length": {k: r["prefill_tokens_per_s"] for k, r in per_length.items()},
         "decode_ms_per_token_by_length": {k: r["decode_ms_per_token"] for k, r in per_length.items()},
         "topk_hit_rate_by_length": {k: r["topk_hit_rate"] for k, r in per_length.items()},
+        "needle_entries_by_length": {k: r["needle_entries"] for k, r in per_length.items()},
         "cache_bytes_by_length": {k: r["cache_bytes"] for k, r in per_length.items()},
         "prefill_seconds_1m_extrapolated": projected,
         "questions_per_length": settings.questions,
