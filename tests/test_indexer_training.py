@@ -46,6 +46,19 @@ def test_kl_reaches_only_the_indexer_and_lm_loss_never_does(sparse):
     assert "layers.0.attn.wq_a.weight" in from_lm
 
 
+def test_unpacked_batch_trains_the_indexer_in_every_phase():
+    """Rows without document ids (one document each: the visible entries shared across the batch) give each row
+    its own KL, in the dense phase too: the batch's loss is the mean of the rows' losses."""
+    model = tiny_model()
+    ids = torch.randint(0, 200, (2, 96), generator=torch.Generator().manual_seed(3))
+    for sparse in (False, True):
+        model.set_indexer_phase(sparse=sparse, train_indexer=True)
+        both = model.forward_train(ids).indexer_kl
+        rows = [model.forward_train(ids[r:r + 1]).indexer_kl for r in range(2)]
+        assert both is not None and float(both.detach()) > 0
+        assert_close_scaled(both.detach().double(), (sum(rows) / 2).detach().double(), 1e-5)
+
+
 def test_kl_is_zero_when_the_indexer_matches_the_target():
     p = torch.tensor([[[0.5, 0.25, 0.25, 0.0]]])
     cand = torch.tensor([[[True, True, True, False]]])

@@ -207,8 +207,10 @@ def indexer_kl(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates:
 
     main_probs [B, Q, K]: the main attention's probabilities of the candidate entries, summed over heads (any
     scale: they are L1-normalized here, and detached: a target); index_scores [B, Q, K]; candidates [B, Q, K] bool.
-    Queries without a candidate are skipped. Returns (sum, number of queries).
+    Queries without a candidate are skipped. Returns (sum, number of queries). ``candidates`` may have batch 1 (one
+    document: the same entries visible in every row).
     """
+    candidates = candidates.expand_as(main_probs)
     p = upcast(main_probs.detach()) * candidates
     mass = p.sum(-1, keepdim=True)
     rows = candidates.any(-1)
@@ -221,7 +223,9 @@ def indexer_kl(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates:
 @torch.no_grad()
 def indexer_recall(main_probs: torch.Tensor, index_scores: torch.Tensor, candidates: torch.Tensor, k: int
                    ) -> tuple[float, int]:
-    """Hits of the indexer's top-k among the main attention's top-k, over queries with more than k candidates."""
+    """Hits of the indexer's top-k among the main attention's top-k, over queries with more than k candidates
+    (``candidates`` as in ``indexer_kl``)."""
+    candidates = candidates.expand_as(main_probs)
     rows = candidates.sum(-1) > k
     if not rows.any():
         return 0.0, 0
