@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "(default: %(default)s)")
     p.add_argument("--save", action="store_true", help="also write the JSON to benchmarks/results/")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the lab's; 1 for the training labs, whose "
-                                                      "models are so small that a second thread costs more than it "
-                                                      "brings on a busy CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: the lab's; 1 for the training labs, whose models are so "
+                        "small that a second thread costs more than it brings on a busy CPU)")
     p.add_argument("--list", action="store_true", help="list the labs and their thresholds")
     p.add_argument("--docs", action="store_true", help="write docs/claims.md from the saved results")
 

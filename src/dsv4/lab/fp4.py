@@ -76,7 +76,8 @@ def run(options: LabOptions) -> dict:
             "qat_val_loss": figs["qat"]["val_loss"], "qat_fp4_val_loss": figs["qat"]["fp4_val_loss"],
             "qat_fp4_rel_diff": qat_diff, "no_qat_val_loss": figs["no_qat"]["val_loss"],
             "no_qat_fp4_val_loss": figs["no_qat"]["fp4_val_loss"], "no_qat_fp4_rel_diff": plain_diff,
-            "no_qat_fp4_kl": figs["no_qat"]["fp4_kl"], "no_qat_fp4_top1_agreement": figs["no_qat"]["fp4_top1_agreement"],
+            "no_qat_fp4_kl": figs["no_qat"]["fp4_kl"],
+            "no_qat_fp4_top1_agreement": figs["no_qat"]["fp4_top1_agreement"],
             **verdict(within and worse, why), "runs": figs}
 
 

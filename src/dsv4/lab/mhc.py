@@ -1,18 +1,17 @@
 """``dsv4 lab mhc``: does mHC keep a deep residual stack stable where unconstrained hyper-connections do not?
 
-A deep, thin model (32 sliding-window layers of width 32, 30 steps, four residual streams, two routed experts of which one
-is chosen, and a shared one; ``--quick``: 6 layers) is trained three times on the same tokens from the same initial
-weights, with AdamW (as the mHC paper's experiments; Muon's many small Newton-Schulz products per step would take most
-of the time of so deep a model on two cores): with mHC (V4), with unconstrained
-hyper-connections (``hc_mode="hc"``: the same streams, parameters and mixing without the Sinkhorn projection and the
-sigmoid bounds, started at mHC's initial mixing) and with a plain residual; each at a normal and at a high learning
-rate (10x). Per run: the training loss and gradient norm (before clipping) at every step, loss spikes
-(``dsv4.lab.common.spikes``), whether it diverged (its last tenth of steps no lower than its first loss, or
-non-finite), the final validation loss, and the gain of the composite residual mapping through depth on a fixed
-batch during training: the product, over the 2 L mixing units, of each unit's comb^T (X_{l+1} = comb^T X_l + ...),
-per token; its forward gain is the largest absolute row sum, its backward gain the largest absolute column sum
-(the mHC paper's "Amax gain magnitude"), the maximum over the batch's tokens. Doubly-stochastic mixings keep both
-at 1; the report shows them exploding for hyper-connections.
+A deep, thin model (32 sliding-window layers of width 32, four residual streams, two routed experts of which one is
+chosen, and a shared one; 30 steps; ``--quick``: 6 layers, 8 steps) is trained three times on the same tokens from
+the same initial weights, with AdamW (Muon's many small Newton-Schulz products per step would take most of the time
+of so deep a model on two cores): with mHC (V4), with unconstrained hyper-connections (``hc_mode="hc"``: the same
+streams, parameters and mixing without the Sinkhorn projection and the sigmoid bounds, started at mHC's initial
+mixing) and with a plain residual; each at a normal and at a high learning rate (10x). Per run: the training loss
+and gradient norm (before clipping) at every step, loss spikes (``dsv4.lab.common.spikes``), whether it diverged
+(its last tenth of steps no lower than its first loss, or non-finite), the final validation loss, and the gain of
+the composite residual mapping through depth on a fixed batch during training: the product, over the 2 L mixing
+units, of each unit's comb^T (X_{l+1} = comb^T X_l + ...), per token; its forward gain is the largest absolute row
+sum, its backward gain the largest absolute column sum (the mHC paper's "Amax gain magnitude"), the maximum over the
+batch's tokens. Doubly-stochastic mixings keep both at 1; the report shows them exploding for hyper-connections.
 """
 
 from __future__ import annotations
@@ -126,7 +125,8 @@ def run(options: LabOptions) -> dict:
             options.log(f"  val {curves.val_loss[-1]:.4f}, max gain {runs[key]['max_gain']:.4g}, "
                         f"spikes {runs[key]['spikes']}, diverged {runs[key]['diverged']}, {curves.seconds:.0f} s")
     ratios = {lr: runs[f"hc_{lr}"]["max_gain"] / runs[f"mhc_{lr}"]["max_gain"] for lr in ("normal", "high")}
-    hc_diverges = [lr for lr in ("normal", "high") if runs[f"hc_{lr}"]["diverged"] and not runs[f"mhc_{lr}"]["diverged"]]
+    hc_diverges = [lr for lr in ("normal", "high")
+                   if runs[f"hc_{lr}"]["diverged"] and not runs[f"mhc_{lr}"]["diverged"]]
     holds = max(ratios.values()) > 10 or bool(hc_diverges)
     summary = {
         "layers": s["layers"], "hidden_size": s["hidden"], "steps": s["steps"], "batch_size": s["batch_size"],

@@ -23,8 +23,9 @@ SPEC = ("\"Affinity s_i = sqrt(softplus(u . e_i)) (FP32) ... Hash layers (0,1,2)
         "Aux-loss-free balancing: after each step, per expert b_i <- b_i + gamma . sign(mean_load - load_i)\" "
         "(docs/spec.md, section 4): V4 replaces V3's sigmoid affinities by sqrt(softplus) and routes its first layers "
         "by a hash of the token.")
-THRESHOLD = ("V4's routing (sqrt-softplus, hash-routed first layer) is within 1% of the best validation loss of the six "
-             "variants and within 1.1x of the best load balance (busiest over mean expert, last quarter of training)")
+THRESHOLD = ("V4's routing (sqrt-softplus, hash-routed first layer) is within 1% of the best validation loss of the "
+             "six variants and within 1.1x of the best load balance (busiest over mean expert, last quarter of "
+             "training)")
 FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 
 
