@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.cache import ModelCache, append_rows
-from dsv4.model.decode import DecodeState
+from dsv4.model.decode import DecodeState, check_capacity
 
 
 @dataclass
@@ -56,11 +56,7 @@ class DenseDecodeState(DecodeState):
     ``model(ids, cache=state)`` with ``dense_attention`` advances it; every shape depends only on (rows, capacity)."""
 
     def __init__(self, model, rows: int, capacity: int):
-        if rows < 1 or capacity < 1:
-            raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
-        if capacity > model.config.max_position_embeddings:
-            raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
-                             f"({model.config.max_position_embeddings})")
+        check_capacity(model, rows, capacity)
         self.rows, self.capacity = rows, capacity
         self.dtype = model.embed.weight.dtype
         dev = model.device

@@ -121,15 +121,20 @@ def slots(capacity: int, rate: int) -> int:
     return -(-capacity // rate)
 
 
+def check_capacity(model, rows: int, capacity: int) -> None:
+    """Refuse a decode state of ``rows`` x ``capacity`` tokens the model cannot hold, naming the figure."""
+    if rows < 1 or capacity < 1:
+        raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
+    if capacity > model.config.max_position_embeddings:
+        raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
+
+
 class DecodeState:
     """The decode state of ``rows`` sequences of up to ``capacity`` tokens each (see the module docstring)."""
 
     def __init__(self, model, rows: int, capacity: int, mtp: bool = False):
-        if rows < 1 or capacity < 1:
-            raise ValueError(f"a decode state needs rows >= 1 and capacity >= 1, got {rows} and {capacity}")
-        if capacity > model.config.max_position_embeddings:
-            raise ValueError(f"capacity {capacity} exceeds max_position_embeddings "
-                             f"({model.config.max_position_embeddings})")
+        check_capacity(model, rows, capacity)
         self.rows, self.capacity = rows, capacity
         self.dtype = dtype = activation_dtype(model.embed)
         comp = compute_dtype(dtype)
