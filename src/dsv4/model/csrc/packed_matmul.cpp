@@ -89,19 +89,42 @@ inline __m256 bf16x8(const uint16_t* p) {
 
 // One weight row n against M activation rows: out[m * N + n]. x rows are K long (FP4: even / odd columns apart,
 // xe / xo, K / 2 long each).
+// Independent accumulators per activation row: an FMA's latency is about 4 cycles, so with one or two rows a single
+// chain of FMAs, not the memory, would set the pace.
+template <int M>
+constexpr int unroll() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
+#if DSV4_AVX2
+// sum of M x U accumulators into acc[M]
+template <int M, int U>
+inline void reduce(const __m256* part, float* acc) {
+  for (int m = 0; m < M; ++m) {
+    __m256 v = part[m * U];
+    for (int u = 1; u < U; ++u) v = _mm256_add_ps(v, part[m * U + u]);
+    acc[m] += hsum(v);
+  }
+}
+#endif
+
 template <int M>
 void row_bf16(const uint16_t* w, const float* x, int64_t K, float* acc) {
   int64_t k = 0;
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
 #if DSV4_AVX2
-  __m256 part[M];
-  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+  constexpr int U = unroll<M>();
+  __m256 part[M * U];
+  for (int i = 0; i < M * U; ++i) part[i] = _mm256_setzero_ps();
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      __m256 wv = bf16x8(w + k + 8 * u);
+      for (int m = 0; m < M; ++m)
+        part[m * U + u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), part[m * U + u]);
+    }
   for (; k + 8 <= K; k += 8) {
     __m256 wv = bf16x8(w + k);
-    for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+    for (int m = 0; m < M; ++m) part[m * U] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m * U]);
   }
-  for (int m = 0; m < M; ++m) acc[m] = hsum(part[m]);
-#else
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  reduce<M, U>(part, acc);
 #endif
   for (; k < K; ++k) {
     float wv = bf16_value(w[k]);
@@ -112,12 +135,12 @@ void row_bf16(const uint16_t* w, const float* x, int64_t K, float* acc) {
 template <int M>
 void row_fp8(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64_t n, float* acc) {
   const int64_t blocks = (K + 127) / 128;
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
 #if DSV4_AVX2
-  __m256 part[M];
-  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+  constexpr int U = unroll<M>();
+  __m256 part[M * U];
+  for (int i = 0; i < M * U; ++i) part[i] = _mm256_setzero_ps();
 #endif
-  float tail[M];
-  for (int m = 0; m < M; ++m) tail[m] = 0.f;
   for (int64_t b = 0; b < blocks; ++b) {
     const float scale = s.at(n / 128, b);
     const int64_t k1 = std::min(K, (b + 1) * 128);
@@ -126,24 +149,26 @@ void row_fp8(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64
     const float folded = scale * 0x1p120f;  // the block scale and E4M3's exponent bias in one product
     if (std::isfinite(folded)) {
       const __m256 sv = _mm256_set1_ps(folded);
+      for (; k + 8 * U <= k1; k += 8 * U)
+        for (int u = 0; u < U; ++u) {
+          __m256 wv = _mm256_mul_ps(fp8x8_unscaled(w + k + 8 * u), sv);
+          for (int m = 0; m < M; ++m)
+            part[m * U + u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), part[m * U + u]);
+        }
       for (; k + 8 <= k1; k += 8) {
         __m256 wv = _mm256_mul_ps(fp8x8_unscaled(w + k), sv);
-        for (int m = 0; m < M; ++m) part[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m]);
+        for (int m = 0; m < M; ++m) part[m * U] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), part[m * U]);
       }
     }
 #endif
     for (; k < k1; ++k) {
       float wv = fp8_value(w[k]) * scale;
-      for (int m = 0; m < M; ++m) tail[m] += wv * x[m * K + k];
+      for (int m = 0; m < M; ++m) acc[m] += wv * x[m * K + k];
     }
   }
-  for (int m = 0; m < M; ++m) {
 #if DSV4_AVX2
-    acc[m] = hsum(part[m]) + tail[m];
-#else
-    acc[m] = tail[m];
+  reduce<M, U>(part, acc);
 #endif
-  }
 }
 
 template <int M>
@@ -153,11 +178,13 @@ void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, cons
 #if DSV4_AVX2
   // a tile is 16 bytes: 32 values, one scale. Each nibble through a byte table of twice its E2M1 value (pshufb),
   // widened to float32; the tile's four products summed, then times half its scale.
-  __m256 part[M];
-  for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+  constexpr int U = M <= 2 ? 2 : 1;  // accumulators per row, alternating tiles
+  __m256 part[M * U];
+  for (int i = 0; i < M * U; ++i) part[i] = _mm256_setzero_ps();
   const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t t = 0; t < tiles; ++t) {
+    const int u = int(t % U);
     const __m256 sv = _mm256_set1_ps(0.5f * s.at(n, t));
     const int64_t j = t * 16;
     __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
@@ -170,14 +197,13 @@ void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, cons
     for (int m = 0; m < M; ++m) {
       const float* e = xe + m * half + j;
       const float* o = xo + m * half + j;
-      __m256 tile = _mm256_mul_ps(l0, _mm256_loadu_ps(e));
-      tile = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), tile);
-      tile = _mm256_fmadd_ps(h0, _mm256_loadu_ps(o), tile);
-      tile = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), tile);
-      part[m] = _mm256_fmadd_ps(tile, sv, part[m]);
+      __m256 even = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), _mm256_mul_ps(l0, _mm256_loadu_ps(e)));
+      __m256 odd = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), _mm256_mul_ps(h0, _mm256_loadu_ps(o)));
+      part[m * U + u] = _mm256_fmadd_ps(_mm256_add_ps(even, odd), sv, part[m * U + u]);
     }
   }
-  for (int m = 0; m < M; ++m) acc[m] = hsum(part[m]);
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  reduce<M, U>(part, acc);
 #else
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
   for (int64_t t = 0; t < tiles; ++t) {
@@ -311,10 +337,9 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional
       xe = pairs.select(2, 0).contiguous();
       xo = pairs.select(2, 1).contiguous();
     }
-    torch::Tensor om = torch::empty({rows, N}, x.options());
+    // rows m0.. of out are contiguous: the pass writes them in place
     PASSES[rows - 1](int(fmt), w, row_bytes, xm.data_ptr<float>(), fmt == FMT_FP4 ? xe.data_ptr<float>() : nullptr,
-                     fmt == FMT_FP4 ? xo.data_ptr<float>() : nullptr, K, s, N, om.data_ptr<float>());
-    out.narrow(0, m0, rows).copy_(om);
+                     fmt == FMT_FP4 ? xo.data_ptr<float>() : nullptr, K, s, N, out.data_ptr<float>() + m0 * N);
   }
   return out;
 }
