@@ -99,3 +99,18 @@ def test_packed_linear_takes_the_kernel_for_few_rows_only(monkeypatch):
     calls.clear()
     lin(torch.randn(1, 256))  # grad mode: the reference path
     assert calls == []
+
+
+def test_scratch_buffers_serve_inference_mode_and_no_grad():
+    """A scratch buffer first made under ``torch.inference_mode`` (the serving engine) is still written in place by
+    a later product under ``no_grad`` (an inference tensor would refuse it)."""
+    torch.manual_seed(2)
+    q, s = quant.fp8_block_quant(torch.randn(256, 256), 128)
+    lin = packed.PackedLinear(q, s, compute_dtype=torch.float64)
+    x = torch.randn(packed.FUSED_MAX_ROWS + 1, 256, dtype=torch.float64)
+    packed._SCRATCH.pool = {}
+    with torch.inference_mode():
+        a = lin(x)
+    with torch.no_grad():
+        b = lin(x)
+    assert torch.equal(a, b)

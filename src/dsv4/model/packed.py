@@ -145,7 +145,8 @@ def _buffer(slot: str | None, shape, dtype: torch.dtype, device: torch.device) -
     key = (slot, dtype, device)
     buf = pool.get(key)
     if buf is None or buf.numel() < n:
-        buf = pool[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in place under inference mode and outside it
+            buf = pool[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
