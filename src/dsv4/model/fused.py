@@ -44,8 +44,23 @@ def _build(verbose: bool = False):
         pass
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if _is_x86() else [])
     # torch's own libgomp has the soname libgomp.so.1: the kernel joins PyTorch's OpenMP pool, not a second one
-    return cpp_extension.load(name="dsv4_packed_matmul", sources=[str(SOURCE)], extra_cflags=flags,
+    return cpp_extension.load(name=f"dsv4_packed_matmul_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=verbose)
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: a build for ``-march=native`` is cached per kind of CPU,
+    so a home directory shared by machines of several kinds never loads another CPU's binary."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:10]
 
 
 def _is_x86() -> bool:
