@@ -78,9 +78,8 @@ def dequant_rows(weight: torch.Tensor, scale: torch.Tensor | None, r0: int, r1: 
     dequantization itself); None: a new tensor."""
     w = weight[r0:r1]
     rows = w.shape[0]
-    fmt = kernel_format(weight, scale)
+    fmt = kernel_format(weight, scale, r0, r1)
     if fmt is not None and (scale is not None or dtype == torch.float32) and w.device.type == "cpu" \
-            and not (fmt == "fp8" and (r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0]))) \
             and not torch.compiler.is_compiling() and fused.available():  # the kernel's decoder
         cols = w.shape[1] * (2 if fmt == "fp4" else 1)
         values = _buffer(f"{slot}.f32" if slot and dtype != torch.float32 else slot, (rows, cols), torch.float32,
@@ -156,14 +155,16 @@ def tile_rows(out_features: int, in_features: int, dtype: torch.dtype) -> int:
     return min(out_features, max(FP8_BLOCK, rows // FP8_BLOCK * FP8_BLOCK))
 
 
-def kernel_format(weight: torch.Tensor, scale: torch.Tensor | None) -> str | None:
-    """The fused kernel's name for a stored matrix ("fp8", "fp4", "bf16"), or None where it has none (a float32
-    or float16 matrix, FP8 with partial blocks)."""
+def kernel_format(weight: torch.Tensor, scale: torch.Tensor | None, r0: int = 0, r1: int | None = None
+                  ) -> str | None:
+    """The fused kernel's name for rows [r0, r1) of a stored matrix ("fp8", "fp4", "bf16"), or None where it has
+    none (a float32 or float16 matrix; FP8 rows that cut a 128-row scale block)."""
     if scale is None:
         return "bf16" if weight.dtype == torch.bfloat16 else None
     if weight.dtype in (torch.int8, torch.uint8):
         return "fp4" if weight.shape[1] * 2 % FP4_BLOCK == 0 else None
-    return "fp8"
+    r1 = weight.shape[0] if r1 is None else r1
+    return None if r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0]) else "fp8"
 
 
 def _scale_rows(scale: torch.Tensor, fmt: str, r0: int, r1: int) -> torch.Tensor:
@@ -184,9 +185,7 @@ def stored_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     """x [..., in] @ rows [r0, r1) of a stored matrix, transposed -> [..., r1 - r0], in ``dtype``: the fused kernel
     for a few float32 rows (each stored byte read once), else the rows dequantized (``dequant_rows``, into scratch
     ``slot``) and multiplied. The two differ only in the order of the sums (tests hold them together)."""
-    fmt = kernel_format(weight, scale)
-    if fmt == "fp8" and (r0 % FP8_BLOCK or (r1 % FP8_BLOCK and r1 != weight.shape[0])):
-        fmt = None  # a slice that cuts a scale block
+    fmt = kernel_format(weight, scale, r0, r1)
     if fuses(x, fmt) and dtype == torch.float32:
         return fused.packed_matmul(x, weight[r0:r1], None if scale is None else _scale_rows(scale, fmt, r0, r1), fmt)
     return linear(x, dequant_rows(weight, scale, r0, r1, dtype, slot))
