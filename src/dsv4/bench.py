@@ -32,7 +32,26 @@ from dsv4.config import CSA, HCA, ModelConfig
 from dsv4.train.flops import synchronize
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``/proc/self/clear_refs`` 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_gib() -> float:
+    """This process's peak resident memory since ``reset_peak_rss`` (Linux: VmHWM), else since it started
+    (ru_maxrss, which on Linux may also hold the peak of the process that forked this one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsv4.bench import peak_rss_gib, reset_peak_rss
 from dsv4.config import CSA, HASH_MOE, HCA, MOE, SLIDING, ModelConfig
 from dsv4.data.retrieval import RetrievalLoader, RetrievalVocab, needle_context, question
 
@@ -236,28 +236,6 @@ def trained_model(options, settings: Settings, log) -> tuple[torch.nn.Module, di
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window (Linux: ``/proc/self/clear_refs`` 5); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory since ``reset_peak_rss`` (VmHWM), else of the whole process (ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 class TopkProbe:
     """Records, for the next call of the model while armed, whether each CSA layer's indexer top-k at the call's
     (single) token holds one of the given compressed entries. The indexer's choice is recomputed from the layer's
