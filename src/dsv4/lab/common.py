@@ -261,6 +261,17 @@ def train_run(model, data: LabData, *, steps: int, lr: float, batch_size: int, s
     return curves
 
 
+def save_figure(fig, prefix: str, name: str, dpi: int = 80) -> Path:
+    """A lab's figure laid out, written to ``<prefix>-<name>.png`` and closed; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(f"{prefix}-{name}.png")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def spikes(losses: list[float], window: int = 20, sigma: float = 4.0) -> int:
     """Loss spikes: steps whose loss is non-finite or more than ``sigma`` standard deviations above the mean of the
     ``window`` finite losses before it (the detector of ``dsv4.train.anticipatory``, its baseline formed anew after

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.lab.common import LabOptions, lab_data, train_run, verdict
+from dsv4.lab.common import LabOptions, lab_data, save_figure, train_run, verdict
 
 THREADS = 1  # a tiny model: a second thread costs more than it brings on a busy CPU
 TITLE = "FP4 quantization-aware training keeps the experts' quality in real FP4"
@@ -97,11 +97,7 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     axes[1].bar(["QAT", "no QAT"], diffs, color=["tab:blue", "tab:orange"])
     axes[1].axhline(0, color="gray", lw=0.5)
     axes[1].set_title("validation loss change with real FP4 experts (%)")
-    fig.tight_layout()
-    path = Path(f"{prefix}-fp4.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, prefix, "fp4")]
 
 
 def figures(result: dict) -> list[tuple[str, object]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.lab.common import LabOptions, lab_data, train_run, verdict
+from dsv4.lab.common import LabOptions, lab_data, save_figure, train_run, verdict
 
 THREADS = 1  # a tiny model: a second thread costs more than it brings on a busy CPU
 TITLE = "the lightning indexer learns the main attention's choice; sparse attention costs no quality"
@@ -99,8 +99,4 @@ def plot(result: dict, prefix: Path) -> list[Path]:
         ax.axvline(result["dense_steps"], color="gray", ls=":")
         ax.axvline(result["dense_steps"] + result["indexer_warmup_steps"], color="gray", ls=":")
         ax.set_xlabel("step (dense | warm-up | sparse)")
-    fig.tight_layout()
-    path = Path(f"{prefix}-recall.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, prefix, "recall")]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.lab.common import LabOptions, adamw_only, lab_data, spikes, train_run, verdict
+from dsv4.lab.common import LabOptions, adamw_only, lab_data, save_figure, spikes, train_run, verdict
 
 THREADS = 1  # a tiny model: a second thread costs more than it brings on a busy CPU
 TITLE = "mHC keeps a deep stack's residual mapping bounded"
@@ -188,10 +188,7 @@ def plot(result: dict, prefix: Path) -> list[Path]:
         axes[1, col].set_xlabel("step")
         axes[0, col].legend()
     fig.suptitle(f"{result['layers']}-layer model: mHC, unconstrained HC, plain residual")
-    fig.tight_layout()
-    paths.append(Path(f"{prefix}-loss.png"))
-    fig.savefig(paths[-1], dpi=80)
-    plt.close(fig)
+    paths.append(save_figure(fig, prefix, "loss"))
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, lr in enumerate(("normal", "high")):
@@ -210,8 +207,5 @@ def plot(result: dict, prefix: Path) -> list[Path]:
         for ax in axes[:, col]:
             ax.set_yscale("log")
         axes[0, col].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(Path(f"{prefix}-gain.png"))
-    fig.savefig(paths[-1], dpi=80)
-    plt.close(fig)
+    paths.append(save_figure(fig, prefix, "gain"))
     return paths

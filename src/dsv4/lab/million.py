@@ -470,6 +470,8 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dsv4.lab.common import save_figure
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     lengths = [int(k) for k in result["accuracy"]]
     a.plot(lengths, list(result["accuracy"].values()), "o-", label="retrieval accuracy")
@@ -485,11 +487,7 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     b.set_xlabel("training step")
     b.set_ylabel("answer accuracy (training batch)")
     fig.suptitle("million: retrieval through V4 attention")
-    fig.tight_layout()
-    path = Path(f"{prefix}-accuracy.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, prefix, "accuracy", dpi=110)]
 
 
 # ------------------------------------------------------------------------------------------------ the command

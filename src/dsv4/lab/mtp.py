@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.lab.common import LabOptions, lab_data, train_run, verdict
+from dsv4.lab.common import LabOptions, lab_data, save_figure, train_run, verdict
 
 THREADS = 1  # a tiny model: a second thread costs more than it brings on a busy CPU
 TITLE = "the MTP module trains a usable draft without costing the main model"
@@ -116,8 +116,4 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    path = Path(f"{prefix}-acceptance.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, prefix, "acceptance")]

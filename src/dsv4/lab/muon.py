@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.lab.common import LabOptions, adamw_only, lab_data, train_run, verdict
+from dsv4.lab.common import LabOptions, adamw_only, lab_data, save_figure, train_run, verdict
 
 THREADS = 1  # a tiny model: a second thread costs more than it brings on a busy CPU
 TITLE = "Muon reaches AdamW's loss on fewer tokens"
@@ -143,8 +143,4 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     ratio = result["token_ratio"]
     ax.set_title("Muon vs AdamW: tokens to AdamW's final loss, ratio " + ("-" if ratio is None else f"{ratio:.3f}"))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(f"{prefix}-val.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, prefix, "val")]
