@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 _RANK = r"""
-import json, os, re, sys, time, torch
+import json, os, sys, time
+from dsv4.bench import greedy_run
 from dsv4.parallel.inference import expert_ranks
 from dsv4.model.packed import PackedExperts
 path, prompt, new, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -37,25 +38,9 @@ with expert_ranks() as ranks:
     load_s = time.perf_counter() - t
     experts = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, PackedExperts)
                   for t in m.stored_tensors().values())
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    cache = model.new_cache(1)
-    with torch.no_grad():
-        t = time.perf_counter()
-        logits = model(ids, cache=cache, last_only=True)
-        prefill_s = time.perf_counter() - t
-        tokens, times = [], []
-        for _ in range(new):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(int(token))
-            t = time.perf_counter()
-            logits = model(token, cache=cache)
-            times.append(time.perf_counter() - t)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    figures = greedy_run(model, prompt, new)
     with open(os.path.join(out, f"rank{ranks.rank}.json"), "w") as f:
-        json.dump({"rank": ranks.rank, "load_s": load_s, "prefill_s": prefill_s,
-                   "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2], "tokens": tokens,
-                   "peak_rss_bytes": peak, "expert_bytes_mapped": experts}, f)
+        json.dump({"rank": ranks.rank, "load_s": load_s, **figures, "expert_bytes_mapped": experts}, f)
 """
 
 

@@ -23,29 +23,14 @@ import time
 from pathlib import Path
 
 _MEASURE = r"""
-import json, sys, time, torch
+import json, sys, time
 import dsv4
+from dsv4.bench import greedy_run
 path, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 model = dsv4.from_pretrained(path)
 load_s = time.perf_counter() - t
-ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-cache = model.new_cache(1)
-with torch.no_grad():
-    t = time.perf_counter()
-    logits = model(ids, cache=cache, last_only=True)
-    prefill_s = time.perf_counter() - t
-    out, times = [], []
-    for _ in range(new):
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(token))
-        t = time.perf_counter()
-        logits = model(token, cache=cache)
-        times.append(time.perf_counter() - t)
-with open("/proc/self/status") as f:  # VmHWM: this process's peak resident set (ru_maxrss may carry the parent's)
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2],
-                  "tokens": out, "peak_rss_bytes": peak}))
+print(json.dumps({"load_s": load_s, **greedy_run(model, prompt, new)}))
 """
 
 

@@ -42,17 +42,44 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_gib() -> float:
+def peak_rss_bytes() -> int:
     """This process's peak resident memory since ``reset_peak_rss`` (Linux: VmHWM), else since it started
     (ru_maxrss, which on Linux may also hold the peak of the process that forked this one)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2 ** 20  # KiB
+                    return int(line.split()[1]) * 1024  # KiB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def peak_rss_gib() -> float:
+    """``peak_rss_bytes`` in GiB."""
+    return peak_rss_bytes() / 2 ** 30
+
+
+def greedy_run(model, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dict:
+    """One row through ``model``: a prompt of random token ids (``seed``) prefilled in one call, then
+    ``new_tokens`` greedy decoding steps, each timed. Returns prefill seconds, the median decoding step in ms, the
+    tokens, and the process's peak resident set in bytes (file pages it touched included)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens),
+                        generator=torch.Generator().manual_seed(seed))
+    cache = model.new_cache(1)
+    tokens, times = [], []
+    with torch.no_grad():
+        t = time.perf_counter()
+        logits = model(ids, cache=cache, last_only=True)
+        prefill_s = time.perf_counter() - t
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            t = time.perf_counter()
+            logits = model(token, cache=cache)
+            times.append(time.perf_counter() - t)
+    return {"prefill_s": prefill_s, "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2] if times else None,
+            "tokens": tokens, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def resolve_device(name: str) -> torch.device:
