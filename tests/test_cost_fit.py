@@ -124,27 +124,13 @@ def test_entries_capacity_visits_only_the_growing_calls():
 # behind ru_maxrss) minus its value after the imports (torch, dsv4's model and weights modules: the interpreter's baseline, not the model's memory); the peak
 # resident set is reset between loading and running (/proc/self/clear_refs) so that each phase is measured alone.
 _MEASURE = textwrap.dedent("""
-    import gc, json, resource, sys
+    import gc, json, sys
     import torch
     import dsv4.model, dsv4.weights
     from dsv4.weights import from_pretrained
-
-    def peak():
-        # VmHWM: ru_maxrss's own counter; ru_maxrss also keeps the high-water mark of the process that forked this
-        # one (here pytest's, larger than this whole run), which /proc/self/clear_refs cannot reset
-        try:
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def reset():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+    # VmHWM, ru_maxrss's own counter: ru_maxrss also keeps the high-water mark of the process that forked this one
+    # (here pytest's, larger than this whole run), which /proc/self/clear_refs cannot reset
+    from dsv4.bench import peak_rss_bytes as peak, reset_peak_rss as reset
 
     path, dtype, (n, batch, chunk, steps) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:])
     torch.manual_seed(0)
