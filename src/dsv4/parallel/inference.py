@@ -131,28 +131,9 @@ def from_pretrained(path: str | Path, rank: int, size: int, group=None, dtype: t
     only this rank's experts and computes in ``compute_dtype``; any other loads whole, then keeps only its slice.
     The ranks must run the model together: each forward exchanges rows with the others. A ``size`` that does not
     divide the routed experts is refused before anything is read."""
-    from dsv4.atomic import recover_directory
-    from dsv4.config import ModelConfig
-    from dsv4.model.numerics import set_numerics
     from dsv4.weights import from_pretrained as load
-    from dsv4.weights.files import read_headers
-    from dsv4.weights.packed import check_quantization_config, is_official_layout, is_packed_layout, load_packed
 
-    path = Path(path)
-    recover_directory(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
-    config = ModelConfig.from_json(path / "config.json")
-    expert_slice(config.n_routed_experts, (rank, size))  # a bad split is an error before any weight is read
-    headers = read_headers(path)
-    if dtype is None and is_packed_layout(headers):
-        check_quantization_config(config, str(path / "config.json"))
-        if numerics is None:
-            numerics = "official" if is_official_layout(headers) else "plain"
-        model = load_packed(path, config, compute_dtype, headers=headers, experts=(rank, size))
-        model = set_numerics(model, numerics)
-    else:
-        model = load(path, dtype=dtype, numerics=numerics)
+    model = load(path, dtype=dtype, numerics=numerics, compute_dtype=compute_dtype, experts=(rank, size))
     return split_experts(model, rank, size, group)
 
 

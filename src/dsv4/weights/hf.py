@@ -53,23 +53,30 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: b
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, numerics: str | None = None):
+                    device: str | torch.device | None = None, numerics: str | None = None, *,
+                    compute_dtype: torch.dtype = torch.float32, experts: tuple[int, int] | None = None):
     """Build a ``Transformer`` from a directory in HF or official layout (see the module docstring), after putting
     back the previous version of it if a writer was killed while replacing it.
 
     ``dtype`` None: an official-layout checkpoint with FP8 / FP4 weights keeps them as stored, memory-mapped
-    (``dsv4.weights.packed.load_packed``; products in float32); any other loads in float32. A ``dtype`` loads every
-    weight dequantized into that dtype (a materialized model). ``numerics`` (``dsv4.model.numerics``): default
-    "official" for an official-layout checkpoint, "plain" for an HF-layout one."""
+    (``dsv4.weights.packed.load_packed``; products in ``compute_dtype``); any other loads in float32. A ``dtype``
+    loads every weight dequantized into that dtype (a materialized model). ``numerics`` (``dsv4.model.numerics``):
+    default "official" for an official-layout checkpoint, "plain" for an HF-layout one. ``experts`` (rank, ranks):
+    a packed model maps only that rank's slice of each layer's routed experts (``load_packed``; a materialized one
+    loads whole: ``dsv4.parallel.inference.split_experts`` cuts it); a bad split is refused before any weight is
+    read."""
     from dsv4.model.numerics import set_numerics
     from dsv4.weights.files import read_headers
-    from dsv4.weights.packed import check_quantization_config, is_official_layout, is_packed_layout, load_packed
+    from dsv4.weights.packed import (check_quantization_config, expert_slice, is_official_layout, is_packed_layout,
+                                     load_packed)
 
     path = Path(path)
     recover_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
     config = ModelConfig.from_json(path / "config.json")
+    if experts is not None:
+        expert_slice(config.n_routed_experts, experts)
     check_quantization_config(config, str(path / "config.json"))
     names = read_headers(path)
     if numerics is None:
@@ -77,7 +84,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if dtype is None and is_packed_layout(names):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"a packed model runs on the CPU; pass dtype= to load {path} materialized on {device}")
-        return set_numerics(load_packed(path, config, headers=names), numerics)
+        return set_numerics(load_packed(path, config, compute_dtype, headers=names, experts=experts), numerics)
     return set_numerics(_materialized(path, config, dtype, device), numerics)
 
 
