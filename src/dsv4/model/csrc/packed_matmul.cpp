@@ -316,13 +316,11 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional
                             int64_t fmt) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
               "packed_matmul: x must be a float32 CPU matrix [M, K], got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(fmt == FMT_BF16 || fmt == FMT_FP8 || fmt == FMT_FP4, "packed_matmul: unknown format ", fmt);
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
               "packed_matmul: weight must be a contiguous CPU matrix, got ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int64_t row_bytes = weight.size(1) * weight.element_size();
-  const int64_t want_bytes = fmt == FMT_BF16 ? 2 * K : fmt == FMT_FP8 ? K : K / 2;
-  TORCH_CHECK(row_bytes == want_bytes && (fmt != FMT_FP4 || K % 32 == 0),
+  TORCH_CHECK(row_inputs(fmt, row_bytes) == K && (fmt != FMT_FP4 || K % 32 == 0),
               "packed_matmul: a weight row of ", row_bytes, " bytes does not hold ", K, " inputs in format ", fmt);
   torch::Tensor sc;
   const Scales s = read_scales(scale, fmt, N, K, sc);
