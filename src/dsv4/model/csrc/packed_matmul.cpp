@@ -81,6 +81,16 @@ inline __m256 fp8x8_unscaled(const uint8_t* p) {
   return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32(int(0x87F00000u))));
 }
 
+// A 16-byte FP4 tile's low and high nibbles as bytes of twice their E2M1 value (pshufb through a 16-entry table):
+// lo holds the even columns' values, hi the odd ones'.
+inline void fp4x32_doubled(const uint8_t* p, __m128i& lo, __m128i& hi) {
+  const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
+  hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+}
+
 inline __m256 bf16x8(const uint16_t* p) {
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -181,15 +191,12 @@ void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, cons
   constexpr int U = M <= 2 ? 2 : 1;  // accumulators per row, alternating tiles
   __m256 part[M * U];
   for (int i = 0; i < M * U; ++i) part[i] = _mm256_setzero_ps();
-  const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t t = 0; t < tiles; ++t) {
     const int u = int(t % U);
     const __m256 sv = _mm256_set1_ps(0.5f * s.at(n, t));
     const int64_t j = t * 16;
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
-    __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
-    __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    __m128i lo, hi;
+    fp4x32_doubled(w + j, lo, hi);
     __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
     __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
     __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
@@ -290,12 +297,9 @@ void decode_row(int fmt, const uint8_t* w, int64_t K, const Scales& s, int64_t n
       const float scale = s.at(n, t);
       int64_t j = t * 16;
 #if DSV4_AVX2
-      const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-      const __m128i low = _mm_set1_epi8(0x0F);
       const __m256 sv = _mm256_set1_ps(0.5f * scale);
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
-      __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
-      __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+      __m128i lo, hi;
+      fp4x32_doubled(w + j, lo, hi);
       __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // column order
       const __m128i parts[4] = {first, _mm_unpackhi_epi64(first, first), second, _mm_unpackhi_epi64(second, second)};
       for (int q = 0; q < 4; ++q)
