@@ -114,3 +114,27 @@ def test_scratch_buffers_serve_inference_mode_and_no_grad():
     with torch.no_grad():
         b = lin(x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,block", [((3, 4096), 128), ((5, 300), 128), ((7, 448), 64), ((2, 1, 2048), 128)])
+def test_act_round_equals_the_operators_bit_for_bit(shape, block):
+    """The official numerics' activation rounding in one pass equals quant's operator form exactly: magnitudes
+    from float32 subnormals to 1e3 (tiles under the amax floor, zero tiles, ties), a shorter last tile."""
+    g = torch.Generator().manual_seed(block)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-45, 3, shape[-1])
+    x.view(-1, shape[-1])[0, :block] = 0
+    x.view(-1, shape[-1])[-1, :block] = torch.arange(block) * 2.0 ** -7  # exact ties of the E4M3 grid
+    got, want = fused.act_round(x, block, 1e-4), quant._fp8_act_round_ops(x, block, 1e-4)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_act_round_non_finite_tiles_and_dispatch(monkeypatch):
+    """A tile holding NaN or inf keeps the scale 1 (inf clamps to 448, NaN stays), as the operator form does; and
+    fp8_act_round takes the kernel in eager CPU calls."""
+    x = torch.tensor([[1.0, float("inf"), -3.0, 0.1, 1.0, float("nan"), 2.0, 3.0, -0.0, 1e-40, 5e3, 1e38]])
+    got, want = fused.act_round(x, 4, 1e-4), quant._fp8_act_round_ops(x, 4, 1e-4)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    calls = []
+    monkeypatch.setattr(fused, "act_round", lambda *a: calls.append(a) or quant._fp8_act_round_ops(*a))
+    quant.fp8_act_round(torch.randn(2, 256), 128)
+    assert len(calls) == 1

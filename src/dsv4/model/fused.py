@@ -8,6 +8,9 @@ stores it ("bf16", "fp8" or "fp4"). It reads each weight byte once and writes no
 decoding step needs to run at the memory's speed; for many rows the tile-by-tile dequantization and a matmul are
 faster (compute-bound), and ``dsv4.model.packed`` chooses between the two (``FUSED_MAX_ROWS``).
 
+``act_round(x, block, amax_floor)``: the official numerics' FP8 rounding of activations
+(``dsv4.quant.fp8_act_round``) in one pass; eager calls on the CPU take it, compiled graphs the operators.
+
 Where no compiler works, or ``DSV4_FUSED=0`` is set, ``available()`` is False (one warning says why) and the
 packed modules keep the dequantize-then-multiply path, which is also the reference the kernel is tested against.
 """
@@ -123,6 +126,17 @@ def dequant(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: tor
     s = None if scale is None else scale if scale.dtype == torch.float32 else scale.view(torch.uint8)
     module.dequant(w, s, FORMATS[fmt], out)
     return out
+
+
+def act_round(x: torch.Tensor, block: int, amax_floor: float) -> torch.Tensor:
+    """``dsv4.quant.fp8_act_round``'s rounding of float32 ``x [..., n]`` (E4M3 in 1 x ``block`` power-of-two-scaled
+    tiles) in one pass instead of a dozen elementwise operators: the same arithmetic, bit for bit."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    if x.dtype != torch.float32:
+        raise TypeError(f"act_round rounds float32, got x of {x.dtype}")
+    return module.act_round(x.reshape(-1, x.shape[-1]), block, float(amax_floor)).view(x.shape)
 
 
 def main(argv: list[str] | None = None) -> int:

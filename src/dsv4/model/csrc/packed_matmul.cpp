@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -366,6 +367,68 @@ void dequant(torch::Tensor weight, c10::optional<torch::Tensor> scale, int64_t f
                    });
 }
 
+// Rule 4 of the official numerics (dsv4.quant.fp8_act_round, whose arithmetic this repeats, so that the two agree
+// bit for bit): each 1 x block tile of a row of x (the last one shorter when block does not divide the row) gets the
+// power-of-two scale 2^ceil(log2(max(amax, amax_floor) / 448)); each value is divided by it, clamped to +-448,
+// rounded to the nearest E4M3 value (4 significant bits, subnormal step 2^-9, ties to even) and multiplied back. A
+// tile holding a NaN or an infinity gets the scale 1 (torch.frexp gives such an amax the exponent 0).
+namespace {
+
+constexpr float E4M3_MAX = 448.f;
+
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// |v| <= 448 to the nearest E4M3 value: the step 2^(e - 4) of v's binary exponent e (|v| in [2^(e-1), 2^e), from
+// its float32 exponent field), at least 2^-9; v / step by a power of two is exact, nearbyint rounds half to even
+inline float e4m3_round(float v) {
+  const int step_exp = std::max(int((float_bits(v) >> 23) & 0xFF) - 130, -9);
+  const float step = bits_to_float(uint32_t(step_exp + 127) << 23), inv = bits_to_float(uint32_t(127 - step_exp) << 23);
+  return std::nearbyint(v * inv) * step;
+}
+
+void round_tile(const float* x, float* out, int64_t n, float amax_floor) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    finite &= a <= std::numeric_limits<float>::max();
+    amax = a > amax ? a : amax;
+  }
+  int e = 0;
+  if (finite) {
+    amax = std::max(std::max(amax, amax_floor), E4M3_MAX * 0x1p-126f);
+    if (std::frexp(amax / E4M3_MAX, &e) == 0.5f) e -= 1;  // an exact power of two is its own ceiling
+  }
+  const float scale = std::ldexp(1.f, std::max(e, -126)), inv = 1.f / scale;  // both powers of two: exact
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = e4m3_round(std::min(std::max(x[i] * inv, -E4M3_MAX), E4M3_MAX)) * scale;
+}
+
+}  // namespace
+
+torch::Tensor act_round(torch::Tensor x, int64_t block, double amax_floor) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "act_round: x must be a float32 CPU matrix [M, n], got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(block > 0, "act_round: block must be positive, got ", block);
+  x = x.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t M = x.size(0), n = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float floor = float(amax_floor);
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, n)),
+                   [&](int64_t m0, int64_t m1) {
+                     for (int64_t m = m0; m < m1; ++m)
+                       for (int64_t j = 0; j < n; j += block)
+                         round_tile(xp + m * n + j, op + m * n + j, std::min(block, n - j), floor);
+                   });
+  return out;
+}
+
 bool vectorized() { return DSV4_AVX2; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -374,6 +437,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequant", &dequant, "a stored weight's rows decoded into a float32 matrix", pybind11::arg("weight"),
         pybind11::arg("scale"), pybind11::arg("fmt"), pybind11::arg("out"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("act_round", &act_round, "FP8 E4M3 quantize-dequantize of x [M, n] in 1 x block power-of-two-scaled tiles",
+        pybind11::arg("x"), pybind11::arg("block"), pybind11::arg("amax_floor"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
 }
