@@ -56,6 +56,17 @@ def test_mapped_tensors_equal_read_tensors(tmp_path):
     assert torch.equal(read_tensors(tmp_path)["a"], tensors["a"])
 
 
+def test_each_file_is_mapped_once(synthetic_dir):
+    """The tensors of one file are views of one mapping (a mapping per tensor put thousands of whole-file mappings
+    on every page of a large checkpoint)."""
+    mapped = map_tensors(synthetic_dir)
+    files = list(synthetic_dir.glob("*.safetensors"))
+    assert len(files) > 1
+    storages = {t.untyped_storage().data_ptr() for t in mapped.values()
+                if t.untyped_storage().nbytes() in {f.stat().st_size for f in files}}
+    assert len(storages) == len(files)
+
+
 def test_truncated_or_corrupt_files_are_named(tmp_path):
     from safetensors.torch import save_file
 

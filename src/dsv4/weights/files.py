@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,31 +161,21 @@ def map_tensors(path: str | Path, headers: dict[str, tuple[Path, TensorInfo]] | 
     """Every tensor of a checkpoint directory, by its stored name, memory-mapped from the files: nothing is read
     until used, and pages read are the operating system's to drop again (they are file-backed and clean). The
     tensors are read-only in effect (a copy-on-write mapping: writing to one changes neither the file nor the other
-    processes' view). A tensor whose offset does not suit its dtype's alignment is copied into memory instead.
-    ``headers``: the directory's ``read_headers``, if already read."""
+    processes' view). Each file is mapped once, its tensors views of that one mapping (which lives while any of them
+    does): a mapping per tensor would put thousands of whole-file mappings on each page of a large checkpoint,
+    which every walk of the kernel's reverse map (reclaim, access monitoring) then visits. A tensor whose offset does
+    not suit its dtype's alignment is copied into memory instead. ``headers``: the directory's ``read_headers``, if
+    already read."""
+    maps: dict[Path, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, (f, info) in (read_headers(path) if headers is None else headers).items():
-        out[name] = _mapped(f, info)
+        if f not in maps:
+            maps[f] = torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="c"))
+        raw = maps[f][info.start:info.stop]
+        if info.start % torch.empty(0, dtype=info.dtype).element_size():
+            raw = raw.clone()
+        out[name] = raw.view(info.dtype).view(info.shape)
     return out
-
-
-# one mapping per file, shared by its tensors while any of them is alive (keyed by the file's identity, so a file
-# replaced since is mapped anew)
-_MAPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _mapped(f: Path, info: TensorInfo) -> torch.Tensor:
-    st = f.stat()
-    key = (str(f.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
-    flat = _MAPS.get(key)
-    if flat is None:
-        flat = torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="c"))
-        _MAPS[key] = flat
-    raw = flat[info.start:info.stop]
-    size = torch.empty(0, dtype=info.dtype).element_size()
-    if info.start % size:
-        raw = raw.clone()
-    return raw.view(info.dtype).view(info.shape)
 
 
 def write_safetensors(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
