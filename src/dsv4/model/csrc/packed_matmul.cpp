@@ -82,14 +82,20 @@ inline __m256 fp8x8_unscaled(const uint8_t* p) {
   return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32(int(0x87F00000u))));
 }
 
-// A 16-byte FP4 tile's low and high nibbles as bytes of twice their E2M1 value (pshufb through a 16-entry table):
-// lo holds the even columns' values, hi the odd ones'.
-inline void fp4x32_doubled(const uint8_t* p, __m128i& lo, __m128i& hi) {
-  const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i low = _mm_set1_epi8(0x0F);
-  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
-  hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+// 4 bytes of packed FP4 (8 values, each byte's low nibble first) -> their E2M1 values as float32, with no byte
+// shuffle (the one vector port those share was the bound): the 32 bits broadcast to every lane by a load and
+// shifted right by 4 x lane, so that lane i holds value i's nibble in its low 4 bits; vpermps looks the magnitude
+// up by the low 3 of them, and the nibble shifted to the top (bit 3 to the sign bit, bits 0-2 to bits 28-30) is
+// XORed in. The table holds each magnitude's bits XOR its own index << 28, so those three bits cancel.
+inline __m256 fp4x8(const uint8_t* p) {
+  const __m256i table = _mm256_setr_epi32(0x00000000, 0x3F000000 ^ (1 << 28), 0x3F800000 ^ (2 << 28),
+                                          0x3FC00000 ^ (3 << 28), 0x40000000 ^ (4 << 28), 0x40400000 ^ (5 << 28),
+                                          0x40800000 ^ (6 << 28), 0x40C00000 ^ (7 << 28));  // 0 .5 1 1.5 2 3 4 6
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i lanes = _mm256_srlv_epi32(_mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p))),
+                                          shifts);
+  const __m256 looked_up = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(table), lanes);
+  return _mm256_xor_ps(looked_up, _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 28)));
 }
 
 inline __m256 bf16x8(const uint16_t* p) {
@@ -98,8 +104,7 @@ inline __m256 bf16x8(const uint16_t* p) {
 }
 #endif
 
-// One weight row n against M activation rows: out[m * N + n]. x rows are K long (FP4: even / odd columns apart,
-// xe / xo, K / 2 long each).
+// One weight row n against M activation rows (x [M, K]): out[m * N + n].
 // Independent accumulators per activation row: an FMA's latency is about 4 cycles, so with one or two rows a single
 // chain of FMAs, not the memory, would set the pace.
 template <int M>
@@ -183,50 +188,41 @@ void row_fp8(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64
 }
 
 template <int M>
-void row_fp4(const uint8_t* w, const float* xe, const float* xo, int64_t K, const Scales& s, int64_t n,
-             float* acc) {
-  const int64_t half = K / 2, tiles = K / 32;
+void row_fp4(const uint8_t* w, const float* x, int64_t K, const Scales& s, int64_t n, float* acc) {
+  const int64_t tiles = K / 32;
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
 #if DSV4_AVX2
-  // a tile is 16 bytes: 32 values, one scale. Each nibble through a byte table of twice its E2M1 value (pshufb),
-  // widened to float32; the tile's four products summed, then times half its scale.
+  // a tile is 16 bytes: 32 values, one scale. Its four products of 8 summed in two chains, then times its scale.
   constexpr int U = M <= 2 ? 2 : 1;  // accumulators per row, alternating tiles
   __m256 part[M * U];
   for (int i = 0; i < M * U; ++i) part[i] = _mm256_setzero_ps();
   for (int64_t t = 0; t < tiles; ++t) {
     const int u = int(t % U);
-    const __m256 sv = _mm256_set1_ps(0.5f * s.at(n, t));
-    const int64_t j = t * 16;
-    __m128i lo, hi;
-    fp4x32_doubled(w + j, lo, hi);
-    __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
-    __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+    const __m256 sv = _mm256_set1_ps(s.at(n, t));
+    const uint8_t* wt = w + t * 16;
+    const __m256 w0 = fp4x8(wt), w1 = fp4x8(wt + 4), w2 = fp4x8(wt + 8), w3 = fp4x8(wt + 12);
     for (int m = 0; m < M; ++m) {
-      const float* e = xe + m * half + j;
-      const float* o = xo + m * half + j;
-      __m256 even = _mm256_fmadd_ps(l1, _mm256_loadu_ps(e + 8), _mm256_mul_ps(l0, _mm256_loadu_ps(e)));
-      __m256 odd = _mm256_fmadd_ps(h1, _mm256_loadu_ps(o + 8), _mm256_mul_ps(h0, _mm256_loadu_ps(o)));
-      part[m * U + u] = _mm256_fmadd_ps(_mm256_add_ps(even, odd), sv, part[m * U + u]);
+      const float* xt = x + m * K + t * 32;
+      __m256 a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), _mm256_mul_ps(w0, _mm256_loadu_ps(xt)));
+      __m256 b = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), _mm256_mul_ps(w1, _mm256_loadu_ps(xt + 8)));
+      part[m * U + u] = _mm256_fmadd_ps(_mm256_add_ps(a, b), sv, part[m * U + u]);
     }
   }
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
   reduce<M, U>(part, acc);
 #else
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
   for (int64_t t = 0; t < tiles; ++t) {
     const float scale = s.at(n, t);
     for (int64_t j = t * 16; j < t * 16 + 16; ++j) {
       float lo = fp4_value(w[j] & 0xF) * scale, hi = fp4_value(w[j] >> 4) * scale;
-      for (int m = 0; m < M; ++m) acc[m] += lo * xe[m * half + j] + hi * xo[m * half + j];
+      for (int m = 0; m < M; ++m) acc[m] += lo * x[m * K + 2 * j] + hi * x[m * K + 2 * j + 1];
     }
   }
 #endif
 }
 
 template <int M>
-void rows_pass(int fmt, const uint8_t* w, int64_t row_bytes, const float* x, const float* xe, const float* xo,
-               int64_t K, const Scales& s, int64_t N, float* out) {
+void rows_pass(int fmt, const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, const Scales& s, int64_t N,
+               float* out) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     float acc[M];
@@ -234,14 +230,13 @@ void rows_pass(int fmt, const uint8_t* w, int64_t row_bytes, const float* x, con
       const uint8_t* wr = w + n * row_bytes;
       if (fmt == FMT_BF16) row_bf16<M>(reinterpret_cast<const uint16_t*>(wr), x, K, acc);
       else if (fmt == FMT_FP8) row_fp8<M>(wr, x, K, s, n, acc);
-      else row_fp4<M>(wr, xe, xo, K, s, n, acc);
+      else row_fp4<M>(wr, x, K, s, n, acc);
       for (int m = 0; m < M; ++m) out[m * N + n] = acc[m];
     }
   });
 }
 
-using Pass = void (*)(int, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t,
-                      const Scales&, int64_t, float*);
+using Pass = void (*)(int, const uint8_t*, int64_t, const float*, int64_t, const Scales&, int64_t, float*);
 const Pass PASSES[MAX_ROWS] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
                                rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
@@ -298,13 +293,8 @@ void decode_row(int fmt, const uint8_t* w, int64_t K, const Scales& s, int64_t n
       const float scale = s.at(n, t);
       int64_t j = t * 16;
 #if DSV4_AVX2
-      const __m256 sv = _mm256_set1_ps(0.5f * scale);
-      __m128i lo, hi;
-      fp4x32_doubled(w + j, lo, hi);
-      __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // column order
-      const __m128i parts[4] = {first, _mm_unpackhi_epi64(first, first), second, _mm_unpackhi_epi64(second, second)};
-      for (int q = 0; q < 4; ++q)
-        _mm256_storeu_ps(out + 2 * j + 8 * q, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[q])), sv));
+      const __m256 sv = _mm256_set1_ps(scale);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 2 * j + 8 * q, _mm256_mul_ps(fp4x8(w + j + 4 * q), sv));
 #else
       for (; j < t * 16 + 16; ++j) {
         out[2 * j] = fp4_value(w[j] & 0xF) * scale;
@@ -334,15 +324,8 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional
   const uint8_t* w = static_cast<const uint8_t*>(weight.data_ptr());
   for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
     const int64_t rows = std::min(MAX_ROWS, M - m0);
-    torch::Tensor xm = x.narrow(0, m0, rows).contiguous(), xe, xo;
-    if (fmt == FMT_FP4) {  // even and odd columns apart: the low and the high nibbles' inputs
-      auto pairs = xm.view({rows, K / 2, 2});
-      xe = pairs.select(2, 0).contiguous();
-      xo = pairs.select(2, 1).contiguous();
-    }
-    // rows m0.. of out are contiguous: the pass writes them in place
-    PASSES[rows - 1](int(fmt), w, row_bytes, xm.data_ptr<float>(), fmt == FMT_FP4 ? xe.data_ptr<float>() : nullptr,
-                     fmt == FMT_FP4 ? xo.data_ptr<float>() : nullptr, K, s, N, out.data_ptr<float>() + m0 * N);
+    // rows m0.. of x and of out are contiguous: the pass reads and writes them in place
+    PASSES[rows - 1](int(fmt), w, row_bytes, x.data_ptr<float>() + m0 * K, K, s, N, out.data_ptr<float>() + m0 * N);
   }
   return out;
 }
