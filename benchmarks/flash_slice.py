@@ -34,25 +34,6 @@ print(json.dumps({"load_s": load_s, **greedy_run(model, prompt, new)}))
 """
 
 
-def decode_bytes_per_token(path: Path, config) -> int:
-    """Stored bytes one decoding step of one row reads: every tensor of the main layers and the head, the routed
-    experts at k / E of their bytes (a token's k experts), one embedding row; not the MTP block (plain decoding)."""
-    from dsv4.weights.files import read_headers
-
-    total = 0
-    share = config.num_experts_per_tok / config.n_routed_experts
-    for name, (_, info) in read_headers(path).items():
-        if name.startswith("mtp."):
-            continue
-        if name.startswith("embed."):
-            total += info.nbytes // config.vocab_size
-        elif ".ffn.experts." in name:
-            total += info.nbytes * share
-        else:
-            total += info.nbytes
-    return int(total)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=os.path.join(os.environ.get("DSV4_CACHE", "/tmp"), "dsv4-flash-slice"))
@@ -64,6 +45,8 @@ def main() -> None:
     from dsv4.bench import copy_bandwidth
     from dsv4.config import ModelConfig
     from dsv4.cost.fit import plan_checkpoint
+    from dsv4.cost.weights import decode_bytes_per_token
+    from dsv4.weights.files import read_headers
     from dsv4.weights.synthetic import flash_slice_config, write_synthetic
 
     path = Path(args.dir)
@@ -77,7 +60,8 @@ def main() -> None:
                          capture_output=True, text=True, check=True)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     config = ModelConfig.from_json(path / "config.json")
-    token_bytes = decode_bytes_per_token(path, config)
+    token_bytes = decode_bytes_per_token(((name, info.nbytes) for name, (_, info) in read_headers(path).items()),
+                                         config)
     bandwidth = copy_bandwidth()
     plan = plan_checkpoint(path, context=args.prompt_tokens + args.new_tokens, batch=1, prompt=args.prompt_tokens)
     result = {"checkpoint_bytes": ckpt_bytes, "parameters": config.num_parameters(), "write_s": write_s, **figures,

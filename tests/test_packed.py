@@ -321,3 +321,28 @@ def test_serving_engine_runs_a_packed_model(pair):
     finally:
         eng.stop()
         packed.float()
+
+
+def test_bench_decode_of_a_saved_model(synthetic_dir, capsys):
+    """``dsv4 bench decode --model DIR``: load time, the step against its roofline, whose weight bytes per token
+    are the bytes the model holds by kind with the routed experts at k / E, one embedding row and no MTP: the stored
+    bytes (checkpoint_weights), except that the small BF16 tensors computed in float32 are held at twice theirs."""
+    from dsv4.cli import main
+    from dsv4.cost.weights import checkpoint_weights
+
+    assert main(["bench", "decode", "--model", str(synthetic_dir), "--context", "40", "--tokens", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = ModelConfig.from_json(synthetic_dir / "config.json")
+    _, stored, layout = checkpoint_weights(synthetic_dir, "packed")
+    assert layout == "official"
+    want = (stored["head"] + stored["attention"] + stored["shared_experts"] + stored["norms_other"]
+            + stored["experts"] * config.num_experts_per_tok / config.n_routed_experts
+            + stored["embedding"] / config.vocab_size)
+    assert want - 2 <= r["weight_bytes_per_token"] <= want + stored["attention"] + stored["norms_other"]
+    assert r["load_s"] > 0 and r["ms_per_token"] > 0 and r["kv_bytes"] > 0
+    assert r["roofline_ms_per_token"] == pytest.approx(1e3 * (r["weight_bytes_per_token"] + r["kv_bytes"])
+                                                      / r["bandwidth_bytes_per_s"])
+    assert r["vs_roofline"] == pytest.approx(r["ms_per_token"] / r["roofline_ms_per_token"])
+    too_long = str(config.max_position_embeddings)
+    assert main(["bench", "decode", "--model", str(synthetic_dir), "--context", too_long]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def peak_rss_gib() -> float:
 def greedy_run(model, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dict:
     """One row through ``model``: a prompt of random token ids (``seed``) prefilled in one call, then
     ``new_tokens`` greedy decoding steps, each timed. Returns prefill seconds, the median decoding step in ms, the
-    tokens, and the process's peak resident set in bytes (file pages it touched included)."""
+    tokens, the process's peak resident set in bytes (file pages it touched included) and the cache's bytes."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens),
                         generator=torch.Generator().manual_seed(seed))
     cache = model.new_cache(1)
@@ -78,8 +78,8 @@ def greedy_run(model, prompt_tokens: int, new_tokens: int, seed: int = 0) -> dic
             t = time.perf_counter()
             logits = model(token, cache=cache)
             times.append(time.perf_counter() - t)
-    return {"prefill_s": prefill_s, "decode_ms_per_token": 1e3 * sorted(times)[len(times) // 2] if times else None,
-            "tokens": tokens, "peak_rss_bytes": peak_rss_bytes()}
+    return {"prefill_s": prefill_s, "decode_ms_per_token": 1e3 * statistics.median(times) if times else None,
+            "tokens": tokens, "peak_rss_bytes": peak_rss_bytes(), "cache_bytes": cache.nbytes()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -350,7 +350,43 @@ def compiled_run(model, run: DecodeRun, tokens: int, generator: torch.Generator)
     return run._replace(cache=state, step=step)
 
 
+def bench_decode_model(args) -> dict:
+    """``dsv4 bench decode --model DIR``: a saved model as ``dsv4.from_pretrained`` loads it (an official-layout
+    checkpoint packed: its weights read from the mapped files as stored), its load time, one prompt of ``--context``
+    random ids prefilled, ``--tokens`` greedy steps (their median), against the step's roofline: the weight bytes a
+    token reads (``dsv4.cost.weights.decode_bytes_per_token``: the routed experts at k / E) and the cache's, at the
+    measured copy bandwidth. Pages warm: the prompt touches nearly every expert first."""
+    import dsv4
+    from dsv4.cost.weights import decode_bytes_per_token
+    from dsv4.weights.names import official_state_of
+
+    if resolve_device(args.device).type != "cpu":
+        raise ValueError("--model: bench decode of a saved model runs on the CPU")
+    if args.batch_size not in (None, 1):
+        raise ValueError("--model: bench decode of a saved model decodes one row (no --batch-size)")
+    t = time.perf_counter()
+    model = dsv4.from_pretrained(args.model)
+    load_s = time.perf_counter() - t
+    config = model.config
+    if args.context + args.tokens > config.max_position_embeddings:
+        raise ValueError(f"--context {args.context} + --tokens {args.tokens} passes the model's "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+    run = greedy_run(model, args.context, args.tokens, seed=args.seed)
+    weights = decode_bytes_per_token(((name, t.numel() * t.element_size())
+                                      for name, t in official_state_of(model, as_stored=True).items()), config)
+    bandwidth = copy_bandwidth()
+    roof = 1e3 * (weights + run["cache_bytes"]) / bandwidth
+    return {"bench": "decode", "model": str(args.model), "context": args.context, "tokens": args.tokens,
+            "load_s": load_s, "prefill_s": run["prefill_s"], "ms_per_token": run["decode_ms_per_token"],
+            "tokens_per_s": 1e3 / run["decode_ms_per_token"], "weight_bytes_per_token": weights,
+            "kv_bytes": run["cache_bytes"], "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
+            "vs_roofline": run["decode_ms_per_token"] / roof, "peak_rss_gib": run["peak_rss_bytes"] / 2**30,
+            "threads": torch.get_num_threads()}
+
+
 def bench_decode(args) -> dict:
+    if getattr(args, "model", None):
+        return bench_decode_model(args)
     from dsv4.cost import decode_roofline_seconds, v4_cost
     from dsv4.train.flops import matmul_peak_flops
 

@@ -103,6 +103,21 @@ def checkpoint_weights(checkpoint: str | Path | list[TensorInfo], dtype: str
     return counted, stored, layout
 
 
+def decode_bytes_per_token(tensors, config: ModelConfig) -> int:
+    """The weight bytes one decoding step of one row reads, from (official name, bytes) pairs (a checkpoint's
+    headers, or a loaded model's ``official_state_of(model, as_stored=True)``): every tensor of the main layers and
+    the head, the routed experts at k / E of their bytes (a token's k experts), one embedding row; not the MTP block
+    (plain decoding reads none of it)."""
+    total = 0.0
+    share = config.num_experts_per_tok / config.n_routed_experts
+    for name, nbytes in tensors:
+        kind = weight_kind(name)
+        if kind == "mtp":
+            continue
+        total += nbytes / config.vocab_size if kind == "embedding" else nbytes * share if kind == "experts" else nbytes
+    return int(total)
+
+
 def materialized_loading_bytes(checkpoint: str | Path | list[TensorInfo]) -> int:
     """The peak of ``dsv4.from_pretrained`` materializing a checkpoint, from its headers. The stored tensors are
     memory-mapped by safetensors (their pages resident once touched, and mapped while any tensor of the file lives);
