@@ -270,8 +270,9 @@ def bench_serve(args) -> dict:
 
 def add_arguments(p) -> None:
     """``dsv4 bench serve``'s own options (the bench command holds the shared ones)."""
-    p.add_argument("--model", default=None, help="serve, decode: a saved model (default: --preset with random weights); "
-                                                 "decode of a saved model: one row against its weights' roofline")
+    p.add_argument("--model", default=None,
+                   help="serve, decode: a saved model (default: --preset with random weights); decode of a saved "
+                        "model: one row against its weights' roofline")
     p.add_argument("--workloads", default="concurrent,agent", help="serve: concurrent, agent, or both")
     p.add_argument("--requests", type=int, default=16, help="serve: concurrent clients")
     p.add_argument("--output-tokens", type=int, default=256, help="serve: tokens each concurrent request generates")
