@@ -26,6 +26,8 @@ _MEASURE = r"""
 import json, sys, time
 import dsv4
 from dsv4.bench import greedy_run
+from dsv4.runtime import tune_allocator
+tune_allocator()  # as the dsv4 commands run (dsv4.cli): large buffers reused, not mapped and faulted in each step
 path, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 model = dsv4.from_pretrained(path)
