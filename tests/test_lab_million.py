@@ -145,3 +145,20 @@ def test_needle_contexts_and_their_errors():
         RetrievalVocab(keys=1)
     with pytest.raises(ValueError, match="RetrievalVocab.repeats"):
         RetrievalVocab(repeats=0)
+
+
+def test_retrieval_rows_keep_their_needles_out_of_the_gap():
+    # the lab's rows: needles only before the last ``gap`` context tokens, so that the sliding window (no wider
+    # than the gap) cannot reach them from the questions
+    vocab = RetrievalVocab()
+    loader = RetrievalLoader(vocab, batch_size=4, seq_len=256, seed=2, tokens_per_needle=16, gap=128)
+    assert loader.n_needles == 8
+    batch = next(loader)
+    for row, mask in zip(batch.tokens.tolist(), batch.answer_mask.tolist()):
+        first_question = min(i for i, m in enumerate(mask) if m) - 2
+        last_needle_token = max(i for i, t in enumerate(row[:first_question]) if t >= 256)
+        assert first_question - last_needle_token > 128
+    with pytest.raises(ValueError, match="gap"):
+        RetrievalLoader(vocab, batch_size=1, seq_len=256, gap=200)
+    with pytest.raises(ValueError, match="no room"):
+        RetrievalLoader(vocab, batch_size=1, seq_len=64, tokens_per_needle=1, gap=32).__next__()

@@ -115,12 +115,16 @@ class Needle:
 
 
 def needle_context(length: int, n_needles: int, vocab: RetrievalVocab, rng: np.random.Generator,
-                   split: str = "eval", lo: int = 0) -> tuple[np.ndarray, list[Needle]]:
+                   split: str = "eval", lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, list[Needle]]:
     """A context of ``length`` tokens: filler with ``n_needles`` needles, one at a random place in each of
-    ``n_needles`` equal stretches of [lo, length) (distinct keys, random values). Returns (tokens, needles in order)."""
+    ``n_needles`` equal stretches of [lo, hi) (``hi`` defaults to ``length``; distinct keys, random values).
+    Returns (tokens, needles in order)."""
     if n_needles < 1 or n_needles > vocab.keys:
         raise ValueError(f"needles per context must be in [1, {vocab.keys}] (the key count), got {n_needles}")
-    stretch = (length - lo) // n_needles
+    hi = length if hi is None else hi
+    if not 0 <= lo < hi <= length:
+        raise ValueError(f"the needles' stretch [{lo}, {hi}) must lie within the context's {length} tokens")
+    stretch = (hi - lo) // n_needles
     span = vocab.needle_tokens
     if stretch < span:
         raise ValueError(f"a context of {length} tokens has no room for {n_needles} needles")
@@ -152,15 +156,19 @@ class RetrievalBatch(Batch):
         return self.answer_mask[:, 1:]
 
 
-def retrieval_row(seq_len: int, n_needles: int, n_questions: int, vocab: RetrievalVocab, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_row(seq_len: int, n_needles: int, n_questions: int, vocab: RetrievalVocab, rng: np.random.Generator,
+                  gap: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One training row of ``seq_len + 1`` tokens and its answer mask: the context, then ``n_questions`` questions
-    about distinct needles of it, each followed by its answer."""
+    about distinct needles of it, each followed by its answer. The needles lie before the context's last ``gap``
+    tokens of filler (a gap wider than the sliding window leaves the compressed entries as the only way to them)."""
     total = seq_len + 1
     context = total - QUESTION_TOKENS * n_questions
     if n_questions > n_needles:
         raise ValueError(f"{n_questions} questions need as many needles, got {n_needles}")
-    tokens, needles = needle_context(context, n_needles, vocab, rng, split="train")
+    if gap < 0 or context - gap < n_needles * vocab.needle_tokens:
+        raise ValueError(f"a row of {seq_len} tokens has no room for {n_needles} needles, {n_questions} questions "
+                         f"and a gap of {gap}")
+    tokens, needles = needle_context(context, n_needles, vocab, rng, split="train", hi=context - gap)
     asked = rng.permutation(n_needles)[:n_questions]
     qs = np.concatenate([[vocab.query, vocab.key(needles[i].key), vocab.value(needles[i].value)] for i in asked])
     row = np.concatenate([tokens, qs.astype(np.int64)])
@@ -172,15 +180,18 @@ def retrieval_row(seq_len: int, n_needles: int, n_questions: int, vocab: Retriev
 class RetrievalLoader:
     """Batches of ``retrieval_row``s forever; row r of step s comes from the generator seeded (seed, s, r). The
     needle and question counts scale with the row length: one needle per ``tokens_per_needle`` context tokens
-    (at least 2, at most the key count), questions for ``asked`` of them (a fraction; at least 1)."""
+    (at least 2, at most the key count), questions for ``asked`` of them (a fraction; at least 1); with a ``gap``, the
+    needles lie before the last ``gap`` context tokens and are counted on the tokens before it."""
 
     def __init__(self, vocab: RetrievalVocab, batch_size: int, seq_len: int, seed: int = 0,
-                 tokens_per_needle: int = 128, asked: float = 1.0):
+                 tokens_per_needle: int = 128, asked: float = 1.0, gap: int = 0):
         if batch_size < 1 or seq_len < 32:
             raise ValueError(f"a retrieval loader needs batch_size >= 1 and seq_len >= 32, got {batch_size} and "
                              f"{seq_len}")
-        self.vocab, self.batch_size, self.seq_len, self.seed = vocab, batch_size, seq_len, seed
-        self.n_needles = max(2, min(vocab.keys, seq_len // tokens_per_needle))
+        if not 0 <= gap <= seq_len // 2:
+            raise ValueError(f"the gap before the questions must be in [0, seq_len / 2], got {gap}")
+        self.vocab, self.batch_size, self.seq_len, self.seed, self.gap = vocab, batch_size, seq_len, seed, gap
+        self.n_needles = max(2, min(vocab.keys, (seq_len - gap) // tokens_per_needle))
         if not 0 < asked <= 1:
             raise ValueError(f"the fraction of needles asked about must be in (0, 1], got {asked}")
         self.n_questions = max(1, int(self.n_needles * asked))
@@ -193,7 +204,7 @@ class RetrievalLoader:
         rows, masks = [], []
         for r in range(self.batch_size):
             rng = np.random.default_rng([self.seed, self.step, r])
-            row, mask = retrieval_row(self.seq_len, self.n_needles, self.n_questions, self.vocab, rng)
+            row, mask = retrieval_row(self.seq_len, self.n_needles, self.n_questions, self.vocab, rng, self.gap)
             rows.append(row)
             masks.append(mask)
         self.step += 1
