@@ -170,6 +170,62 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
+_SELECT_TILE = 2048  # entries scored per matmul by select_topk: a tile's [Q H, tile] dots stay in cache
+_SELECT_GROUP = 16  # select_topk ranks groups of this many consecutive entries by their maximum first
+
+
+def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, round_fn=None, tail_from: int = 0,
+                tail_visible: torch.Tensor | None = None, tile: int = _SELECT_TILE
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``k`` entries of a block of queries: the picks of ``topk_lower_index`` on ``chunk_scores`` (rounded
+    by ``round_fn``, entries past ``tail_from`` masked to -inf where ``tail_visible`` [B or 1, Q, T - tail_from] is
+    False), found without the [B, Q, H, T] dots and without a top-k over every score. q [B, Q, H, c], w [B, Q, H],
+    keys_t [B, c, T]; returns (scores [B, Q, k], indices [B, Q, k]); inference only (no autograd).
+
+    Scores are made tile by tile (one matmul of every head's queries against ``tile`` entries, ReLU and the weighted
+    head sum in place); then each group of ``_SELECT_GROUP`` consecutive entries is ranked by its maximum, and the
+    top-k entries lie in the k best groups (a group left out has k groups at or above its maximum, each holding an
+    entry that ranks above every entry of it, ties going to the lower index as groups are in index order): the
+    final top-k runs over those k groups' entries, in index order, so ties still go to the lower index. The top-k
+    work is then 1/16 of the scores plus k groups, where ``topk_lower_index`` on all scores costs some 12 ns a score
+    on one core. The scores are the reference's sum over heads of w ReLU(q . k) in another order, so they can differ
+    from ``chunk_scores``' in the last bit; tests hold the two to the same picks on exactly representable inputs.
+    Picks of -inf (fewer than k visible) are arbitrary, as ``topk_lower_index``'s are.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys_t.requires_grad):
+        raise ValueError("select_topk is an inference path: call it without autograd")
+    t = keys_t.shape[-1]
+    if not 0 < k <= t:
+        raise ValueError(f"select_topk: k must be in [1, {t}] (the entries), got {k}")
+    g = _SELECT_GROUP
+    b, nq, h, c = q.shape
+    qf = upcast(q).reshape(b, nq * h, c)
+    wf = upcast(w)
+    width = -(-t // g) * g
+    s = qf.new_empty(b, nq, width)
+    for a in range(0, t, tile):
+        z = min(t, a + tile)
+        dots = torch.matmul(qf, upcast(keys_t[..., a:z])).view(b, nq, h, z - a).relu_()
+        out = torch.mul(dots[:, :, 0], wf[:, :, 0:1], out=s[..., a:z])
+        for i in range(1, h):
+            out.addcmul_(dots[:, :, i], wf[:, :, i:i + 1])
+    s[..., :t].add_(0.0)  # -0.0 becomes +0.0 (the tie rule compares bits)
+    if round_fn is not None:
+        s[..., :t] = round_fn(s[..., :t])
+    if tail_visible is not None and t > tail_from:
+        s[..., tail_from:t].masked_fill_(~tail_visible, float("-inf"))
+    s[..., t:] = float("-inf")
+    groups = width // g
+    if groups <= k:  # as few groups as picks: every score is a candidate
+        idx = topk_lower_index(s[..., :t], k)
+        return s.gather(-1, idx), idx
+    best = topk_lower_index(s.view(b, nq, groups, g).amax(-1), k).sort(-1).values  # [B, Q, k] groups, in order
+    cand = s.view(b, nq, groups, g).gather(2, best.unsqueeze(-1).expand(b, nq, k, g)).view(b, nq, k * g)
+    j = topk_lower_index(cand, k)  # candidates in index order: the lower position is the lower index
+    idx = (best.unsqueeze(-1) * g + torch.arange(g, device=s.device)).view(b, nq, k * g).gather(-1, j)
+    return cand.gather(-1, j), idx.clamp_max_(t - 1)  # a -inf pick of the padding: an index in range
+
+
 def _topk_exact(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``topk_lower_index`` for every row: each float32 score maps to an order-preserving int32, and the int64 key
     (score bits, then the reversed index) orders by score and, among equal scores, by lower index. Other dtypes

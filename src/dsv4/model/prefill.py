@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dsv4.model import kernels
-from dsv4.model.indexer import IndexerStats, chunk_scores, indexer_kl, indexer_recall, topk_lower_index, visible_entries
+from dsv4.model.indexer import (IndexerStats, chunk_scores, indexer_kl, indexer_recall, select_topk, topk_lower_index,
+                                visible_entries)
 from dsv4.model.precision import upcast
 from dsv4.model.reference import window_visible
+
+
+# CSA blocks of a prefill (one document, no autograd) whose queries see at least this many entries pick their top-k
+# through ``select_topk`` (scores tile by tile, a running top-k) instead of scoring every entry at once
+SELECT_MIN_ENTRIES = 8192
 
 
 def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
@@ -148,18 +154,26 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
         if tlim == 0:
             yield r0, r1, kernels.Partial.empty(qb), None, None
             continue
-        scores = attn.indexer.round_scores(chunk_scores(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim]))
-        if not attn.sparse:
-            yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
-            continue
-        if visible is None:  # one document: only the block's last entries are visible to some queries only
+        k = min(attn.indexer.topk, tlim)
+        if visible is None and tlim >= SELECT_MIN_ENTRIES and not keep and not torch.is_grad_enabled():
+            # a long prefill: scored tile by tile into a running top-k, no [B, Q, T] scores (same picks)
             first = min(tlim, int(positions[r0] + 1) // attn.rate)
             tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], attn.rate)
-            scores[..., first:tlim].masked_fill_(~tail, float("-inf"))
+            scores, idx = select_topk(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim], k,
+                                      attn.indexer.round_scores if attn.indexer.bf16_scores else None, first, tail)
         else:
-            scores = scores.masked_fill(~visible, float("-inf"))
-        idx = topk_lower_index(scores, min(attn.indexer.topk, tlim))  # [B, Q, k]
-        scores = scores.gather(-1, idx)
+            scores = attn.indexer.round_scores(chunk_scores(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim]))
+            if not attn.sparse:
+                yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
+                continue
+            if visible is None:  # one document: only the block's last entries are visible to some queries only
+                first = min(tlim, int(positions[r0] + 1) // attn.rate)
+                tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], attn.rate)
+                scores[..., first:tlim].masked_fill_(~tail, float("-inf"))
+            else:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            idx = topk_lower_index(scores, k)  # [B, Q, k]
+            scores = scores.gather(-1, idx)
         cmask = scores > float("-inf")  # the picks that are visible (fewer than k visible: the rest are not)
         rows = kernels.flat_rows(idx, t)
         amask = None if bool(cmask.all()) else cmask  # past the first k entries every pick is visible
