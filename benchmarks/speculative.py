@@ -1,6 +1,7 @@
 """Speculative decoding with the MTP block against plain decoding, on a trained model.
 
-    python benchmarks/speculative.py [--model runs/demo/model] [--tokens 200] [--runs 3] [--threads N] [--save]
+    python benchmarks/speculative.py [--model runs/demo/model] [--tokens 200] [--runs 3] [--threads N] [--compile]
+                                     [--save]
 
 The model defaults to the one `make demo` trains (the tiny preset on the stdlib, about 4 minutes; the script runs
 `dsv4 demo` first if it is missing). For temperature 0 and 0.8, the same prompt is continued by ``stream`` and by
@@ -24,18 +25,34 @@ from run_all import report_experiment  # noqa: E402
 PROMPT = "def main(argv):\n    "
 
 
-def measure(model, ids, tokens: int, temperature: float, runs: int, seed: int = 0) -> dict:
-    """Alternating runs of plain and speculative decoding of ``tokens`` tokens; medians and the draft counts."""
+def measure(model, ids, tokens: int, temperature: float, runs: int, seed: int = 0, compile: bool = False) -> dict:
+    """Alternating runs of plain and speculative decoding of ``tokens`` tokens; medians and the draft counts.
+    ``compile``: both with their compiled steps (``stream(compile=True)``, ``speculative_stream(compile=True)``),
+    after one untimed run of each that compiles them (inductor's cache serves the timed runs' own compilation)."""
     from dsv4.generate import speculative_stream, stream
 
-    plain_s, spec_s, stats, same = [], [], {}, True
+    plain_s, spec_s, stats, same, info = [], [], {}, True, {"plain": {}, "speculative": {}}
+
+    def run_plain():
+        return [int(x) for x in stream(model, ids, tokens, temperature=temperature, top_p=1.0, seed=seed,
+                                       compile=compile, info=info["plain"])]
+
+    def run_spec():
+        return [int(x) for x in speculative_stream(model, ids, tokens, temperature=temperature, top_p=1.0, seed=seed,
+                                                   stats=stats, compile=compile, info=info["speculative"])]
+
+    compile_s = {}
+    if compile:
+        for name, fn in (("plain", run_plain), ("speculative", run_spec)):
+            t = time.perf_counter()
+            fn()
+            compile_s[name] = time.perf_counter() - t
     for _ in range(runs):
         t = time.perf_counter()
-        plain = [int(x) for x in stream(model, ids, tokens, temperature=temperature, top_p=1.0, seed=seed)]
+        plain = run_plain()
         plain_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        spec = [int(x) for x in speculative_stream(model, ids, tokens, temperature=temperature, top_p=1.0, seed=seed,
-                                                   stats=stats)]
+        spec = run_spec()
         spec_s.append(time.perf_counter() - t)
         same = same and plain == spec
     plain_tps, spec_tps = len(plain) / statistics.median(plain_s), len(spec) / statistics.median(spec_s)
@@ -45,6 +62,9 @@ def measure(model, ids, tokens: int, temperature: float, runs: int, seed: int = 
            "tokens_per_call": (len(spec) - 1) / max(stats["calls"], 1)}
     if temperature == 0:
         out["greedy_identical"] = same
+    if compile:
+        out["first_run_seconds"] = compile_s  # compiling included
+        out["compiled"] = {k: v.get("compile_seconds") is not None for k, v in info.items()}
     return out
 
 
@@ -54,6 +74,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="both with their compiled steps (the serving engine's; one untimed run of each compiles)")
     p.add_argument("--save", action="store_true", help="also write the JSON to benchmarks/results/")
     args = p.parse_args()
     if args.tokens < 2 or args.runs < 1:
@@ -78,7 +100,9 @@ def main() -> int:
     ids = torch.tensor([tokenizer.encode(PROMPT, bos=tokenizer.bos_id is not None)])
     result = {"experiment": "speculative", "command": " ".join(["python", "benchmarks/speculative.py"] + sys.argv[1:]),
               "model": str(model_dir), "prompt": PROMPT, "threads": torch.get_num_threads(),
-              "per_temperature": [measure(model, ids, args.tokens, t, args.runs) for t in (0.0, 0.8)]}
+              "compile": args.compile,
+              "per_temperature": [measure(model, ids, args.tokens, t, args.runs, compile=args.compile)
+                                  for t in (0.0, 0.8)]}
     report_experiment(result, "speculative", args.save)
     return 0
 

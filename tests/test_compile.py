@@ -94,6 +94,73 @@ def test_the_compiled_step_equals_eager_in_float64_to_the_capacity(model64):
             compiled_step(tokens)
 
 
+def test_the_compiled_speculative_step_equals_eager_through_rollbacks(model):
+    """``SpeculativeStep`` compiled (both parts, each one graph) against eager, on rows at different lengths: two
+    tokens a row, the MTP block's draft on their streams, and alternate rows' drafts rolled back, over calls that
+    wrap the ring and end CSA and HCA blocks (lengths grow by 1 or 2 a call, unevenly)."""
+    from dsv4.model.speculative import SpeculativeStep
+
+    def speculative(compile):
+        state = DecodeState(model, 3, 128, mtp=True)
+        step = SpeculativeStep(model, state)
+        if compile:
+            assert step.compile(fullgraph=True), "the speculative step does not compile as graphs without breaks"
+        prefill_rows(model, state, ids, [3, 17, 40])
+        return state, step
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 128), generator=g)
+    with torch.inference_mode():
+        (eager, e_step), (compiled, c_step) = speculative(False), speculative(True)
+        for call in range(30):
+            tokens = torch.randint(0, VOCAB, (3, 2), generator=g)
+            after = torch.randint(0, VOCAB, (3, 2), generator=g)
+            positions = eager.lengths.unsqueeze(1) + torch.arange(2)
+            outs = []
+            for state, step in ((eager, e_step), (compiled, c_step)):
+                mark = state.mark()
+                streams, logits = step.verify(tokens)
+                drafts = step.draft(streams, after, positions)
+                rejected = [r for r in range(3) if (r + call) % 2]
+                state.rollback(mark, [1] * len(rejected), rejected)
+                outs.append((logits, drafts))
+            assert_close_scaled(outs[1][0], outs[0][0])
+            assert_close_scaled(outs[1][1], outs[0][1])
+            assert eager.lengths.tolist() == compiled.lengths.tolist()
+        assert eager.lengths.tolist() == [48, 62, 85]  # 15 calls of 2 and 15 of 1 a row
+        with pytest.raises(ValueError, match="two tokens per row"):
+            c_step.verify(tokens[:, :1])
+
+
+def test_compiled_speculative_generation_gives_plain_greedy_tokens(model64, monkeypatch):
+    """``speculative_stream(compile=True)`` in float64 gives the tokens of plain greedy decoding, with drafts kept
+    and rejected along the way: the random model's MTP block is helped to the right draft (greedy decoding's next
+    token) at two positions of three, so that both branches run."""
+    from dsv4.generate import speculative_stream
+    from dsv4.model.speculative import SpeculativeStep
+
+    prompt = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
+    want = generate(model64, prompt, 40, temperature=0)[0].tolist()
+    draft = SpeculativeStep.draft
+
+    def helped(self, streams, next_ids, positions):
+        logits = draft(self, streams, next_ids, positions).clone()
+        for j in range(positions.shape[1]):
+            target = int(positions[0, j]) + 2  # the position of the token this draft guesses
+            if target < len(want) and target % 3:
+                logits[0, j, want[target]] += 1e3
+        return logits
+
+    monkeypatch.setattr(SpeculativeStep, "draft", helped)
+    stats, info = {}, {}
+    with torch.inference_mode():
+        spec = torch.cat(list(speculative_stream(model64, prompt, 40, temperature=0, compile=True, stats=stats,
+                                                 info=info)))
+    assert info["compile_seconds"] is not None and info["capacity"] == 256
+    assert spec.tolist() == want[30:]
+    assert 0 < stats["accepted"] < stats["drafts"] == stats["calls"] < 39
+
+
 def test_a_compiled_engine_gives_the_eager_engines_greedy_outputs(model):
     ps = prompts(5, 40, 70, 17, seed=3)
     outs = {}

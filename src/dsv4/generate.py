@@ -137,7 +137,8 @@ def _compiled_decoding(model, prompt: torch.Tensor, max_new_tokens: int, chunk: 
 def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                        top_p: float = 1.0, seed: int | None = None, prefill_chunk: int = 4096,
                        stop: Callable[[int], bool] | None = None, stats: dict | None = None,
-                       max_pending: int = 4) -> Iterator[torch.Tensor]:
+                       max_pending: int = 4, compile: bool = False, info: dict | None = None
+                       ) -> Iterator[torch.Tensor]:
     """``stream`` for one prompt row, with the MTP block drafting one token ahead (spec 5). Each call of the main
     model takes the tokens not yet in its cache and the draft, and tests the draft against its own distribution
     (``accept_draft``): kept, it is followed by one more token from the same call; rejected, it is replaced by a
@@ -145,7 +146,10 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
     before it going into the next call (at most ``max_pending``, then a call without a draft). The output follows
     the main model's distribution exactly; at temperature 0 it is ``stream``'s greedy output. Yields ids [1];
     ``stats`` (a dict) receives the counts of ``calls``, ``drafts`` and ``accepted``. Ends one token early if the
-    next call would pass ``max_position_embeddings``."""
+    next call would pass ``max_position_embeddings``. ``compile``: after the prefill the row moves into a
+    ``DecodeState`` and each call is the compiled ``SpeculativeStep`` (the serving engine's: the last token and the
+    draft, a rejected draft rolled back), eager after one warning where no compiler works; ``info`` (a dict) then
+    receives ``compile_seconds`` and the state's ``capacity``."""
     prompt = _prompt_rows(prompt)
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one prompt row, got {prompt.shape[0]}")
@@ -191,6 +195,10 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
     if not go:
         return
     draft_logits = feed_mtp(streams, a, cache.seen)
+    if compile:
+        yield from _compiled_speculation(model, cache, mtp_cache, tokens, draft_logits, max_new_tokens - 1,
+                                         temperature, top_p, generator, stop, stats, {} if info is None else info)
+        return
     while True:
         c = cache.seen
         pending = tokens[c:]
@@ -226,6 +234,53 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
             if not go:
                 return
         draft_logits = feed_mtp(streams, c, mtp_end)
+
+
+def _compiled_speculation(model, cache, mtp_cache, tokens: list[int], draft_logits: torch.Tensor, max_new_tokens: int,
+                          temperature: float, top_p: float, generator, stop, stats: dict, info: dict
+                          ) -> Iterator[torch.Tensor]:
+    """``speculative_stream(compile=True)`` after its prefill: the row (``cache``, the MTP block's ``mtp_cache``;
+    ``tokens`` up to the last emitted one, which is not in the cache yet) moves into a one-row ``DecodeState`` whose
+    ``SpeculativeStep`` is compiled first; each call takes the last token and the draft, keeps the draft or rolls its
+    position back, and the MTP block drafts again. Yields up to ``max_new_tokens`` more ids [1]."""
+    from dsv4.model.decode import DecodeState, capacity_bucket
+    from dsv4.model.speculative import SpeculativeStep
+
+    limit = model.config.max_position_embeddings
+    device = draft_logits.device
+    state = DecodeState(model, 1, capacity_bucket(min(len(tokens) + max_new_tokens + 1, limit), limit), mtp=True)
+    step = SpeculativeStep(model, state, compile=True)
+    info.update(compile_seconds=step.compile_seconds, capacity=state.capacity)
+    state.load_row(0, cache, mtp=(mtp_cache, 0))
+    emitted = 0
+    while emitted < max_new_tokens:
+        c = int(state.lengths[0])  # the last token goes to position c, the draft to c + 1
+        if c + 2 > min(limit, state.capacity):
+            return
+        q = next_token_probs(draft_logits.unsqueeze(0), temperature, top_p)[0]
+        draft = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+        mark = state.mark()
+        streams, logits = step.verify(torch.tensor([[tokens[-1], draft]]))
+        stats["calls"] += 1
+        stats["drafts"] += 1
+        if temperature == 0:
+            first = int(logits[0, 0].argmax())
+            kept = first == draft
+        else:
+            kept, first = accept_draft(next_token_probs(logits[0, :1], temperature, top_p)[0], q, draft, generator)
+        out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
+        stats["accepted"] += int(kept)
+        after = torch.tensor([out + [0] * (2 - len(out))], device=device)  # the MTP block's next ids
+        drafts = step.draft(streams, after, torch.tensor([[c, c + 1]], device=device))
+        if not kept:
+            state.rollback(mark, [1], [0])  # the draft's position undone (the MTP block's included)
+        draft_logits = drafts[0, len(out) - 1]
+        for t in out:
+            tokens.append(t)
+            emitted += 1
+            yield torch.tensor([t], device=device)
+            if emitted >= max_new_tokens or (stop is not None and stop(t)):
+                return
 
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -281,7 +336,8 @@ def print_stream(model, tokenizer, prompt: str, max_tokens: int, *, temperature:
     stats: dict = {}
     info: dict = {}
     tokens = (speculative_stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 stop=lambda t: t == tokenizer.eos_id, stats=stats) if speculative else
+                                 stop=lambda t: t == tokenizer.eos_id, stats=stats, compile=compile, info=info)
+              if speculative else
               stream(model, ids, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                      stop=lambda t: t == tokenizer.eos_id, compile=compile, info=info))
     for nxt in tokens:
@@ -379,8 +435,6 @@ def run(args) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.speculative and args.samples > 1:
         raise ValueError("--speculative decodes one sequence; it does not take --samples above 1")
-    if args.speculative and args.compile:
-        raise ValueError("--speculative steps run eager; it does not take --compile")
     path = resolve_model_dir(args.model)
     tokenizer = model_tokenizer(path, args.tokenizer)
     from dsv4.parallel.inference import expert_ranks

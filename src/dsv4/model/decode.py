@@ -327,26 +327,35 @@ class DecodeStep:
     def compile(self, fullgraph: bool = False) -> bool:
         """Compile and warm up the step (see the class); whether it is compiled. ``fullgraph``: a graph break is an
         error (which falls back to eager) instead of a split graph."""
-        if self.state.active.any():
-            raise ValueError("compile a decoding step before its state's rows are filled: the warm-up computes on "
-                             "them and clears them")
         fn = torch.compile(self.eager, dynamic=False, fullgraph=fullgraph)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            try:
-                fn(torch.zeros(self.state.rows, dtype=torch.long))
-            except Exception as e:  # no C++ compiler, an unsupported backend: decode eager
-                log.warning("the compiled decoding step is not available (%s: %s); decoding eager",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                return False
-            finally:
-                for r in range(self.state.rows):  # the warm-up computed on the free rows: clear them
-                    self.state.reset_row(r)
-        self.compile_seconds = time.perf_counter() - t0
-        self._run = fn
-        log.info("decoding step compiled for %d rows of %d tokens in %.1f s", self.state.rows, self.state.capacity,
-                 self.compile_seconds)
+        seconds = warm_up(self.state, lambda: fn(torch.zeros(self.state.rows, dtype=torch.long)), "decoding step")
+        if seconds is None:
+            return False
+        self.compile_seconds, self._run = seconds, fn
         return True
+
+
+def warm_up(state: DecodeState, run, what: str) -> float | None:
+    """Compile a step on ``state`` by running it once (``run()``) on its rows, which must all be free and are cleared
+    after; the seconds it took, or None (one warning) where compiling fails: no C++ compiler, an unsupported
+    backend, a graph break under ``fullgraph``."""
+    if state.active.any():
+        raise ValueError(f"compile a {what} before its state's rows are filled: the warm-up computes on them and "
+                         f"clears them")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        try:
+            run()
+        except Exception as e:
+            log.warning("the compiled %s is not available (%s: %s); decoding eager", what, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            return None
+        finally:
+            for r in range(state.rows):  # the warm-up computed on the free rows: clear them
+                state.reset_row(r)
+    seconds = time.perf_counter() - t0
+    log.info("%s compiled for %d rows of %d tokens in %.1f s", what, state.rows, state.capacity, seconds)
+    return seconds
 
 
 # ------------------------------------------------------------------------------------------------- the step's math

@@ -27,6 +27,7 @@ import torch
 
 from dsv4.generate import accept_draft, next_token_probs
 from dsv4.model.decode import DecodeState, DecodeStep, compressor_rates
+from dsv4.model.speculative import SpeculativeStep
 from dsv4.model.numerics import numerics_of
 from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
@@ -121,9 +122,11 @@ class Engine:
             # not for a packed model, whose experts run one by one (dsv4.model.packed)
             stacked = all(getattr(m, "stacked", True) for m in model.modules())
             compile = stacked and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
-        # speculative steps (two tokens a row, then the MTP block) run eager
+        # one compiled step: the plain one, or with speculative decoding its two parts (two tokens a row, then the
+        # MTP block: dsv4.model.speculative)
         self.step = DecodeStep(model, self.state, compile=compile and not speculative)
-        self.compile_seconds: float | None = self.step.compile_seconds
+        self.spec = SpeculativeStep(model, self.state, compile=compile) if speculative else None
+        self.compile_seconds: float | None = (self.spec or self.step).compile_seconds
         self.prefix: PrefixCache | None = None
         if prefix_cache:
             self.prefix = PrefixCache(
@@ -364,8 +367,7 @@ class Engine:
         start = torch.where(self.state.active, self.state.lengths, 0)
         positions = start.unsqueeze(1) + torch.arange(2)
         mark = self.state.mark()
-        streams, _ = self.model.hidden_streams(tokens.to(self.model.device), cache=self.state)
-        logits = self.model.logits_from_streams(streams)  # [R, 2, V]
+        streams, logits = self.spec.verify(tokens)  # logits [R, 2, V]
         self.stats["steps"] += 1
         taken: dict[int, list[int]] = {}
         after = torch.zeros(rows, 2, dtype=torch.long)  # the MTP block's next ids: the tokens at +1 and +2
@@ -384,7 +386,7 @@ class Engine:
                 taken[row].append(sample_token(logits[row, 1], p, sample.generator))
             after[row, :len(taken[row])] = torch.tensor(taken[row])
         short = [row for row in taken if len(taken[row]) == 1]
-        draft_logits = self._mtp(streams, after, positions, self.state.mtp)  # [R, 2, V]
+        draft_logits = self.spec.draft(streams, after, positions)  # [R, 2, V]
         self.state.rollback(mark, [1] * len(short), short)
         for row, sample in list(self.running.items()):
             ts = taken[row]

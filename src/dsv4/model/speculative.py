@@ -1,0 +1,79 @@
+"""The speculative decoding step of a ``DecodeState`` (spec 5: the MTP block drafts, the model checks): every row
+takes its last token and the MTP block's draft of the next in one call of the model (``verify``: two tokens a row,
+the shape a compiled step needs), then the MTP block reads the streams of those positions with the tokens after them
+and drafts again (``draft``). Eager (the reference), or both compiled once for the state's (rows, capacity) with
+``torch.compile``, warmed up on the free rows as ``DecodeStep`` is: the step the serving engine's ``--speculative``
+and ``speculative_stream(compile=True)`` run. Which tokens to keep, and the rollback of a rejected draft's position
+(``DecodeState.mark`` / ``rollback``), stay with the caller: they read values back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.model.decode import DecodeState, positions_of, warm_up
+from dsv4.model.precision import upcast
+
+
+class SpeculativeStep:
+    """``verify(tokens [R, 2])`` -> (streams [R, 2, n, d], logits [R, 2, V]); ``draft(streams [R, S, n, d], next
+    ids [R, S], positions [R, S])`` -> the MTP block's logits [R, S, V] for the token after each next id. ``state``
+    must hold the MTP block's ring (``DecodeState(..., mtp=True)``). ``compile_seconds``: how long compiling both
+    and warming them up took (None: eager)."""
+
+    def __init__(self, model, state: DecodeState, compile: bool = False, fullgraph: bool = False):
+        if not len(model.mtp):
+            raise ValueError("speculative decoding needs the model's MTP block (num_nextn_predict_layers >= 1)")
+        if state.mtp is None:
+            raise ValueError("a speculative step needs a DecodeState with the MTP block's ring (mtp=True)")
+        self.model, self.state = model, state
+        self.compile_seconds: float | None = None
+        self._verify, self._draft = self.eager_verify, self.eager_draft
+        if compile:
+            self.compile(fullgraph=fullgraph)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_seconds is not None
+
+    def eager_verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        streams, _ = self.model.hidden_streams(tokens, cache=self.state)
+        return streams, self.model.logits_from_streams(streams)
+
+    def eager_draft(self, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, _, _ = self.model.mtp[0].predict(streams, self.model.embed(next_ids), positions, self.state.mtp)
+        return upcast(self.model.head(hidden))
+
+    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.shape != (self.state.rows, 2):
+            raise ValueError(f"a speculative step takes two tokens per row [{self.state.rows}, 2] (the last token "
+                             f"and the draft), got shape {tuple(tokens.shape)}")
+        if self.compiled:  # the compiled step checks nothing (a check reads values back): here, as eager does
+            self.model._check_ids(tokens)
+            positions_of(self.state, 2, self.model.config.max_position_embeddings)
+        return self._verify(tokens.to(self.model.device))
+
+    def draft(self, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if next_ids.shape != streams.shape[:2] or positions.shape != streams.shape[:2]:
+            raise ValueError(f"draft: next ids {tuple(next_ids.shape)} and positions {tuple(positions.shape)} must "
+                             f"match the streams' rows and positions {tuple(streams.shape[:2])}")
+        if self.compiled:
+            self.model._check_ids(next_ids)
+        device = self.model.device
+        return self._draft(streams, next_ids.to(device), positions.to(device))
+
+    def compile(self, fullgraph: bool = False) -> bool:
+        """Compile and warm up both parts on the state's free rows (cleared after); whether they are compiled."""
+        verify = torch.compile(self.eager_verify, dynamic=False, fullgraph=fullgraph)
+        draft = torch.compile(self.eager_draft, dynamic=False, fullgraph=fullgraph)
+
+        def run() -> None:
+            tokens = torch.zeros(self.state.rows, 2, dtype=torch.long, device=self.model.device)
+            streams, _ = verify(tokens)
+            draft(streams, tokens, torch.arange(2, device=self.model.device).expand(self.state.rows, 2))
+
+        seconds = warm_up(self.state, run, "speculative step")
+        if seconds is None:
+            return False
+        self.compile_seconds, self._verify, self._draft = seconds, verify, draft
+        return True
