@@ -74,7 +74,12 @@ queries of its one K=V head, so SDPA reads each key once per step (not once per 
 SPECULATIVE_NOTE = """The model that `make demo` trains (tiny preset), continuing one prompt by plain decoding and
 by `speculative_stream` (the MTP block drafts one token, the model checks it with the pending
 ones in one call) in alternating runs; medians. Kept: drafts that passed speculative sampling's
-test."""
+test. Compiled (`--compile`): both decode with their compiled steps (`stream(compile=True)`, and
+`SpeculativeStep`: the last token and the draft in one call, a rejected draft rolled back), after
+one untimed run of each. Repeated runs on the 2-core machine spread by about 0.15 in speedup (the
+same commit gave 0.90 and 0.71 compiled at temperature 0, 0.97 and 1.08 eager): speculative
+decoding is level with plain decoding on this model, not faster. A check of two tokens costs
+about 1.4 plain steps and the MTP block's draft 0.4 more, against 1.7-1.9 tokens a call."""
 
 
 SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
@@ -235,10 +240,12 @@ def write_docs(results: dict[str, list[dict]]) -> None:
                            ("after warm-up", "recall_end_of_warmup"), ("val loss, sparse", "val_loss_sparse"),
                            ("same model, dense CSA", "val_loss_dense_attention"),
                            ("sparse vs dense", "sparse_vs_dense")])
-    spec = [dict(r, command=e["command"], model=e["model"], commit=e.get("commit")) for e in experiments()
-            if e.get("experiment") == "speculative" for r in e["per_temperature"]]
+    spec = [dict(r, command=e["command"], model=e["model"], commit=e.get("commit"), threads=e.get("threads"),
+                 steps="compiled" if e.get("compile") else "eager")
+            for e in experiments() if e.get("experiment") == "speculative" for r in e["per_temperature"]]
     lines += _table("## Speculative decoding with the MTP block\n\n" + SPECULATIVE_NOTE, spec, [
-        ("model", "model"), ("temperature", "temperature"), ("tokens", "tokens"),
+        ("model", "model"), ("steps", "steps"), ("threads", "threads"), ("temperature", "temperature"),
+        ("tokens", "tokens"),
         ("plain tokens/s", "plain_tokens_per_s"), ("speculative tokens/s", "speculative_tokens_per_s"),
         ("speedup", "speedup"), ("kept", "acceptance"), ("tokens per call", "tokens_per_call"),
         ("greedy identical", "greedy_identical"), ("commit", "commit")])
