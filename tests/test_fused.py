@@ -138,3 +138,23 @@ def test_act_round_non_finite_tiles_and_dispatch(monkeypatch):
     monkeypatch.setattr(fused, "act_round", lambda *a: calls.append(a) or quant._fp8_act_round_ops(*a))
     quant.fp8_act_round(torch.randn(2, 256), 128)
     assert len(calls) == 1
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed midway leaves PyTorch's lock file, on which every later build would wait forever: one older
+    than STALE_LOCK_SECONDS is removed; a younger one (a build under way) is left alone."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "ext").mkdir()
+    lock = tmp_path / "ext" / "lock"
+    lock.touch()
+    fused._remove_stale_lock(cpp_extension, "ext")
+    assert lock.exists()
+    old = time.time() - fused.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    fused._remove_stale_lock(cpp_extension, "ext")
+    assert not lock.exists()

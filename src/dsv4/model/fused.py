@@ -46,9 +46,29 @@ def _build(verbose: bool = False):
     except ImportError:
         pass
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if _is_x86() else [])
+    name = f"dsv4_packed_matmul_{_cpu_tag()}"
+    _remove_stale_lock(cpp_extension, name)
     # torch's own libgomp has the soname libgomp.so.1: the kernel joins PyTorch's OpenMP pool, not a second one
-    return cpp_extension.load(name=f"dsv4_packed_matmul_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"], verbose=verbose)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              verbose=verbose)
+
+
+STALE_LOCK_SECONDS = 1200  # a build takes about a minute; a lock this old was left by a build that was killed
+
+
+def _remove_stale_lock(cpp_extension, name: str) -> None:
+    """PyTorch's build takes a lock file in the extension's directory and every later build waits for it to go: a
+    build killed midway (an interrupted install) would leave every later process of this machine waiting forever.
+    A lock older than ``STALE_LOCK_SECONDS`` is removed, with a warning."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (AttributeError, OSError):  # no lock (the usual case), or a PyTorch without this helper
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing the fused kernel's build lock %s, left %.0f minutes ago by a build that did not finish",
+                    lock, age / 60)
+        lock.unlink(missing_ok=True)
 
 
 def _cpu_tag() -> str:
