@@ -105,3 +105,19 @@ def test_router_affinities(func):
     assert torch.equal(out.indices, top.indices)
     gates = top.values / top.values.sum(-1, keepdim=True) * config.routed_scaling_factor
     assert torch.allclose(out.weights, gates, atol=1e-12)
+
+
+def test_a_saved_variant_is_not_labelled_deepseek_v4(tmp_path):
+    """A lab variant saved in HF layout keeps its hc_mode for dsv4 and carries another model_type, so that
+    transformers refuses it rather than loading it as V4 with mHC; V4 itself stays deepseek_v4."""
+    import json
+
+    import dsv4
+    from dsv4.config import EXPERIMENT_MODEL_TYPE
+    from dsv4.weights import save_pretrained
+
+    for mode, model_type in (("hc", EXPERIMENT_MODEL_TYPE), ("mhc", "deepseek_v4")):
+        path = tmp_path / mode
+        save_pretrained(_model(_config(hc_mode=mode)), path)
+        assert json.loads((path / "config.json").read_text())["model_type"] == model_type
+        assert dsv4.from_pretrained(path).config.hc_mode == mode

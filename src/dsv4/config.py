@@ -25,6 +25,7 @@ MLP_LAYER_TYPES = (HASH_MOE, MOE)
 # router affinities: V4's sqrt(softplus(.)), and for experiments (``dsv4 lab routing``) V3's sigmoid and a softmax
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 HC_MODES = ("mhc", "hc", "residual")  # ModelConfig.hc_mode
+EXPERIMENT_MODEL_TYPE = "dsv4_experiment"  # config.json's model_type for an hc_mode other than mhc (dsv4 only)
 
 def _default_rope_parameters(rope_theta: float, compress_rope_theta: float, prf: float, flat: dict | None) -> dict:
     """HF's nesting: {"main": plain RoPE at rope_theta, "compress": ``flat`` (YaRN or plain) at compress_rope_theta}."""
@@ -279,8 +280,13 @@ class ModelConfig:
         if d.get("hc_mode") == "mhc":
             d.pop("hc_mode")
         d["qk_rope_head_dim"] = self.qk_rope_head_dim
-        d["model_type"] = "deepseek_v4"
-        d["architectures"] = ["DeepseekV4ForCausalLM"]
+        if self.hc_mode == "mhc":
+            d["model_type"] = "deepseek_v4"
+            d["architectures"] = ["DeepseekV4ForCausalLM"]
+        else:  # a lab variant (hyper-connections without mHC's constraints, or a plain residual) is not DeepSeek-V4:
+            # another model_type, so that transformers refuses it instead of loading it as V4 without hc_mode
+            d["model_type"] = EXPERIMENT_MODEL_TYPE
+            d["architectures"] = ["Dsv4ExperimentForCausalLM"]
         return d
 
     def to_json(self, path: str | Path) -> None:
