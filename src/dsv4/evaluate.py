@@ -218,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dsv4
     from dsv4.convert import model_dir
-    from dsv4.data import load_tokenizer
+    from dsv4.generate import model_tokenizer
 
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.threads:
@@ -240,10 +240,8 @@ def run(args: argparse.Namespace) -> int:
     if not data:
         raise ValueError("--data is required (the model's training.json does not name its corpus)")
     qat = bool(meta.get("fp4_qat", False)) if args.qat == "auto" else args.qat == "on"
-    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = model_tokenizer(path, args.tokenizer)
+    tok_path = args.tokenizer or path / "tokenizer.json"
 
     t0 = time.perf_counter()
     model = dsv4.from_pretrained(path)
