@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.cache import ModelCache, append_rows
-from dsv4.model.decode import DecodeState, check_capacity
+from dsv4.model.decode import DecodeState
 
 
 @dataclass
@@ -56,14 +56,10 @@ class DenseDecodeState(DecodeState):
     ``model(ids, cache=state)`` with ``dense_attention`` advances it; every shape depends only on (rows, capacity)."""
 
     def __init__(self, model, rows: int, capacity: int):
-        check_capacity(model, rows, capacity)
-        self.rows, self.capacity = rows, capacity
+        self._rows(model, rows, capacity)
         self.dtype = model.embed.weight.dtype
-        dev = model.device
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
-        self.layers = [DenseRows(torch.zeros(rows, capacity, model.config.head_dim, dtype=self.dtype, device=dev))
-                       for _ in model.layers]
+        self.layers = [DenseRows(torch.zeros(rows, capacity, model.config.head_dim, dtype=self.dtype,
+                                             device=model.device)) for _ in model.layers]
         self.mtp = None
 
     def fill(self, context: int, generator: torch.Generator) -> DenseDecodeState:

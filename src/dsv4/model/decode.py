@@ -134,14 +134,10 @@ class DecodeState:
     """The decode state of ``rows`` sequences of up to ``capacity`` tokens each (see the module docstring)."""
 
     def __init__(self, model, rows: int, capacity: int, mtp: bool = False):
-        check_capacity(model, rows, capacity)
-        self.rows, self.capacity = rows, capacity
+        self._rows(model, rows, capacity)
         self.dtype = dtype = activation_dtype(model.embed)
         comp = compute_dtype(dtype)
         dev = model.device
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
-        # rows that advance with a call; the others (free slots) compute on whatever they hold and stay at length 0
-        self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.layers: list[LayerRows] = []
         for block in model.layers:
             attn = block.attn
@@ -163,6 +159,14 @@ class DecodeState:
             attn = model.mtp[0].attn
             self.mtp = LayerRows(attn.window, torch.zeros(rows, attn.window, attn.head_dim, dtype=dtype, device=dev),
                                  torch.full((rows, attn.window), -1, dtype=torch.long, device=dev))
+
+    def _rows(self, model, rows: int, capacity: int) -> None:
+        """``rows`` empty rows of ``capacity`` (checked): their lengths, and which are active (rows that advance
+        with a call; the others, free slots, compute on whatever they hold and stay at length 0)."""
+        check_capacity(model, rows, capacity)
+        self.rows, self.capacity = rows, capacity
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=model.device)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=model.device)
 
     def all_layers(self) -> list[LayerRows]:
         """The main layers' states, then the MTP block's if any."""
