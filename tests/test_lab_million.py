@@ -162,3 +162,12 @@ def test_retrieval_rows_keep_their_needles_out_of_the_gap():
         RetrievalLoader(vocab, batch_size=1, seq_len=256, gap=200)
     with pytest.raises(ValueError, match="no room"):
         RetrievalLoader(vocab, batch_size=1, seq_len=64, tokens_per_needle=1, gap=32).__next__()
+
+
+def test_prefill_extrapolation_adds_the_fitted_line_to_the_measured_chunks():
+    # the first chunk (no past) left out of the fit; chunks growing 0.5 s a chunk: measured, then the line onward
+    seconds = [9.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]
+    got = million.extrapolate_prefill(seconds, 100, 1200)
+    assert got == pytest.approx(sum(seconds) + 5.0 + 5.5 + 6.0 + 6.5)
+    assert million.extrapolate_prefill(seconds, 100, 800) == pytest.approx(sum(seconds))
+    assert million.extrapolate_prefill(seconds[:3], 100, 1200) is None

@@ -2,7 +2,8 @@
 
 The model has the report's attention ratios (sliding window 128, CSA compressing 4x with a lightning indexer picking
 the top 512 entries, HCA compressing 128x) at a small width: three layers (CSA, HCA, sliding window), hidden size
-128, two residual streams, four routed experts. It is trained on key-value retrieval (``dsv4.data.retrieval``: needles
+128, two residual streams, four routed experts, an indexer of 2 heads x 16 dims (its scores are the part of a long
+prefill that grows with the square of the length; a long prefill picks through ``dsv4.model.indexer.select_topk``). It is trained on key-value retrieval (``dsv4.data.retrieval``: needles
 ``NEEDLE key value`` hidden in the standard library's source text, questions ``QUERY key`` answered by the value)
 through the project's loop (``dsv4.train.loop.Trainer``: Muon + AdamW, warmup-stable-decay, the aux-loss-free bias,
 the indexer's KL loss, dense -> indexer warm-up -> sparse) with sequence-length stages
@@ -77,6 +78,10 @@ class Settings:
     # training rows keep their needles out of the last ``gap_fraction`` of the context: with the sliding window no
     # wider than that gap, the compressed entries are the only way from a question to its needle
     gap_fraction: float = 0.5
+    # the indexer's heads x head dim: its scores and top-k are what grows with the square of the context (every query
+    # scores every compressed entry), so a 1M prefill's time is mostly theirs: 2 x 16 (V4's is 64 x 128)
+    index_heads: int = 2
+    index_head_dim: int = 16
 
     def train_key(self) -> dict:
         """The settings that decide the trained model (a saved model is reused only when these match)."""
@@ -104,12 +109,14 @@ def lab_config(settings: Settings) -> ModelConfig:
     if settings.quick:
         return ModelConfig(**common, hidden_size=64, moe_intermediate_size=64, num_attention_heads=2, head_dim=32,
                            q_lora_rank=32, o_lora_rank=32, max_position_embeddings=8192, sliding_window=16,
-                           compress_rates={CSA: 4, HCA: 16}, index_n_heads=2, index_head_dim=16, index_topk=16,
+                           compress_rates={CSA: 4, HCA: 16}, index_n_heads=settings.index_heads,
+                           index_head_dim=settings.index_head_dim, index_topk=16,
                            partial_rotary_factor=0.25)
     # 1M + room for the question and its answer
     return ModelConfig(**common, hidden_size=128, moe_intermediate_size=128, num_attention_heads=4, head_dim=64,
                        q_lora_rank=64, o_lora_rank=64, max_position_embeddings=ONE_M + 1024, sliding_window=128,
-                       compress_rates={CSA: 4, HCA: 128}, index_n_heads=4, index_head_dim=32, index_topk=512,
+                       compress_rates={CSA: 4, HCA: 128}, index_n_heads=settings.index_heads,
+                       index_head_dim=settings.index_head_dim, index_topk=512,
                        partial_rotary_factor=0.125)
 
 
@@ -352,14 +359,18 @@ def evaluate_length(model, settings: Settings, length: int, seed: int, log) -> d
 
 
 def extrapolate_prefill(chunk_seconds: list[float], chunk: int, length: int) -> float | None:
-    """Seconds to prefill ``length`` tokens in ``chunk``-token calls, from a least-squares line of chunk time against
-    chunk start (the indexer's scores and top-k per chunk grow with the entries before it), summed over the chunks;
-    None with fewer than 4 chunks measured."""
-    if len(chunk_seconds) < 4:
+    """Seconds to prefill ``length`` tokens in ``chunk``-token calls: the measured chunks' seconds, then for each
+    further chunk a least-squares line of chunk time against chunk start (the indexer's scores per chunk grow with
+    the entries before it), fitted to the measured chunks but the first (which has no past); None with fewer than 4
+    chunks measured. The early chunks' steeper growth (before ``dsv4.model.prefill.SELECT_MIN_ENTRIES``) makes the
+    line's slope, and so the projection, err on the high side."""
+    n = len(chunk_seconds)
+    if n < 4:
         return None
-    starts = np.arange(len(chunk_seconds)) * chunk
-    b, a = np.polyfit(starts[1:], np.asarray(chunk_seconds[1:]), 1)  # the first chunk has no past: left out
-    return float(sum(max(a + b * s, 0.0) for s in range(0, length, chunk)))
+    starts = np.arange(n) * chunk
+    b, a = np.polyfit(starts[1:], np.asarray(chunk_seconds[1:]), 1)
+    measured = float(sum(chunk_seconds[:-(-length // chunk)]))
+    return measured + float(sum(max(a + b * s, 0.0) for s in range(n * chunk, length, chunk)))
 
 
 def run(options) -> dict:
@@ -424,7 +435,7 @@ def run(options) -> dict:
                    "index_topk": config.index_topk, "index_heads": config.index_n_heads,
                    "index_head_dim": config.index_head_dim, "hc_mult": config.hc_mult},
         "training": {k: training[k] for k in ("loss", "accuracy", "seq_len")},
-        "per_length": {k: {kk: vv for kk, vv in r.items() if kk != "chunk_seconds"} for k, r in per_length.items()},
+        "per_length": per_length,  # with each prefill call's seconds (chunk_seconds): the projection's data
     }
     result.update(judge(result, per_length))
     extra = command_extras(options)
