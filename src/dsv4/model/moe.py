@@ -153,13 +153,18 @@ class Experts(nn.Module):
         (batch-invariant decoding): each expert that some token uses runs on all N tokens (the same shapes whatever
         the routing), its routing weight 0 on the tokens that did not pick it, and each token sums its experts in
         expert order, the others adding exact zeros; with N k >= E (most experts in use) every expert runs, in three
-        batched products."""
+        batched products. Inside a compiled step with N k < E (a decoding step of few rows) each token's k experts'
+        weights are gathered by tensor indexing instead and run in three batched products of N k: the step reads k of
+        E experts' weights, its shapes fixed by (N, k), and a token's sum still in expert order."""
         if self.act_quant_block:
             x = round_activations(x, self.act_quant_block)
         n, k = indices.shape
         e_count = self.num_experts
         if n == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._one_token(x, weights, indices, self.weights_getter())
+        if self.stacked and per_token and not torch.is_grad_enabled() and torch.compiler.is_compiling() \
+                and n * k < e_count:
+            return self._gathered(x, weights, indices)
         if self.stacked and per_token and not torch.is_grad_enabled() \
                 and (n * k >= e_count or torch.compiler.is_compiling()):
             w1, w2, w3 = self.expert_weights()
@@ -191,6 +196,20 @@ class Experts(nn.Module):
             out.index_add_(0, token[start:start + c], y)  # no concatenation
             start += c
         return out
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``forward``'s compiled form for few tokens: token t's experts, in expert order, gathered from the stacked
+        weights ([N k, I, d] ...) and run as three batched products; [N, d]."""
+        n, k = indices.shape
+        w1, w2, w3 = self.expert_weights()
+        indices, order = indices.sort(dim=-1)
+        flat = indices.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N k, d, 1]
+        gate = weights.gather(-1, order).reshape(-1, 1, 1).to(x.dtype)
+        h = swiglu(torch.bmm(w1[flat], xs), torch.bmm(w3[flat], xs), self.limit) * gate  # [N k, I, 1]
+        if self.act_quant_block:  # tiles along I
+            h = round_activations(h.transpose(1, 2), self.act_quant_block).transpose(1, 2)
+        return torch.bmm(w2[flat], h).view(n, k, -1).sum(1).to(x.dtype)
 
     def _expert(self, x, w1, w2, w3, gate) -> torch.Tensor:
         """One expert on its tokens x, the routing weight ``gate`` multiplied in before w2 (spec 4)."""
