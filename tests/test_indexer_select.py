@@ -81,6 +81,20 @@ def test_select_topk_when_fewer_entries_are_visible_than_it_picks(t):
     assert 0 <= int(got[1].min()) and int(got[1].max()) < t  # -inf picks too index real entries (gathered)
 
 
+def test_select_topk_groups_path_without_tied_groups(monkeypatch):
+    # integers spread wide: exact sums, few rows tied at their k-th group maximum, so most rows take the groups'
+    # path (the rows over every score are counted: some, not all)
+    import dsv4.model.indexer as indexer
+
+    q, w, keys_t = integer_inputs(1, 64, 2, 8, 4000, seed=9, spread=300)
+    calls = []
+    original = indexer.topk_lower_index
+    monkeypatch.setattr(indexer, "topk_lower_index", lambda x, k: calls.append(x.shape[0]) or original(x, k))
+    got = select_topk(q, w, keys_t, 200)
+    assert_same_picks(got, reference_picks(q, w, keys_t, 200))
+    assert len(calls) == 1 or calls[1] < 64  # the candidates' top-k, then the tied rows (if any): fewer than all
+
+
 def test_select_topk_on_float_scores_in_float64():
     g = torch.Generator().manual_seed(0)
     q, w, keys_t = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 40, 4, 16), (1, 40, 4),

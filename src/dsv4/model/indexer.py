@@ -170,8 +170,8 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-_SELECT_TILE = 2048  # entries scored per matmul by select_topk: a tile's [Q H, tile] dots stay in cache
-_SELECT_GROUP = 16  # select_topk ranks groups of this many consecutive entries by their maximum first
+_SELECT_TILE = 2048  # entries scored per matmul by select_topk: a tile's [H Q, tile] dots stay in cache
+_SELECT_GROUP = 16  # select_topk ranks groups of this many entries by their maximum first
 
 
 def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, round_fn=None, tail_from: int = 0,
@@ -183,14 +183,16 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
     keys_t [B, c, T]; returns (scores [B, Q, k], indices [B, Q, k]); inference only (no autograd).
 
     Scores are made tile by tile (one matmul of every head's queries against ``tile`` entries, ReLU and the weighted
-    head sum in place); then each group of ``_SELECT_GROUP`` consecutive entries is ranked by its maximum, and the
-    top-k entries lie in the k best groups (a group left out has k groups at or above its maximum, each holding an
-    entry that ranks above every entry of it, ties going to the lower index as groups are in index order): the
-    final top-k runs over those k groups' entries, in index order, so ties still go to the lower index. The top-k
-    work is then 1/16 of the scores plus k groups, where ``topk_lower_index`` on all scores costs some 12 ns a score
-    on one core. The scores are the reference's sum over heads of w ReLU(q . k) in another order, so they can differ
-    from ``chunk_scores``' in the last bit; tests hold the two to the same picks on exactly representable inputs.
-    Picks of -inf (fewer than k visible) are arbitrary, as ``topk_lower_index``'s are.
+    head sum in place) into a [B, Q, T'] buffer (T rounded up to ``_SELECT_GROUP`` G, padded with -inf). Entries are
+    then grouped G to a group (group i: entries i, i + T'/G, ..., so that each group's maximum is an elementwise
+    maximum of G contiguous rows) and the groups ranked by their maximum: when no group left out of the k best ties
+    the k-th best maximum, every entry of a left-out group is below k entries (the k groups' maxima), so the top-k
+    lies in the k best groups; the final top-k runs over their k G entries, laid out in index order, so ties go to
+    the lower index. Rows whose k-th group maximum is tied (finite), rare, take ``topk_lower_index`` over all their
+    scores. The top-k work is then 1/G of the scores plus k G per row, where a top-k over every score costs some
+    12 ns a score on one core. The scores are the reference's sum over heads of w ReLU(q . k) in another order, so
+    they can differ from ``chunk_scores``' in the last bit; tests hold the two to the same picks on exactly
+    representable inputs. Picks of -inf (fewer than k visible) are arbitrary, as ``topk_lower_index``'s are.
     """
     if torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys_t.requires_grad):
         raise ValueError("select_topk is an inference path: call it without autograd")
@@ -199,16 +201,16 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
         raise ValueError(f"select_topk: k must be in [1, {t}] (the entries), got {k}")
     g = _SELECT_GROUP
     b, nq, h, c = q.shape
-    qf = upcast(q).reshape(b, nq * h, c)
-    wf = upcast(w)
+    qh = upcast(q).transpose(1, 2).reshape(b, h * nq, c)  # head-major: each head's dots are contiguous
+    wh = upcast(w).transpose(1, 2).unsqueeze(-1)  # [B, H, Q, 1]
     width = -(-t // g) * g
-    s = qf.new_empty(b, nq, width)
+    s = qh.new_empty(b, nq, width)
     for a in range(0, t, tile):
         z = min(t, a + tile)
-        dots = torch.matmul(qf, upcast(keys_t[..., a:z])).view(b, nq, h, z - a).relu_()
-        out = torch.mul(dots[:, :, 0], wf[:, :, 0:1], out=s[..., a:z])
+        dots = torch.matmul(qh, upcast(keys_t[..., a:z])).view(b, h, nq, z - a).relu_()
+        out = torch.mul(dots[:, 0], wh[:, 0], out=s[..., a:z])
         for i in range(1, h):
-            out.addcmul_(dots[:, :, i], wf[:, :, i:i + 1])
+            out.addcmul_(dots[:, i], wh[:, i])
     s[..., :t].add_(0.0)  # -0.0 becomes +0.0 (the tie rule compares bits)
     if round_fn is not None:
         s[..., :t] = round_fn(s[..., :t])
@@ -219,11 +221,21 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
     if groups <= k:  # as few groups as picks: every score is a candidate
         idx = topk_lower_index(s[..., :t], k)
         return s.gather(-1, idx), idx
-    best = topk_lower_index(s.view(b, nq, groups, g).amax(-1), k).sort(-1).values  # [B, Q, k] groups, in order
-    cand = s.view(b, nq, groups, g).gather(2, best.unsqueeze(-1).expand(b, nq, k, g)).view(b, nq, k * g)
-    j = topk_lower_index(cand, k)  # candidates in index order: the lower position is the lower index
-    idx = (best.unsqueeze(-1) * g + torch.arange(g, device=s.device)).view(b, nq, k * g).gather(-1, j)
-    return cand.gather(-1, j), idx.clamp_max_(t - 1)  # a -inf pick of the padding: an index in range
+    grouped = s.view(b, nq, g, groups)
+    gmax = grouped.amax(2)  # [B, Q, groups]
+    top, best = torch.topk(gmax, k, dim=-1, sorted=False)
+    kth = top.amin(-1, keepdim=True)
+    best = best.sort(-1).values
+    cand = grouped.gather(3, best.unsqueeze(2).expand(b, nq, g, k)).view(b, nq, g * k)  # in index order
+    j = topk_lower_index(cand, k)
+    idx = (best.unsqueeze(2) + groups * torch.arange(g, device=s.device).view(g, 1)).view(b, nq, g * k).gather(-1, j)
+    vals = cand.gather(-1, j)
+    tied = ((gmax >= kth).sum(-1, dtype=torch.int32) > k) & torch.isfinite(kth.squeeze(-1))
+    if tied.any():  # a group at the k-th maximum was left out: those rows over every score
+        rows = s[..., :t][tied]
+        ri = topk_lower_index(rows, k)
+        idx[tied], vals[tied] = ri, rows.gather(-1, ri)
+    return vals, idx.clamp_max_(t - 1)  # a -inf pick of the padding: an index in range
 
 
 def _topk_exact(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ from dsv4.model.reference import window_visible
 
 
 # CSA blocks of a prefill (one document, no autograd) whose queries see at least this many entries pick their top-k
-# through ``select_topk`` (scores tile by tile, a running top-k) instead of scoring every entry at once
+# through ``select_topk`` (scores tile by tile, no [Q, H, T] dots; a top-k over groups' maxima, then over the best
+# groups' entries) instead of ``chunk_scores`` and a top-k over every score
 SELECT_MIN_ENTRIES = 8192
 
 
@@ -156,7 +157,7 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
             continue
         k = min(attn.indexer.topk, tlim)
         if visible is None and tlim >= SELECT_MIN_ENTRIES and not keep and not torch.is_grad_enabled():
-            # a long prefill: scored tile by tile into a running top-k, no [B, Q, T] scores (same picks)
+            # a long prefill: the same picks, its top-k over 1/16 of the scores and the best groups' entries
             first = min(tlim, int(positions[r0] + 1) // attn.rate)
             tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], attn.rate)
             scores, idx = select_topk(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim], k,
