@@ -58,8 +58,9 @@ QUICK = [
 COMPILED_NOTE = """`dsv4 bench decode --compile`: the compiled decoding step (`dsv4.model.decode.DecodeStep`, one
 graph, on a decode state of capacity context + tokens, as `dsv4 generate --compile` and `dsv4 serve` run it) and
 dense decoding compiled the same way (`bench_baselines.DenseDecodeState`), their steps alternating with the eager
-ones in one process. Compile s: compiling and warming up, with whatever inductor's cache held. At one row the
-compiled step runs all routed experts (the MoE's static form), the eager one only the picked ones."""
+ones in one process. Compile s: compiling and warming up, with whatever inductor's cache held. Rows before commit
+2e38744: at one row the compiled step ran all routed experts (the MoE's static form), the eager one only the picked
+ones; since, a step of few rows gathers each token's own experts."""
 
 DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the batch's rows (ms/token: the
 step's time). The steps of V4 at the context, V4 at 4K and dense alternate, so that a drift of the

@@ -32,12 +32,13 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="compile the decoding step (torch.compile; minutes the first time, cached after). Default: "
-                        "on where it pays, with rows enough that every step runs all the experts")
+                        "on for a server of rows enough that every step runs all the experts (a one-row step is "
+                        "faster compiled too, but its first compile takes minutes)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="decode eager")
     p.add_argument("--speculative", action="store_true",
                    help="the MTP block drafts each row's next token and every step checks it (same outputs: greedy "
                         "identical, sampling from the same distribution); pays where a step costs less than twice "
-                        "a one-token step; its steps run eager")
+                        "a one-token step; with --compile its two parts are compiled too")
 
 
 def add_arguments(p) -> None:

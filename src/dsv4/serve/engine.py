@@ -118,8 +118,9 @@ class Engine:
         self.rows = rows
         with torch.inference_mode():
             self.state = DecodeState(model, rows, capacity, mtp=speculative)
-        if compile is None:  # where it pays: rows enough that every step runs all the experts (not at one row);
-            # not for a packed model, whose experts run one by one (dsv4.model.packed)
+        if compile is None:  # by default where compiling (minutes the first time on a small CPU) is sure to pay:
+            # a server of rows enough that every step runs all the experts, not a one-row chat; not for a packed
+            # model, whose experts run one by one (dsv4.model.packed)
             stacked = all(getattr(m, "stacked", True) for m in model.modules())
             compile = stacked and rows * model.config.num_experts_per_tok >= model.config.n_routed_experts
         # one compiled step: the plain one, or with speculative decoding its two parts (two tokens a row, then the
