@@ -77,10 +77,11 @@ by `speculative_stream` (the MTP block drafts one token, the model checks it wit
 ones in one call) in alternating runs; medians. Kept: drafts that passed speculative sampling's
 test. Compiled (`--compile`): both decode with their compiled steps (`stream(compile=True)`, and
 `SpeculativeStep`: the last token and the draft in one call, a rejected draft rolled back), after
-one untimed run of each. Repeated runs on the 2-core machine spread by about 0.15 in speedup (the
-same commit gave 0.90 and 0.71 compiled at temperature 0, 0.97 and 1.08 eager): speculative
-decoding is level with plain decoding on this model, not faster. A check of two tokens costs
-about 1.4 plain steps and the MTP block's draft 0.4 more, against 1.7-1.9 tokens a call."""
+one untimed run of each. Repeated runs on the 2-core machine spread by about 0.15 in speedup.
+Eager, and compiled before commit 2e38744 (when a compiled step of few rows ran every routed
+expert), speculative decoding was level with plain decoding (0.71-1.08x). Since, compiled and
+greedy it is faster: 1.11x saved here, 1.23x and 1.22x in two more runs of `--runs 5` (0.96x in
+one run while other jobs were paused around it); sampled at temperature 0.8, 0.94-1.12x."""
 
 
 SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
