@@ -277,10 +277,9 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if d.get("quantization_config") is None:
             d.pop("quantization_config")
-        if d.get("hc_mode") == "mhc":
-            d.pop("hc_mode")
         d["qk_rope_head_dim"] = self.qk_rope_head_dim
-        if self.hc_mode == "mhc":
+        if self.hc_mode == "mhc":  # V4's own: no hc_mode key
+            d.pop("hc_mode")
             d["model_type"] = "deepseek_v4"
             d["architectures"] = ["DeepseekV4ForCausalLM"]
         else:  # a lab variant (hyper-connections without mHC's constraints, or a plain residual) is not DeepSeek-V4:
