@@ -64,6 +64,27 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.
     return False, int(torch.multinomial(rest, 1, generator=generator))
 
 
+def draw_draft(draft_logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> tuple[int, torch.Tensor | None]:
+    """The MTP block's draft from its logits [V]: at temperature 0 their argmax (and no distribution: ``check_draft``
+    compares argmaxes), else a sample of ``next_token_probs`` and that distribution, for ``check_draft``."""
+    if temperature == 0:
+        return int(draft_logits.argmax()), None
+    q = next_token_probs(draft_logits.unsqueeze(0), temperature, top_p)[0]
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def check_draft(logits: torch.Tensor, draft: int, q: torch.Tensor | None, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> tuple[bool, int]:
+    """The model's test of a draft (``draw_draft``'s draft and distribution ``q``), from its logits [V] for the
+    draft's position: at temperature 0 the draft is kept if it is their argmax, which is the token either way;
+    else ``accept_draft``. Returns (kept, token)."""
+    if temperature == 0:
+        token = int(logits.argmax())
+        return token == draft, token
+    return accept_draft(next_token_probs(logits.unsqueeze(0), temperature, top_p)[0], q, draft, generator)
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: about 10% less per-op overhead than no_grad
 def stream(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            seed: int | None = None, prefill_chunk: int = 4096, stop: Callable[[int], bool] | None = None,
@@ -212,14 +233,12 @@ def speculative_stream(model, prompt: torch.Tensor, max_new_tokens: int, tempera
                                    generator))]
             mtp_end = c + m
         else:
-            q = next_token_probs(draft_logits.unsqueeze(0), temperature, top_p)[0]
-            draft = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+            draft, q = draw_draft(draft_logits, temperature, top_p, generator)
             snap = cache.snapshot()
             streams, _ = model.hidden_streams(torch.tensor([pending + [draft]], device=prompt.device), cache)
             logits = model.logits_from_streams(streams)[0]  # row j: the token after position c + j
             stats["drafts"] += 1
-            kept, token = accept_draft(next_token_probs(logits[m - 1:m], temperature, top_p)[0], q, draft,
-                                       generator)
+            kept, token = check_draft(logits[m - 1], draft, q, temperature, top_p, generator)
             if kept:
                 stats["accepted"] += 1
                 out = [draft, int(sample_next(logits[m:], temperature, top_p, generator))]
@@ -257,17 +276,12 @@ def _compiled_speculation(model, cache, mtp_cache, tokens: list[int], draft_logi
         c = int(state.lengths[0])  # the last token goes to position c, the draft to c + 1
         if c + 2 > min(limit, state.capacity):
             return
-        q = next_token_probs(draft_logits.unsqueeze(0), temperature, top_p)[0]
-        draft = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+        draft, q = draw_draft(draft_logits, temperature, top_p, generator)
         mark = state.mark()
         streams, logits = step.verify(torch.tensor([[tokens[-1], draft]]))
         stats["calls"] += 1
         stats["drafts"] += 1
-        if temperature == 0:
-            first = int(logits[0, 0].argmax())
-            kept = first == draft
-        else:
-            kept, first = accept_draft(next_token_probs(logits[0, :1], temperature, top_p)[0], q, draft, generator)
+        kept, first = check_draft(logits[0, 0], draft, q, temperature, top_p, generator)
         out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
         stats["accepted"] += int(kept)
         after = torch.tensor([out + [0] * (2 - len(out))], device=device)  # the MTP block's next ids

@@ -15,6 +15,14 @@ from dsv4.model.decode import DecodeState, positions_of, warm_up
 from dsv4.model.precision import upcast
 
 
+def mtp_logits(model, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """The MTP block on the main model's streams [B, S, n, d] at ``positions`` [S] or [B, S] with the ids after
+    each [B, S], its attention through ``cache`` (a one-row cache, or a DecodeState's MTP ring): float32 logits
+    [B, S, V] for the token after each next id."""
+    hidden, _, _ = model.mtp[0].predict(streams, model.embed(next_ids), positions, cache)
+    return upcast(model.head(hidden))
+
+
 class SpeculativeStep:
     """``verify(tokens [R, 2])`` -> (streams [R, 2, n, d], logits [R, 2, V]); ``draft(streams [R, S, n, d], next
     ids [R, S], positions [R, S])`` -> the MTP block's logits [R, S, V] for the token after each next id. ``state``
@@ -41,8 +49,7 @@ class SpeculativeStep:
         return streams, self.model.logits_from_streams(streams)
 
     def eager_draft(self, streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, _, _ = self.model.mtp[0].predict(streams, self.model.embed(next_ids), positions, self.state.mtp)
-        return upcast(self.model.head(hidden))
+        return mtp_logits(self.model, streams, next_ids, positions, self.state.mtp)
 
     def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.shape != (self.state.rows, 2):

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.generate import accept_draft, next_token_probs
+from dsv4.generate import check_draft, draw_draft
 from dsv4.model.decode import DecodeState, DecodeStep, compressor_rates
-from dsv4.model.speculative import SpeculativeStep
+from dsv4.model.speculative import SpeculativeStep, mtp_logits
 from dsv4.model.numerics import numerics_of
-from dsv4.model.precision import upcast
 from dsv4.serve.prefix_cache import PrefixCache, model_fingerprint
 from dsv4.serve.sampling import (EngineError, Event, SamplingParams, add_event, find_stop, logprobs_of, new_outputs,
                                  sample_token, stop_holdback)
@@ -324,20 +323,14 @@ class Engine:
         return True
 
     def _mtp(self, streams: torch.Tensor, next_ids, positions: torch.Tensor, cache) -> torch.Tensor:
-        """The MTP block on the main model's streams [B, S, n, d] at ``positions`` with the ids after each
-        ([B, S] or, for one position, [B]); its logits [B, S, V] predict the token after those."""
+        """``mtp_logits`` with the ids after each position as a list or tensor ([B, S] or, for one position,
+        [B])."""
         ids = torch.as_tensor(next_ids, device=self.model.device).view(streams.shape[0], streams.shape[1])
-        hidden, _, _ = self.model.mtp[0].predict(streams, self.model.embed(ids), positions.to(self.model.device),
-                                                 cache)
-        return upcast(self.model.head(hidden))
+        return mtp_logits(self.model, streams, ids, positions.to(self.model.device), cache)
 
     def _set_draft(self, sample: Sample, draft_logits: torch.Tensor) -> None:
         p = sample.request.params
-        if p.temperature == 0:
-            sample.draft, sample.draft_probs = int(draft_logits.argmax()), None
-        else:
-            sample.draft_probs = next_token_probs(draft_logits.unsqueeze(0), p.temperature, p.top_p)[0]
-            sample.draft = int(torch.multinomial(sample.draft_probs, 1, generator=sample.generator))
+        sample.draft, sample.draft_probs = draw_draft(draft_logits, p.temperature, p.top_p, sample.generator)
 
     def _decode_step(self) -> None:
         if self.speculative:
@@ -375,12 +368,8 @@ class Engine:
         for row, sample in self.running.items():
             p = sample.request.params
             self.stats["drafts"] += 1
-            if p.temperature == 0:
-                first = int(logits[row, 0].argmax())
-                kept = first == sample.draft
-            else:
-                target = next_token_probs(logits[row, 0].unsqueeze(0), p.temperature, p.top_p)[0]
-                kept, first = accept_draft(target, sample.draft_probs, sample.draft, sample.generator)
+            kept, first = check_draft(logits[row, 0], sample.draft, sample.draft_probs, p.temperature, p.top_p,
+                                      sample.generator)
             taken[row] = [first]
             if kept:
                 self.stats["accepted"] += 1
