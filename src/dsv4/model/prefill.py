@@ -156,10 +156,11 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
             yield r0, r1, kernels.Partial.empty(qb), None, None
             continue
         k = min(attn.indexer.topk, tlim)
-        if visible is None and tlim >= SELECT_MIN_ENTRIES and not keep and not torch.is_grad_enabled():
-            # a long prefill: the same picks, its top-k over 1/16 of the scores and the best groups' entries
+        if visible is None:  # sparse, one document: only the block's last entries are visible to some queries only
             first = min(tlim, int(positions[r0] + 1) // attn.rate)
             tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], attn.rate)
+        if visible is None and tlim >= SELECT_MIN_ENTRIES and not keep and not torch.is_grad_enabled():
+            # a long prefill: the same picks, its top-k over 1/16 of the scores and the best groups' entries
             scores, idx = select_topk(qi[:, r0:r1], wi[:, r0:r1], keys_t[:, :, :tlim], k,
                                       attn.indexer.round_scores if attn.indexer.bf16_scores else None, first, tail)
         else:
@@ -167,9 +168,7 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
             if not attn.sparse:
                 yield r0, r1, kernels.attend(qb, entries[:, :tlim], visible, keep), scores, visible
                 continue
-            if visible is None:  # one document: only the block's last entries are visible to some queries only
-                first = min(tlim, int(positions[r0] + 1) // attn.rate)
-                tail = visible_entries(positions[r0:r1], comp.local[:, first:tlim], attn.rate)
+            if visible is None:
                 scores[..., first:tlim].masked_fill_(~tail, float("-inf"))
             else:
                 scores = scores.masked_fill(~visible, float("-inf"))
