@@ -3,9 +3,9 @@
 The model has the report's attention ratios (sliding window 128, CSA compressing 4x with a lightning indexer picking
 the top 512 entries, HCA compressing 128x) at a small width: three layers (CSA, HCA, sliding window), hidden size
 128, two residual streams, four routed experts, an indexer of 2 heads x 16 dims (its scores are the part of a long
-prefill that grows with the square of the length; a long prefill picks through ``dsv4.model.indexer.select_topk``). It is trained on key-value retrieval (``dsv4.data.retrieval``: needles
-``NEEDLE key value`` hidden in the standard library's source text, questions ``QUERY key`` answered by the value)
-through the project's loop (``dsv4.train.loop.Trainer``: Muon + AdamW, warmup-stable-decay, the aux-loss-free bias,
+prefill that grows with the square of the length; a long prefill picks through ``dsv4.model.indexer.select_topk``).
+It is trained on key-value retrieval (``dsv4.data.retrieval``: needles ``NEEDLE key value`` hidden in the standard
+library's source text, questions ``QUERY key`` answered by the value) through the project's loop (``dsv4.train.loop.Trainer``: Muon + AdamW, warmup-stable-decay, the aux-loss-free bias,
 the indexer's KL loss, dense -> indexer warm-up -> sparse) with sequence-length stages
 (``dsv4.train.stages.StagedLoader``: 256 -> 1024 -> 4096 tokens), the loss on the answers alone. A training row keeps
 its needles out of its second half, so that no question reaches its needle through the sliding window: the answer
