@@ -9,7 +9,10 @@ context and at 4,096 tokens, against dense decoding over every past token, besid
 with ``--batch-size B``, the latency of a step that decodes one token for each of B rows (``tokens_per_s`` counts
 all of them); with ``--compile``, beside the eager steps the compiled decoding step (``dsv4.model.decode.DecodeStep``
 on a ``DecodeState`` of capacity context + tokens, as generation and serving run it) of V4 at both contexts and of
-dense decoding (``DenseDecodeState``: compiled the same way, a fair baseline), and each one's compile time.
+dense decoding (``DenseDecodeState``: compiled the same way, a fair baseline; skipped, with the reason, where a second
+dense cache does not fit), and each one's compile time. V4's cache is that of a real prefill, or with ``--fill random``
+one of random entries of the same shapes and bytes (``filled_cache``: seconds at 1M tokens, where the prefill takes
+over half an hour; the dense baseline's is always random); ``--no-4k`` skips V4 at 4K (a sweep has its own 4K point).
 Every figure is a median of ``--repeats`` runs; every ratio compares runs of this process. ``--device cuda`` runs
 all of it on a GPU (timers wait for the device; ``peak_gpu_mem_gib`` beside the host's ``peak_rss_gib``).
 """
@@ -28,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from dsv4.bench_baselines import DenseDecodeState, dense_attention, dense_cache
+from dsv4.cache import ModelCache
 from dsv4.config import CSA, HCA, ModelConfig
 from dsv4.train.flops import synchronize
 
@@ -202,7 +206,10 @@ def bench_prefill(args) -> dict:
     head = 2 * config.vocab_size * config.hidden_size  # prefill computes the lm head for the last position only
     useful = (per_token - head) * n + head
     peak = max(peak, matmul_peak_flops(dtype, device=device))
-    out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak})
+    # the roofline of a prefill: its useful FLOPs at the matmul peak (the bytes it reads, the weights once per chunk,
+    # are not counted); MFU is the roofline's share of the measured time
+    out.update({"useful_flops": useful, "matmul_peak_flops": peak, "mfu": useful / t_v4 / peak,
+                "roofline_seconds": useful / peak})
     if not args.no_dense:
         model.set_attention(dense_attention)
         # one causal call: dense at its best
@@ -305,6 +312,51 @@ def filled_dense_cache(model, context: int, dtype: torch.dtype, generator: torch
     return cache
 
 
+def filled_cache(model, context: int, generator: torch.Generator, room: int = 0) -> ModelCache:
+    """A one-row V4 decode cache as a prefill of ``context`` tokens leaves it, its vectors random: per attention layer
+    the window ring (the last ``window`` positions, each in its slot), and per compressor (main and indexer) its
+    ``context // rate`` entries, the projected tokens of its incomplete block (``context % rate``) and, with overlap
+    (CSA), the series of the last complete block; shapes, dtypes and bytes those of a prefilled cache (a test holds
+    the two together). A decoding step from it does the work and reads the bytes of one after a real prefill (its
+    cost does not depend on the values), without the prefill's (242 s at 131K on the small preset). ``room``: entry
+    slots kept free for that many more tokens, so that no timed step copies the entries into a bigger buffer (a
+    prefilled cache's buffer doubles when full, in at most one step)."""
+    from dsv4.model.linear import activation_dtype
+    from dsv4.model.precision import compute_dtype
+
+    if context < 1:
+        raise ValueError(f"a filled cache holds at least one token, got {context}")
+    act = activation_dtype(model.embed)
+    dev = model.device
+
+    def rand(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device=dev, dtype=dtype)
+
+    cache = model.new_cache(1)
+    for block, lc in zip(model.layers, cache.layers):
+        attn = block.attn
+        positions = torch.arange(max(0, context - lc.window), context, device=dev)
+        lc.kv = torch.zeros(1, lc.window, attn.head_dim, dtype=act, device=dev)
+        lc.kv[:, positions % lc.window] = rand(1, len(positions), attn.head_dim, dtype=act)
+        lc.pos = torch.full((lc.window,), -1, dtype=torch.long, device=dev)
+        lc.pos[positions % lc.window] = positions
+        for state, compressor in ((lc.compressor, attn.compressor),
+                                  (lc.indexer, attn.indexer.compressor if attn.indexer is not None else None)):
+            if state is None:
+                continue
+            rate, dim, comp = compressor.rate, compressor.dim, compute_dtype(act)
+            width = 2 * dim if compressor.overlap else dim
+            n, part = divmod(context, rate)
+            state.kv, state.gate = rand(1, part, width, dtype=comp), rand(1, part, width, dtype=comp)
+            if compressor.overlap and n:
+                state.prev_kv, state.prev_gate = rand(1, rate, dim, dtype=comp), rand(1, rate, dim, dtype=comp)
+            state._room = torch.empty(1, n + -(-(part + room) // rate), dim, dtype=comp, device=dev)
+            state._room[:, :n] = rand(1, n, dim, dtype=comp)
+            state.entries, state.count = state._room[:, :n], n
+    cache.seen = context
+    return cache
+
+
 ATTENTION = {"fast": "fast", "dense": dense_attention}  # a side's name -> its ``set_attention`` path
 
 
@@ -403,21 +455,36 @@ def bench_decode(args) -> dict:
         ids = torch.randint(0, config.vocab_size, (batch, context + args.tokens), generator=g).to(device)
         if impl == "dense":
             cache = filled_dense_cache(model, context, dtype, g, args.tokens, batch)
-        else:  # one prompt prefilled, its cache copied into every row (a step's cost does not depend on the rows)
+            return DecodeRun(impl, context, ids, cache)
+        # one row's cache copied into every row (a step's cost does not depend on the rows): a prompt prefilled, or
+        # with --fill random one of random entries of the same shapes
+        if args.fill == "random":
+            row = filled_cache(model, context, g, args.tokens)
+        else:
             row, _ = prefill(model, ids[:1, :context], args.chunk)
-            return DecodeRun(impl, context, ids, row.repeat_rows(batch) if batch > 1 else row, row=row)
-        return DecodeRun(impl, context, ids, cache)
+        return DecodeRun(impl, context, ids, row.repeat_rows(batch) if batch > 1 else row, row=row)
 
     # the runs' steps alternate (V4 at the context, V4 at 4K, dense; then their compiled twins), so that a drift of
     # the machine's speed during the run (on a shared 2-core machine, 20% within minutes) weighs on every ratio's
     # both sides alike
-    runs = {"v4": start(args.context, "fast"), "v4_4k": start(4096, "fast")}
+    t = time.perf_counter()
+    runs = {"v4": start(args.context, "fast")}
+    fill_s = time.perf_counter() - t
+    if not args.no_4k:
+        runs["v4_4k"] = start(4096, "fast")
     if not args.no_dense:
         runs["dense"] = start(args.context, "dense")
-    compile_s = {}
+    compile_s, skipped = {}, {}
     if args.compile:
+        twins = list(runs)
+        if "dense" in runs:  # its compiled twin holds a second dense cache: only where that fits beside the first
+            try:
+                check_context(config, args.context, esize, dense=True, device=device, batch=batch)
+            except ValueError as e:
+                twins.remove("dense")
+                skipped["dense_compiled_skipped"] = str(e)
         with torch.inference_mode():
-            for name in list(runs):
+            for name in twins:
                 model.set_attention(ATTENTION[runs[name].impl], args.block)
                 t = time.perf_counter()
                 runs[name + "_compiled"] = compiled_run(model, runs[name], args.tokens, g)
@@ -429,34 +496,39 @@ def bench_decode(args) -> dict:
                 model.set_attention(ATTENTION[run.impl], args.block)
                 times[name].append(timed(lambda: run.run(i, model), 1, device)[0])
     model.set_attention("fast", args.block)
-    ms, ms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4", "v4_4k"))  # medians of the steps
+    ms = statistics.median(times["v4"]) * 1e3  # medians of the steps
     kv = runs["v4"].cache.nbytes()
     peak, bandwidth = matmul_peak_flops(dtype, device=device), copy_bandwidth(device=device)
     roof, roof_4k = (decode_roofline_seconds(config, n, esize, peak, bandwidth, batch) * 1e3
                      for n in (args.context, 4096))
     out = {"bench": "decode", "preset": args.preset, "context": args.context, "dtype": args.dtype,
-           "device": str(device), "batch_size": batch, "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
-           "ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k,
+           "device": str(device), "batch_size": batch, "fill": args.fill, "fill_seconds": fill_s,
+           "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
            "predicted_ratio_vs_4k": v4_cost(config, args.context).flops / v4_cost(config, 4096).flops,
            # the hardware's share by the roofline (FLOPs at the matmul peak, bytes at the copy bandwidth, both
            # measured here): what the step would cost without per-op overhead, and how that grows with context
            "matmul_peak_flops": peak, "bandwidth_bytes_per_s": bandwidth, "roofline_ms_per_token": roof,
-           "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k,
-           "vs_roofline": ms / roof, "vs_roofline_4k": ms_4k / roof_4k,
+           "roofline_ms_per_token_4k": roof_4k, "roofline_ratio_vs_4k": roof / roof_4k, "vs_roofline": ms / roof,
            "kv_bytes": kv, "dense_kv_bytes": batch * dense_kv_bytes(config, args.context, esize),
-           **peak_memory(device), "threads": torch.get_num_threads()}
+           **peak_memory(device), "threads": torch.get_num_threads(), **skipped}
+    if "v4_4k" in runs:
+        ms_4k = statistics.median(times["v4_4k"]) * 1e3
+        out.update({"ms_per_token_4k": ms_4k, "ratio_vs_4k": ms / ms_4k, "vs_roofline_4k": ms_4k / roof_4k})
     if not args.no_dense:
         dense_ms, dense_kv = statistics.median(times["dense"]) * 1e3, runs["dense"].cache.nbytes()
         out.update({"dense_ms_per_token": dense_ms, "speedup_vs_dense": dense_ms / ms,
                     "dense_cache_bytes": dense_kv, "cache_ratio_vs_dense": dense_kv / kv})
     if args.compile:  # the compiled steps, as generation and serving run them, beside the eager ones
-        cms, cms_4k = (statistics.median(times[name]) * 1e3 for name in ("v4_compiled", "v4_4k_compiled"))
-        out.update({"compiled_ms_per_token": cms, "compiled_ms_per_token_4k": cms_4k,
-                    "compiled_ratio_vs_4k": cms / cms_4k, "compiled_vs_roofline": cms / roof,
-                    "compiled_vs_roofline_4k": cms_4k / roof_4k, "compiled_speedup_vs_eager": ms / cms,
-                    "compiled_speedup_vs_eager_4k": ms_4k / cms_4k,
-                    "compile_seconds": compile_s["v4"], "compile_seconds_4k": compile_s["v4_4k"]})
-        if not args.no_dense:
+        cms = statistics.median(times["v4_compiled"]) * 1e3
+        out.update({"compiled_ms_per_token": cms, "compiled_vs_roofline": cms / roof,
+                    "compiled_speedup_vs_eager": ms / cms, "compile_seconds": compile_s["v4"],
+                    "capacity": runs["v4_compiled"].cache.capacity})
+        if "v4_4k" in runs:
+            cms_4k = statistics.median(times["v4_4k_compiled"]) * 1e3
+            out.update({"compiled_ms_per_token_4k": cms_4k, "compiled_ratio_vs_4k": cms / cms_4k,
+                        "compiled_vs_roofline_4k": cms_4k / roof_4k, "compiled_speedup_vs_eager_4k": ms_4k / cms_4k,
+                        "compile_seconds_4k": compile_s["v4_4k"]})
+        if "dense_compiled" in runs:
             dcms = statistics.median(times["dense_compiled"]) * 1e3
             out.update({"dense_compiled_ms_per_token": dcms, "compiled_speedup_vs_dense_compiled": dcms / cms,
                         "dense_compile_seconds": compile_s["dense"]})
@@ -526,6 +598,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode: also the compiled decoding steps (V4 and dense, compiled alike), timed in turn with "
                         "the eager ones, and their compile times")
+    p.add_argument("--fill", default="prefill", choices=["prefill", "random"],
+                   help="decode: V4's cache after --context tokens from a real prefill of random ids (default), or "
+                        "filled with random entries of the same shapes and bytes (seconds at any context, as the "
+                        "dense baseline's always is)")
+    p.add_argument("--no-4k", action="store_true",
+                   help="decode: skip V4 at 4,096 tokens beside the context (the ratio-vs-4K figures); a sweep over "
+                        "contexts has its own 4K point")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timers wait for the device)")
