@@ -5,6 +5,7 @@
     python benchmarks/run_all.py --docs     # only rewrite docs/benchmarks.md + plots from benchmarks/results/
     python benchmarks/run_all.py --only "decode"   # only the plan's commands containing this text, then docs
     python benchmarks/run_all.py --gpu      # the GPU plan (see benchmarks/gpu.sh, which runs it on a lent GPU)
+    python benchmarks/run_all.py --sweep    # the plot's curves: decode 4K to 1M, prefill 4K to 131K (about an hour)
 
 Each measurement runs as its own process (``python -m dsv4 bench ... --json``) so that its peak RSS is its own.
 Results go to ``benchmarks/results/<machine>.jsonl``, one JSON object per line, with the command that produced it.
@@ -47,6 +48,21 @@ GPU_PLAN = [
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16", "--device", "cuda"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "3", "--device", "cuda"],
 ]
+# the curves of docs/bench-<machine>.png. Decode at 4K to 1M from V4 caches of random entries of the right shapes and
+# bytes (--fill random: seconds to fill where a 1M prefill takes over half an hour), eager and compiled, V4 and dense,
+# one process per context; each compiles two steps (V4 and dense, of capacity context + tokens: a compiled step's
+# attention runs over all its capacity's entry slots, so a shared bigger bucket would time a longer context). The last
+# context is 1M less the decoded tokens (max_position_embeddings is 1M). Prefill at 4K to 131K, dense to 32K; 4K, 32K
+# and 131K as PLAN runs them, so that their runs count together.
+SWEEP_TOKENS = 16
+SWEEP_CONTEXTS = [4096, 16384, 65536, 131072, 524288, (1 << 20) - SWEEP_TOKENS]
+SWEEP = [["decode", "--preset", "small", "--context", str(n), "--tokens", str(SWEEP_TOKENS), "--fill", "random",
+          "--compile", "--no-4k"] for n in SWEEP_CONTEXTS] + [
+    ["prefill", "--preset", "small", "--context", "4096"],
+    ["prefill", "--preset", "small", "--context", "16384", "--repeats", "2"],
+    ["prefill", "--preset", "small", "--context", "32768", "--repeats", "2"],
+    ["prefill", "--preset", "small", "--context", "131072", "--repeats", "1", "--no-dense"],
+]
 QUICK = [
     ["prefill", "--preset", "small", "--context", "2048", "--repeats", "1"],
     ["prefill", "--preset", "small", "--context", "8192", "--repeats", "1", "--no-hf"],
@@ -62,9 +78,12 @@ ones in one process. Compile s: compiling and warming up, with whatever inductor
 2e38744: at one row the compiled step ran all routed experts (the MoE's static form), the eager one only the picked
 ones; since, a step of few rows gathers each token's own experts."""
 
-DECODE_NOTE = """Medians of 32 steps; a step decodes one token for each of the batch's rows (ms/token: the
-step's time). The steps of V4 at the context, V4 at 4K and dense alternate, so that a drift of the
-machine's speed weighs on both sides of each ratio. Runs: how many runs of the command at its
+DECODE_NOTE = """Medians of the command's `--tokens` steps (32 unless it names another); a step decodes one
+token for each of the batch's rows (ms/token: the step's time). The steps of V4 at the context, V4 at 4K
+(unless `--no-4k`) and dense alternate, so that a drift of the machine's speed weighs on both sides of each
+ratio. Fill: V4's cache after a real prefill of the context, or (`--fill random`) filled with random entries
+of the same shapes and bytes (window rings, compressed entries, indexer keys, incomplete blocks); the
+dense baseline's cache is random in both. Runs: how many runs of the command at its
 newest commit; the row is their median by speedup (of two, the lower). Predicted ratio: the cost
 model's FLOPs per token at the context over those at 4K. Roofline: the step's parameter matmuls
 and its attention, each at the longer of its FLOPs at the matmul peak and its bytes read (weights
@@ -186,18 +205,23 @@ def write_docs(results: dict[str, list[dict]]) -> None:
              "when the run started: on a 2-core machine anything above ~0.5 means the figures are pessimistic.", ""]
     for machine, rows in results.items():
         lines += [f"## {machine}", ""]
-        pre = sorted((r for r in rows if r["bench"] == "prefill"), key=lambda r: r["context"])
+        # the prefill's roofline: its useful FLOPs at the matmul peak (rows from before the key carry both)
+        pre = sorted((dict(r, roofline_seconds=r.get("roofline_seconds") or r["useful_flops"] / r["matmul_peak_flops"])
+                      if "useful_flops" in r else r for r in rows if r["bench"] == "prefill"), key=lambda r: r["context"])
         lines += _table("### Prefill", pre, [
             ("context", "context"), ("threads", "threads"), ("V4 s", "seconds"), ("dense s", "dense_seconds"),
             ("speedup vs dense", "speedup_vs_dense"), ("vs HF eager", "speedup_vs_hf_eager"),
             ("logit diff vs HF before 1st tie", "max_abs_logit_diff_vs_hf_before_first_tie"),
-            ("peak RSS GiB", "peak_rss_gib"), ("MFU", "mfu"), ("cache bytes", "kv_bytes"),
+            ("peak RSS GiB", "peak_rss_gib"), ("MFU", "mfu"), ("roofline s", "roofline_seconds"),
+            ("cache bytes", "kv_bytes"),
             ("cost-model bytes", "cost_model_kv_bytes"), ("dense cache bytes", "dense_kv_bytes"),
             ("runs", "runs"), ("load", "load_average_at_start")])
-        dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: r["context"])
+        # decode rows from before --fill were prefilled
+        dec = sorted((dict(r, fill=r.get("fill", "prefill")) for r in rows if r["bench"] == "decode"),
+                     key=lambda r: r["context"])
         lines += _table("### Decode\n\n" + DECODE_NOTE, dec, [
-            ("context", "context"), ("batch", "batch_size"), ("threads", "threads"), ("ms/token", "ms_per_token"),
-            ("tokens/s", "tokens_per_s"),
+            ("context", "context"), ("batch", "batch_size"), ("threads", "threads"), ("fill", "fill"),
+            ("ms/token", "ms_per_token"), ("tokens/s", "tokens_per_s"),
             ("ms/token at 4K", "ms_per_token_4k"), ("dense ms/token", "dense_ms_per_token"),
             ("speedup vs dense", "speedup_vs_dense"), ("cache ratio vs dense", "cache_ratio_vs_dense"),
             ("ratio vs 4K", "ratio_vs_4k"), ("predicted ratio vs 4K", "predicted_ratio_vs_4k"),
@@ -205,7 +229,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("runs", "runs"), ("load", "load_average_at_start")])
         lines += _table("### Compiled decode\n\n" + COMPILED_NOTE,
                         [r for r in dec if "compiled_ms_per_token" in r], [
-            ("context", "context"), ("batch", "batch_size"), ("eager ms/token", "ms_per_token"),
+            ("context", "context"), ("batch", "batch_size"), ("fill", "fill"), ("eager ms/token", "ms_per_token"),
             ("compiled ms/token", "compiled_ms_per_token"), ("roofline ms/token", "roofline_ms_per_token"),
             ("eager / roofline", "vs_roofline"), ("compiled / roofline", "compiled_vs_roofline"),
             ("compiled at 4K ms/token", "compiled_ms_per_token_4k"), ("eager at 4K", "ms_per_token_4k"),
@@ -213,7 +237,7 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("dense compiled ms/token", "dense_compiled_ms_per_token"),
             ("speedup vs dense compiled", "compiled_speedup_vs_dense_compiled"),
             ("compile s", "compile_seconds"), ("dense compile s", "dense_compile_seconds"),
-            ("runs", "runs"), ("load", "load_average_at_start")])
+            ("capacity", "capacity"), ("runs", "runs"), ("load", "load_average_at_start")])
         serve = [r for r in rows if r["bench"] == "serve"]
         lines += _table("### Serving\n\n" + SERVE_NOTE, [_serve_row(r, "concurrent") for r in serve
                                                         if "concurrent" in r], [
@@ -232,8 +256,9 @@ def write_docs(results: dict[str, list[dict]]) -> None:
             ("MFU", "mfu"), ("load", "load_average_at_start")])
         if pre or dec:
             plot = DOCS / f"bench-{machine}.png"
-            _plot(pre, [r for r in dec if r.get("batch_size", 1) == 1], plot)  # batches: in the table only
-            lines += [f"![prefill and decode on {machine}]({plot.name})", ""]
+            one_row = [r for r in dec if r.get("batch_size", 1) == 1]  # batches: in the table only
+            _plot(pre, one_row, plot)
+            lines += [f"![prefill and decode on {machine}]({plot.name})", "", *_plot_note(pre, one_row), ""]
     exps = [e for e in experiments() if e.get("experiment") == "indexer_schedule"]
     lines += _table("## Sparse-attention schedule (tiny preset)\n\n"
                     "Dense CSA attention, then an indexer warm-up with the rest frozen, then top-k attention. Recall: the\n"
@@ -346,34 +371,83 @@ def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> list
     return out + [""]
 
 
+# the plot's curves: (label, the row's key, line style)
+PREFILL_CURVES = [("V4", "seconds", "o-"), ("dense", "dense_seconds", "s--"), ("V4 roofline", "roofline_seconds", ":")]
+DECODE_CURVES = [("V4 eager", "ms_per_token", "o-"), ("V4 compiled", "compiled_ms_per_token", "o-"),
+                 ("dense eager", "dense_ms_per_token", "s--"),
+                 ("dense compiled", "dense_compiled_ms_per_token", "s--"),
+                 ("V4 roofline", "roofline_ms_per_token", ":")]
+
+
+def _decode_curve_rows(dec: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The decode rows the curves draw (from caches of random entries, the sweep's, where there are any; else all)
+    and those drawn as single points beside them (V4 eager from prefilled caches)."""
+    random = [r for r in dec if r.get("fill") == "random"]
+    if not random:
+        return dec, []
+    return random, [r for r in dec if r.get("fill", "prefill") == "prefill"]
+
+
 def _plot(pre: list[dict], dec: list[dict], path: Path) -> None:
+    """Prefill seconds and decode ms/token against context, log axes: a curve per benchmark and thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    _panel(a, pre, "seconds", "dense_seconds", "prompt tokens", "prefill seconds", "log")
-    _panel(b, dec, "ms_per_token", "dense_ms_per_token", "context tokens", "ms per generated token", "linear")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    _panel(a, pre, PREFILL_CURVES, "prompt tokens", "prefill seconds")
+    curves, points = _decode_curve_rows(dec)
+    _panel(b, curves, DECODE_CURVES, "context tokens", "ms per generated token")
+    for tag, runs in _series(points):
+        b.plot([r["context"] for r in runs], [r["ms_per_token"] for r in runs], "kx", label="V4 eager, prefilled" + tag)
+    if points:
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def _panel(ax, rows: list[dict], v4: str, dense: str, xlabel: str, ylabel: str, yscale: str) -> None:
-    """V4 and dense against context, one pair of lines per thread count (runs at other counts are not comparable)."""
+def _series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows by thread count (runs at other counts are not comparable), each sorted by context, with its tag."""
+    out = []
     for threads in sorted({r.get("threads") for r in rows}, key=str):
         runs = sorted((r for r in rows if r.get("threads") == threads), key=lambda r: r["context"])
-        tag = f", {threads} thread{'s' if threads != 1 else ''}" if threads is not None else ""
-        ax.plot([r["context"] for r in runs], [r[v4] for r in runs], "o-", label="V4" + tag)
-        with_dense = [r for r in runs if dense in r]
-        ax.plot([r["context"] for r in with_dense], [r[dense] for r in with_dense], "s--", label="dense" + tag)
+        out.append((f", {threads} thread{'s' if threads != 1 else ''}" if threads is not None else "", runs))
+    return out
+
+
+def _panel(ax, rows: list[dict], curves: list[tuple[str, str, str]], xlabel: str, ylabel: str) -> None:
+    """Each curve against context, one per thread count; log axes."""
+    for tag, runs in _series(rows):
+        for label, key, style in curves:
+            have = [r for r in runs if r.get(key) is not None]
+            if have:
+                ax.plot([r["context"] for r in have], [r[key] for r in have], style, label=label + tag)
     ax.set_xscale("log")
-    ax.set_yscale(yscale)
+    ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if rows:
-        ax.legend()
+        ax.legend(fontsize=7)
+
+
+def _plot_note(pre: list[dict], dec: list[dict]) -> list[str]:
+    """The commands behind the plot's curves: each command with its context as N, and the Ns it ran at."""
+    curves, points = _decode_curve_rows(dec)
+
+    def commands(rows: list[dict]) -> list[str]:
+        by = {}
+        for r in rows:
+            by.setdefault(r["command"].replace(f"--context {r['context']} ", "--context N "), []).append(r["context"])
+        return [f"  - `{c}`, N = {', '.join(f'{n:,}' for n in sorted(ns))}" for c, ns in by.items()]
+
+    out = ["Log axes; every point is a row of the tables above.", "",
+           "- Prefill (seconds: V4, dense, V4's roofline):", *commands(pre),
+           "- Decode (ms/token: V4 eager and compiled, dense eager and compiled, V4's roofline):", *commands(curves)]
+    if points:
+        out += ["- Crosses: V4 eager from a prefilled cache:", *commands(points)]
+    return out
 
 
 def main() -> int:
@@ -383,6 +457,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=1, help="run each chosen command this many times (the docs show the "
                    "median run)")
     p.add_argument("--gpu", action="store_true", help="run GPU_PLAN (--device cuda) instead of the CPU plan")
+    p.add_argument("--sweep", action="store_true", help="run SWEEP (the plot's curves: decode 4K to 1M, prefill 4K "
+                   "to 131K) instead of the CPU plan")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="run only the plan's commands containing TEXT (e.g. 'prefill --preset small --context "
                         "4096'), or the one command equal to it; repeatable")
@@ -390,7 +466,7 @@ def main() -> int:
     if not args.docs:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{machine_name()}.jsonl"
-        plan = GPU_PLAN if args.gpu else QUICK if args.quick else PLAN
+        plan = GPU_PLAN if args.gpu else SWEEP if args.sweep else QUICK if args.quick else PLAN
         if args.only:
             exact = [b for b in plan if " ".join(b) in args.only]  # a whole command: that one only
             plan = exact or [b for b in plan if any(text in " ".join(b) for text in args.only)]

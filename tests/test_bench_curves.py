@@ -1,7 +1,9 @@
 """The benchmarks' curves: V4 decode caches filled with random entries (``bench decode --fill random``) are shaped as
-prefilled ones, and decode."""
+prefilled ones, and decode; the sweep's rows draw the plot and name their commands (benchmarks/run_all.py)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,32 @@ def test_bench_decode_from_a_random_fill_reads_the_bytes_of_a_prefill(capsys):
     assert real["fill"] == "prefill" and random["fill"] == "random"
     assert random["kv_bytes"] == real["kv_bytes"] and random["dense_cache_bytes"] == real["dense_cache_bytes"]
     assert "ms_per_token_4k" not in random and random["ms_per_token"] > 0 and random["roofline_ms_per_token"] > 0
+
+
+def test_the_docs_draw_the_sweeps_curves_and_name_their_commands(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run_all
+
+    def decode(context, **extra):
+        return {"bench": "decode", "context": context, "batch_size": 1, "threads": 1, "ms_per_token": 10.0,
+                "roofline_ms_per_token": 1.0, "command": f"dsv4 bench decode --context {context} --fill random "
+                "--compile --no-4k --json", "fill": "random", "compiled_ms_per_token": 5.0,
+                "dense_ms_per_token": 20.0, "dense_compiled_ms_per_token": 15.0, **extra}
+
+    rows = [decode(4096), decode(65536, compile_seconds=100.0),
+            {"bench": "decode", "context": 131072, "batch_size": 1, "threads": 1, "ms_per_token": 11.0,
+             "command": "dsv4 bench decode --context 131072 --json"},
+            {"bench": "prefill", "context": 4096, "threads": 1, "seconds": 6.0, "useful_flops": 3e11,
+             "matmul_peak_flops": 1e11, "command": "dsv4 bench prefill --context 4096 --json"}]
+    monkeypatch.setattr(run_all, "DOCS", tmp_path)
+    monkeypatch.setattr(run_all, "experiments", lambda: [])
+    run_all.write_docs({"cpu-test": rows})
+    doc = (tmp_path / "benchmarks.md").read_text()
+    assert (tmp_path / "bench-cpu-test.png").stat().st_size > 0
+    assert "`dsv4 bench decode --context N --fill random --compile --no-4k --json`, N = 4,096, 65,536" in doc
+    assert "Crosses: V4 eager from a prefilled cache" in doc and "N = 131,072" in doc
+    assert "| 4,096 | 1 | 6 | - | - | - | - | - | - | 3 |" in doc  # the prefill's roofline s from its FLOPs and peak
+    # the sweep: every decode context up to 1M less its tokens, compiled, from random fills
+    decodes = [b for b in run_all.SWEEP if b[0] == "decode"]
+    assert [int(b[b.index("--context") + 1]) for b in decodes][-1] + run_all.SWEEP_TOKENS == 1 << 20
+    assert all("random" in b and "--compile" in b for b in decodes)
