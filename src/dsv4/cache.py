@@ -115,12 +115,6 @@ class LayerCache:
         if self.kv is None:
             self.kv = kv.new_zeros(kv.shape[0], self.window, kv.shape[-1])
             self.pos = torch.full((self.window,), -1, dtype=torch.long, device=kv.device)
-        if positions.shape[0] == 1 and positions.device.type == "cpu":  # a decoding step: one slot by a Python index
-            # (an index_put costs more: docs/performance-notes.md; on a GPU the index would wait for the device)
-            slot = int(positions[0]) % self.window
-            self.kv[:, slot] = kv[:, 0].detach()
-            self.pos[slot] = positions[0]
-            return
         slots = positions % self.window
         self.kv[:, slots] = kv.detach().to(self.kv.dtype)
         self.pos[slots] = positions

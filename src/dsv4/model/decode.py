@@ -19,11 +19,18 @@ masked, and each token's routed experts run on their own (``MoE(per_token=True)`
 A row is filled from a prefilled ``ModelCache`` of one row (``load_row``), and read back into one (``extract_row``,
 which serializes: ``ModelCache.to_tensors``); that is how prompts are prefilled in chunks, shared by ``n`` samples,
 and cached as prefixes.
+
+The module ends with the one door for the eager forms of a decoding step of few tokens on the CPU (an mHC unit in
+Python floats, the routed experts token by token): one switch, ``EAGER_STEP``, set by ``Block.forward`` where
+``eager_step_of`` says so and asked by the modules through ``eager_step()``; a compiled step never takes them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import operator
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,7 +39,7 @@ import torch
 from dsv4.cache import CompressorState, LayerCache, ModelCache
 from dsv4.model import kernels
 from dsv4.model.indexer import chunk_scores, topk_lower_index
-from dsv4.model.linear import activation_dtype
+from dsv4.model.linear import activation_dtype, linear
 from dsv4.model.precision import compute_dtype, upcast
 from dsv4.model.reference import window_visible
 
@@ -529,7 +536,7 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
     """The fast path for a few new tokens per row with a cache (decoding; a speculative draft's check) in a few
     batched ops, where the general one spends some hundred small ops on blocks, masks and merges. One softmax
     per query joins its window (the ring before this call's writes, plus the new tokens up to its own; for one
-    token, the ring after its write, unmasked once full), its visible entries (HCA and CSA's dense phase: all;
+    token, the ring after its write, its empty slots masked), its visible entries (HCA and CSA's dense phase: all;
     CSA: the indexer's top-k of them) and the sink. Tests hold it to the reference path, outputs and
     gradients."""
     b, s, h, c = q.shape
@@ -538,10 +545,7 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
         # order does not matter); with autograd the ring's detached copy would cut the new key's gradient
         cache.write_window(kv, positions)
         keys, kpos = cache.window_keys()
-        keys = upcast(keys)
-        # empty slots hold -1; on a GPU the position is not read back (a wait on the device per layer)
-        full = positions.device.type == "cpu" and int(positions[0]) >= attn.window - 1
-        mask = None if full else (kpos >= 0).unsqueeze(0)
+        keys, mask = upcast(keys), (kpos >= 0).unsqueeze(0)  # empty slots hold -1
     else:
         ring, ring_pos = cache.window_keys()  # [B, W, c] before this call's writes
         keys, kpos = upcast(kv), positions
@@ -571,20 +575,17 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
                 own = picked, None if s == 1 else scores.gather(-1, idx) > float("-inf")
         if own is None:
             keys = torch.cat([keys, entries], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
+            mask = torch.cat([mask.expand(s, -1), visible().expand(s, -1)], dim=-1)
     qs = upcast(q) * attn.scale
     if own is None:  # one key set for every query: [B, S H, c] x [B, c, K]
         logits = torch.matmul(qs.reshape(b, s * h, c), keys.transpose(1, 2)).view(b, s, h, -1)
-        mask = None if mask is None else mask.unsqueeze(-2)  # [S, 1, K]
+        mask = mask.unsqueeze(-2)  # [S, 1, K]
     else:  # each query its own keys: the window's, then its top-k entries
         keys = torch.cat([keys.unsqueeze(1).expand(b, s, -1, c), own[0]], dim=2)  # [B, S, K, c]
-        if mask is not None or own[1] is not None:
-            picks = own[1] if own[1] is not None else mask.new_ones(1, 1, own[0].shape[2]).expand(b, s, -1)
-            mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, S, 1, K]
+        picks = own[1] if own[1] is not None else mask.new_ones(1, 1, own[0].shape[2]).expand(b, s, -1)
+        mask = torch.cat([mask.expand(b, s, -1), picks], dim=-1).unsqueeze(-2)  # [B, S, 1, K]
         logits = torch.bmm(qs.reshape(b * s, h, c), keys.reshape(b * s, -1, c).transpose(1, 2)).view(b, s, h, -1)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+    logits = logits.masked_fill(~mask, float("-inf"))
     sink = upcast(attn.attn_sink).view(1, 1, h, 1).expand(b, s, h, 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     if own is None:
@@ -592,3 +593,135 @@ def attend_cached(attn, x, q, kv, q_latent, positions, cache: LayerCache) -> tor
     else:
         out = torch.bmm(probs.reshape(b * s, h, -1), keys.reshape(b * s, -1, c))
     return out.view(b, s, h, c).to(q.dtype)
+
+
+# ------------------------------------------------------------------------ the one door: eager steps of few tokens
+# An eager decoding step of a few tokens on the CPU spends most of its time dispatching small tensor ops, not on
+# arithmetic. Its faster forms live here, behind one switch: ``Block.forward`` decides once per block, with
+# ``eager_step_of``, whether its call is such a step (a cache, at most ``FEW_TOKENS`` tokens, the CPU, no autograd,
+# not compiling) and, if so, runs under ``EAGER_STEP``; the modules ask ``eager_step()`` and take the form below,
+# else their own tensor path, which is the reference the tests hold each form to. A compiled step never takes them:
+# they are data-dependent Python (``eager_step`` is False while compiling, before it reads the switch).
+# Measurements: docs/performance-notes.md.
+FEW_TOKENS = 8  # tokens (rows x queries) up to which a step takes the forms below
+
+
+class _EagerStep(threading.local):
+    """The switch, one per thread (a server's threads decode apart): on inside ``with EAGER_STEP:``."""
+
+    on = False
+
+    def __enter__(self) -> None:
+        self.on = True
+
+    def __exit__(self, *exc) -> None:
+        self.on = False
+
+
+EAGER_STEP = _EagerStep()
+
+
+def eager_step_of(streams: torch.Tensor, cache) -> bool:
+    """Whether a block's call on ``streams`` [B, S, n, d] with ``cache`` is an eager decoding step of few tokens on
+    the CPU (``Block.forward`` asks once, then runs under ``EAGER_STEP``)."""
+    return (cache is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and streams.device.type == "cpu" and streams.shape[:-2].numel() <= FEW_TOKENS)
+
+
+def eager_step() -> bool:
+    """Whether the modules compute an eager decoding step of few tokens on the CPU: take this section's forms."""
+    return not torch.compiler.is_compiling() and EAGER_STEP.on
+
+
+def mix_rows(unit, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``HyperConnection.forward`` (mHC) of an eager step: per position, the 2n + n^2 mixing values and the norm of
+    the streams come to Python floats (float64) in one list, where the tensor path spends some forty small ops on
+    them; Sinkhorn by ``sinkhorn_one``. The three results are views of one tensor."""
+    n, lead, d = unit.n, streams.shape[:-2], streams.shape[-1]
+    x = upcast(streams.reshape(-1, n * d))  # [N, n d]
+    vals = torch.cat([linear(x, upcast(unit.fn)), torch.linalg.vector_norm(x, dim=-1, keepdim=True)], -1).tolist()
+    base, (s_pre, s_post, s_comb) = unit.base.tolist(), unit.scale.tolist()
+    pre, post, comb = [], [], []
+    for row in vals:
+        inv_rms = 1.0 / math.sqrt(row[-1] ** 2 / (n * d) + unit.norm_eps)  # normed_linear's scale, factored out
+        mix = [v * inv_rms for v in row[:-1]]
+        pre += [_sigmoid(m * s_pre + b) + unit.hc_eps for m, b in zip(mix[:n], base[:n])]
+        post += [2 * _sigmoid(m * s_post + b) for m, b in zip(mix[n:2 * n], base[n:2 * n])]
+        logits = [m * s_comb + b for m, b in zip(mix[2 * n:], base[2 * n:])]
+        comb += [v for r in sinkhorn_one([logits[i * n:(i + 1) * n] for i in range(n)], unit.iters, unit.hc_eps)
+                 for v in r]
+    rows = len(vals)
+    mixing = torch.tensor(pre + post + comb, dtype=x.dtype)
+    collapsed = torch.bmm(mixing[:rows * n].view(rows, 1, n), upcast(streams.reshape(rows, n, d)))
+    return (collapsed.view(*lead, d), mixing[rows * n:2 * rows * n].view(*lead, n),
+            mixing[2 * rows * n:].view(*lead, n, n))
+
+
+def _sigmoid(v: float) -> float:
+    """1 / (1 + e^-v) for a Python float, without overflow for large |v|."""
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
+def sinkhorn_one(logits: list[list[float]], iters: int, eps: float) -> list[list[float]]:
+    """``hyper.sinkhorn`` of one matrix as Python floats, kept as diag(r) K diag(c) with K = softmax + eps: a row
+    normalization divides row i by r_i (K c)_i + eps, which is r_i <- r_i / (r_i (K c)_i + eps); columns alike."""
+    k = []
+    for row in logits:
+        top = max(row)
+        e = [math.exp(v - top) for v in row]
+        total = sum(e)
+        k.append([v / total + eps for v in e])
+    c = [1.0 / (sum(col) + eps) for col in zip(*k)]  # the first column normalization (r = 1)
+    return (balance_4 if len(k) == 4 else balance)(k, c, iters, eps)
+
+
+def balance(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
+    """``sinkhorn_one``'s remaining iters - 1 row and column normalizations of diag(r) K diag(c), then the matrix."""
+    kt = [list(col) for col in zip(*k)]
+    r = [1.0] * len(k)
+    for _ in range(iters - 1):
+        r = [ri / (ri * sum(map(operator.mul, row, c)) + eps) for ri, row in zip(r, k)]
+        c = [cj / (cj * sum(map(operator.mul, col, r)) + eps) for cj, col in zip(c, kt)]
+    return [[ri * kij * cj for kij, cj in zip(row, c)] for ri, row in zip(r, k)]
+
+
+def balance_4(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
+    """``balance`` for 4 x 4 (the residual's four streams, spec 3) written out: the same operations in the same
+    order, so the same floats, faster than the loops over lists (a step runs one per mHC unit and token)."""
+    (k00, k01, k02, k03), (k10, k11, k12, k13), (k20, k21, k22, k23), (k30, k31, k32, k33) = k
+    c0, c1, c2, c3 = c
+    r0 = r1 = r2 = r3 = 1.0
+    for _ in range(iters - 1):
+        r0 = r0 / (r0 * (k00 * c0 + k01 * c1 + k02 * c2 + k03 * c3) + eps)
+        r1 = r1 / (r1 * (k10 * c0 + k11 * c1 + k12 * c2 + k13 * c3) + eps)
+        r2 = r2 / (r2 * (k20 * c0 + k21 * c1 + k22 * c2 + k23 * c3) + eps)
+        r3 = r3 / (r3 * (k30 * c0 + k31 * c1 + k32 * c2 + k33 * c3) + eps)
+        c0 = c0 / (c0 * (k00 * r0 + k10 * r1 + k20 * r2 + k30 * r3) + eps)
+        c1 = c1 / (c1 * (k01 * r0 + k11 * r1 + k21 * r2 + k31 * r3) + eps)
+        c2 = c2 / (c2 * (k02 * r0 + k12 * r1 + k22 * r2 + k32 * r3) + eps)
+        c3 = c3 / (c3 * (k03 * r0 + k13 * r1 + k23 * r2 + k33 * r3) + eps)
+    return [[r0 * k00 * c0, r0 * k01 * c1, r0 * k02 * c2, r0 * k03 * c3],
+            [r1 * k10 * c0, r1 * k11 * c1, r1 * k12 * c2, r1 * k13 * c3],
+            [r2 * k20 * c0, r2 * k21 * c1, r2 * k22 * c2, r2 * k23 * c3],
+            [r3 * k30 * c0, r3 * k31 * c1, r3 * k32 * c2, r3 * k33 * c3]]
+
+
+def expert_rows(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``Experts.forward`` of an eager step: token by token, its experts in turn (``Experts._expert``, the routing
+    weight a Python float), summed in expert order, where grouping tokens by expert (a sort, a count, gathers and
+    scatters: some fifteen dispatches) costs more than the products. x [N, d]; weights / indices [N, k] -> [N, d]. A
+    token's output does not depend on the other tokens (as ``per_token``'s)."""
+    of = experts.weights_getter()
+    rows = []
+    for xt, ws, es in zip(x.split(1), weights.tolist(), indices.tolist()):
+        out = None
+        for e, g in sorted(zip(es, ws)):
+            y = experts._expert(xt, *of(e), g)
+            out = y if out is None else out.add_(y)
+        rows.append(out)
+    if len(rows) == 1:
+        return rows[0]
+    return torch.cat(rows) if rows else torch.zeros_like(x)  # none: an expert-parallel rank that received none

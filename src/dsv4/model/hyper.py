@@ -19,104 +19,23 @@ parameters are unused).
 
 from __future__ import annotations
 
-import math
-import operator
-
-import numpy as np
 import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model import decode
 from dsv4.model.linear import linear
 from dsv4.model.precision import compute_dtype, upcast
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix."""
-    if logits.device.type == "cpu" and logits[..., 0, 0].numel() <= _SMALL and not torch.compiler.is_compiling() \
-            and not (torch.is_grad_enabled() and logits.requires_grad):
-        return _sinkhorn_small(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     return comb
-
-
-_SMALL = 64  # matrices: a decoding step of up to 64 rows
-
-
-def _sinkhorn_small(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``sinkhorn`` for a few matrices without autograd: decoding runs it once per token and mHC unit, and there
-    the 2 * iters * 3 tensor dispatches cost far more than the arithmetic. Up to 8 matrices of the residual's four
-    streams (n = 4, written out), or one matrix: each by ``_sinkhorn_one`` in Python floats; else (a decoding step
-    of many rows) in numpy float64, batched. Out in the logits' dtype."""
-    n, count = logits.shape[-1], logits[..., 0, 0].numel()
-    if (n == 4 and count <= 8) or count == 1:
-        rows = logits.detach().double().reshape(-1, n, n).tolist()
-        return torch.tensor([_sinkhorn_one(m, iters, eps) for m in rows], dtype=logits.dtype).view(logits.shape)
-    x = logits.detach().double().numpy()
-    comb = np.exp(x - x.max(-1, keepdims=True))
-    comb = comb / comb.sum(-1, keepdims=True) + eps
-    comb = comb / (comb.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdims=True) + eps)
-        comb = comb / (comb.sum(-2, keepdims=True) + eps)
-    out = np.float64 if logits.dtype == torch.float64 else np.float32
-    return torch.from_numpy(np.ascontiguousarray(comb, dtype=out))
-
-
-def _sinkhorn_one(logits: list[list[float]], iters: int, eps: float) -> list[list[float]]:
-    """``sinkhorn`` of one matrix as Python floats, kept as diag(r) K diag(c) with K = softmax + eps: a row
-    normalization divides row i by r_i (K c)_i + eps, which is r_i <- r_i / (r_i (K c)_i + eps); columns alike."""
-    k = []
-    for row in logits:
-        top = max(row)
-        e = [math.exp(v - top) for v in row]
-        total = sum(e)
-        k.append([v / total + eps for v in e])
-    c = [1.0 / (sum(col) + eps) for col in zip(*k)]  # the first column normalization (r = 1)
-    return (_balance_4 if len(k) == 4 else _balance)(k, c, iters, eps)
-
-
-def _balance(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
-    """``_sinkhorn_one``'s remaining iters - 1 row and column normalizations of diag(r) K diag(c), then the matrix."""
-    kt = [list(col) for col in zip(*k)]
-    r = [1.0] * len(k)
-    for _ in range(iters - 1):
-        r = [ri / (ri * sum(map(operator.mul, row, c)) + eps) for ri, row in zip(r, k)]
-        c = [cj / (cj * sum(map(operator.mul, col, r)) + eps) for cj, col in zip(c, kt)]
-    return [[ri * kij * cj for kij, cj in zip(row, c)] for ri, row in zip(r, k)]
-
-
-def _balance_4(k: list[list[float]], c: list[float], iters: int, eps: float) -> list[list[float]]:
-    """``_balance`` for 4 x 4 (the residual's four streams, spec 3) written out: the same operations in the same
-    order, so the same floats, faster than the loops over lists (decoding runs one per mHC unit)."""
-    (k00, k01, k02, k03), (k10, k11, k12, k13), (k20, k21, k22, k23), (k30, k31, k32, k33) = k
-    c0, c1, c2, c3 = c
-    r0 = r1 = r2 = r3 = 1.0
-    for _ in range(iters - 1):
-        r0 = r0 / (r0 * (k00 * c0 + k01 * c1 + k02 * c2 + k03 * c3) + eps)
-        r1 = r1 / (r1 * (k10 * c0 + k11 * c1 + k12 * c2 + k13 * c3) + eps)
-        r2 = r2 / (r2 * (k20 * c0 + k21 * c1 + k22 * c2 + k23 * c3) + eps)
-        r3 = r3 / (r3 * (k30 * c0 + k31 * c1 + k32 * c2 + k33 * c3) + eps)
-        c0 = c0 / (c0 * (k00 * r0 + k10 * r1 + k20 * r2 + k30 * r3) + eps)
-        c1 = c1 / (c1 * (k01 * r0 + k11 * r1 + k21 * r2 + k31 * r3) + eps)
-        c2 = c2 / (c2 * (k02 * r0 + k12 * r1 + k22 * r2 + k32 * r3) + eps)
-        c3 = c3 / (c3 * (k03 * r0 + k13 * r1 + k23 * r2 + k33 * r3) + eps)
-    return [[r0 * k00 * c0, r0 * k01 * c1, r0 * k02 * c2, r0 * k03 * c3],
-            [r1 * k10 * c0, r1 * k11 * c1, r1 * k12 * c2, r1 * k13 * c3],
-            [r2 * k20 * c0, r2 * k21 * c1, r2 * k22 * c2, r2 * k23 * c3],
-            [r3 * k30 * c0, r3 * k31 * c1, r3 * k32 * c2, r3 * k33 * c3]]
-
-
-def _sigmoid(v: float) -> float:
-    """1 / (1 + e^-v) for a Python float, without overflow for large |v|."""
-    if v >= 0:
-        return 1.0 / (1.0 + math.exp(-v))
-    e = math.exp(v)
-    return e / (1.0 + e)
 
 
 def normed_linear(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,10 +75,8 @@ class HyperConnection(nn.Module):
             pre = (one / n).expand(*lead, n)
             comb = torch.eye(n, dtype=dtype, device=streams.device).expand(*lead, n, n)
             return collapse(streams, pre), one.expand(*lead, n), comb
-        if self.mode == "mhc" and streams.device.type == "cpu" and streams.shape[:-2].numel() == 1 \
-                and not torch.compiler.is_compiling() \
-                and not (torch.is_grad_enabled() and (streams.requires_grad or self.fn.requires_grad)):
-            return self._forward_one(streams)
+        if self.mode == "mhc" and decode.eager_step():  # dsv4.model.decode: a decoding step's Python floats
+            return decode.mix_rows(self, streams)
         mix = normed_linear(upcast(streams.flatten(-2)), upcast(self.fn), self.norm_eps)
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = upcast(self.base).split([n, n, n * n])
@@ -172,32 +89,9 @@ class HyperConnection(nn.Module):
         comb = sinkhorn((comb_w * s[2] + comb_b).unflatten(-1, (n, n)), self.iters, self.hc_eps)
         return collapse(streams, pre), post, comb
 
-    def _forward_one(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``forward`` for one position without autograd (a decoding row): the 2n + n^2 mixing values and the norm
-        of the streams come to Python floats (float64) in one list, where the tensor path spends some forty small
-        ops on them; the three results are one tensor's views."""
-        n, lead, d = self.n, streams.shape[:-2], streams.shape[-1]
-        x = upcast(streams.reshape(1, n * d))
-        vals = torch.cat([linear(x, upcast(self.fn)).view(-1), torch.linalg.vector_norm(x).view(1)]).tolist()
-        inv_rms = 1.0 / math.sqrt(vals[-1] ** 2 / (n * d) + self.norm_eps)  # normed_linear's scale, factored out
-        mix = [v * inv_rms for v in vals[:-1]]
-        base, (s_pre, s_post, s_comb) = self.base.tolist(), self.scale.tolist()
-        pre = [_sigmoid(m * s_pre + b) + self.hc_eps for m, b in zip(mix[:n], base[:n])]
-        post = [2 * _sigmoid(m * s_post + b) for m, b in zip(mix[n:2 * n], base[n:2 * n])]
-        logits = [m * s_comb + b for m, b in zip(mix[2 * n:], base[2 * n:])]
-        comb = _sinkhorn_one([logits[i * n:(i + 1) * n] for i in range(n)], self.iters, self.hc_eps)
-        mixing = torch.tensor(pre + post + [v for row in comb for v in row], device=streams.device, dtype=x.dtype)
-        collapsed = torch.mm(mixing[:n].view(1, n), upcast(streams.reshape(n, d)))
-        return (collapsed.view(*lead, d), mixing[n:2 * n].view(*lead, n), mixing[2 * n:].view(*lead, n, n))
-
     @staticmethod
     def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k F + sum_j comb[j, k] X_j  (the residual mixed by comb transposed), float32."""
-        if streams.shape[:-2].numel() == 1 and not (torch.is_grad_enabled() and any(
-                t.requires_grad for t in (streams, out, post, comb))):  # one row: 2-d products, a third of the ops
-            n, d = streams.shape[-2:]
-            mixed = torch.mm(comb.reshape(n, n).t(), upcast(streams.reshape(n, d)))
-            return mixed.addcmul_(post.reshape(n, 1), upcast(out.reshape(1, d))).view(streams.shape)
         mixed = torch.matmul(comb.transpose(-1, -2), upcast(streams))
         # in place: the matmul's backward needs its inputs, not its output; no [B, S, n, d] product is built
         return mixed.addcmul_(post.unsqueeze(-1), upcast(out).unsqueeze(-2))

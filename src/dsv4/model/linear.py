@@ -4,7 +4,8 @@ Shapes: B batch, S sequence (queries), Q a block's queries, n residual streams (
 c head dim, K a query's keys, W window, T compressed entries, k top-k, R decode rows, N tokens (B S), E experts.
 
 Without autograd, on the CPU:
-- one row (a decoding step): the weight's output rows split into one part per thread, one ``bmm`` of the parts.
+- one row (a decoding step) on more than one thread: the weight's output rows split into one part per thread, one
+  ``bmm`` of the parts.
   ``F.linear`` of one row runs on one core, which alone does not draw the machine's full memory bandwidth to read
   the weight; the parts run on every thread.
 - 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's few tokens): weight x^T,
@@ -37,8 +38,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
-    if rows == 1:  # a weight below PARTS_MIN in one part: waking the other threads would cost more
-        y = row_parts(x.reshape(1, x.shape[-1]), weight, threads() if weight.numel() >= PARTS_MIN else 1)
+    if rows == 1:
+        parts = threads() if weight.numel() >= PARTS_MIN else 1  # below PARTS_MIN waking the threads costs more
+        if parts == 1:  # one thread: F.linear itself, without the reshapes
+            return F.linear(x, weight, bias)
+        y = row_parts(x.reshape(1, x.shape[-1]), weight, parts)
     else:  # contiguous like F.linear's result: a transposed one sends later kernels (SDPA's flash path) to slow paths
         y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:

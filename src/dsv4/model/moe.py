@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
+from dsv4.model import decode
 from dsv4.model.linear import Linear, linear
 from dsv4.model.numerics import round_activations
 from dsv4.model.precision import upcast
@@ -155,13 +156,14 @@ class Experts(nn.Module):
         expert order, the others adding exact zeros; with N k >= E (most experts in use) every expert runs, in three
         batched products. Inside a compiled step with N k < E (a decoding step of few rows) each token's k experts'
         weights are gathered by tensor indexing instead and run in three batched products of N k: the step reads k of
-        E experts' weights, its shapes fixed by (N, k), and a token's sum still in expert order."""
+        E experts' weights, its shapes fixed by (N, k), and a token's sum still in expert order. An eager decoding
+        step of few tokens (``dsv4.model.decode.eager_step``) runs them token by token (``decode.expert_rows``)."""
         if self.act_quant_block:
             x = round_activations(x, self.act_quant_block)
         n, k = indices.shape
         e_count = self.num_experts
-        if n == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._one_token(x, weights, indices, self.weights_getter())
+        if decode.eager_step():  # dsv4.model.decode: a decoding step's tokens one by one
+            return decode.expert_rows(self, x, weights, indices)
         if self.stacked and per_token and not torch.is_grad_enabled() and torch.compiler.is_compiling() \
                 and n * k < e_count:
             return self._gathered(x, weights, indices)
@@ -217,17 +219,6 @@ class Experts(nn.Module):
         if self.act_quant_block:
             h = round_activations(h, self.act_quant_block)
         return linear(h, w2).to(x.dtype)
-
-    def _one_token(self, x, weights, indices, of) -> torch.Tensor:
-        """``forward`` for one token without autograd (a decoding row): its experts in turn, where grouping tokens by
-        expert (a sort, a count, gathers and scatters: some fifteen dispatches) costs more than the products. The
-        same operations per expert, summed in the same (expert) order: the same floats in float32 (in bfloat16 the
-        routing weight is not rounded to bfloat16 first)."""
-        out = None
-        for e, g in sorted(zip(indices.view(-1).tolist(), weights.view(-1).tolist())):
-            y = self._expert(x, *of(e), g)
-            out = y if out is None else out.add_(y)
-        return out
 
 
 class SharedExpert(nn.Module):

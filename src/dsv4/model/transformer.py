@@ -21,7 +21,7 @@ from torch import nn
 from dsv4.cache import LayerCache, ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.model.attention import Attention
-from dsv4.model.decode import DecodeState, advance, compiled_positions, positions_of
+from dsv4.model.decode import EAGER_STEP, DecodeState, advance, compiled_positions, eager_step_of, positions_of
 from dsv4.model.documents import Packing
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.indexer import IndexerStats
@@ -47,6 +47,14 @@ class Block(nn.Module):
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
                 cache: LayerCache | None = None, packing: Packing | None = None,
                 stats: list[IndexerStats] | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        if eager_step_of(streams, cache):  # an eager decoding step of few tokens: dsv4.model.decode's forms
+            with EAGER_STEP:
+                return self._forward(streams, positions, input_ids, cache, packing, stats)
+        return self._forward(streams, positions, input_ids, cache, packing, stats)
+
+    def _forward(self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None,
+                 cache: LayerCache | None, packing: Packing | None, stats: list[IndexerStats] | None
+                 ) -> tuple[torch.Tensor, RouterOutput]:
         dtype = activation_dtype(self.attn.wq_a)
         y, post, comb = self.hc_attn(streams)
         out = self.attn(self.attn_norm(y.to(dtype)), positions, cache, packing, stats)
