@@ -158,3 +158,74 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     os.utime(lock, (old, old))
     fused._remove_stale_lock(cpp_extension, "ext")
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 256, 512), (4, 130, 100), (3, 5, 7)])
+def test_expert_matvec_equals_the_gathered_product(m, n, k):
+    # row counts off the 4-row passes and the 64-row tasks, K off the vector width; within float32 rounding of
+    # each dot product
+    g = torch.Generator().manual_seed(m * n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(6, n, k, generator=g)
+    idx = torch.randint(0, 6, (m,), generator=g)
+    got = fused.expert_matvec(x, w, idx)
+    ref = torch.einsum("mk,mnk->mn", x.double(), w.double()[idx])
+    bound = torch.einsum("mk,mnk->mn", x.double().abs(), w.double().abs()[idx])
+    assert got.shape == (m, n) and ((got.double() - ref).abs() <= 1e-5 * bound + 1e-30).all()
+    with pytest.raises(RuntimeError, match="expert 6 is not one of the 6"):
+        fused.expert_matvec(x, w, torch.full((m,), 6))
+
+
+def test_expert_matvec_is_an_operator_a_compiled_graph_calls():
+    g = torch.Generator().manual_seed(1)
+    x, w, idx = torch.randn(2, 64, generator=g), torch.randn(4, 32, 64, generator=g), torch.tensor([3, 0])
+    f = torch.compile(lambda x, idx: torch.nn.functional.silu(fused.expert_matvec(x, w, idx)), fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(f(x, idx), torch.nn.functional.silu(fused.expert_matvec(x, w, idx)))
+
+
+def test_the_compiled_steps_routed_experts_through_the_kernel_equal_the_gathered_matrices():
+    # Experts._gathered (a compiled decoding step's routed experts) in float32 through expert_matvec against the
+    # same in float64 through indexing and bmm (its reference path), act rounding off and on
+    from dsv4.config import ModelConfig
+    from dsv4.model import moe
+    from numerics import assert_close_scaled
+
+    config = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    experts = moe.Experts(config)
+    for w in (experts.w1, experts.w2, experts.w3):
+        torch.nn.init.normal_(w, std=0.05)
+    n, k, e = 3, config.num_experts_per_tok, config.n_routed_experts
+    x = torch.randn(n, config.hidden_size)
+    indices = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    with torch.no_grad():
+        for block in (0, 16):
+            experts.act_quant_block = block
+            got = experts._gathered(x, weights, indices)
+            want = experts.double()._gathered(x.double(), weights.double(), indices)
+            experts.float()
+            assert got.dtype == torch.float32
+            assert_close_scaled(got.double(), want, 1e-5 if not block else 0.1)
+
+
+@pytest.mark.parametrize("n, d", [(4, 512), (3, 13)])
+def test_mhc_mixing_and_sinkhorn_in_one_pass_equal_the_operators(n, d):
+    # fused.hc_expand / hc_sinkhorn (what hyper.py runs without autograd on the CPU in float32) against the same
+    # functions' operators in float64 (the fused path serves float32 only)
+    from dsv4.model.hyper import HyperConnection, sinkhorn
+    from numerics import assert_close_scaled
+
+    g = torch.Generator().manual_seed(n * d)
+    streams, out = torch.randn(2, 5, n, d, generator=g), torch.randn(2, 5, d, generator=g)
+    post, logits = torch.rand(2, 5, n, generator=g) * 2, torch.randn(2, 5, n, n, generator=g) * 3
+    with torch.no_grad():
+        comb = fused.hc_sinkhorn(logits, 20, 1e-6)
+        assert_close_scaled(comb.double(), sinkhorn(logits.double(), 20, 1e-6), 1e-5)
+        assert torch.equal(sinkhorn(logits, 20, 1e-6), comb)  # hyper.sinkhorn takes the kernel here
+        mixed = HyperConnection.expand(streams, out, post, comb)
+        torch.testing.assert_close(mixed, fused.hc_expand(streams, out, post, comb), rtol=0, atol=0)
+        want = HyperConnection.expand(streams.double(), out.double(), post.double(), comb.double())
+        assert_close_scaled(mixed.double(), want, 1e-5)
+    # with autograd, the operators (the training path)
+    assert not fused.serves(streams.requires_grad_())

@@ -11,6 +11,17 @@ faster (compute-bound), and ``dsv4.model.packed`` chooses between the two (``FUS
 ``act_round(x, block, amax_floor)``: the official numerics' FP8 rounding of activations
 (``dsv4.quant.fp8_act_round``) in one pass; eager calls on the CPU take it, compiled graphs the operators.
 
+``sparse_attend(q, entries, rows, mask)``: CSA's attention of each query over its own top-k entries in one pass
+(the gather, the logits, the exponentials and the weighted sum tile by tile): ``kernels.attend`` of the gathered
+entries without gathering them, for prefill without autograd (``dsv4.model.prefill``).
+
+``hc_expand`` and ``hc_sinkhorn``: mHC's per-token mixing and Sinkhorn projection in one pass a token, for
+prefill without autograd (``dsv4.model.hyper``); ``serves(...)`` says when these inference kernels take the work.
+
+``expert_matvec(x, w, idx)``: each token's product with its own expert's matrix of stacked weights [E, N, K], read
+in place: the compiled decoding step's routed experts (a dispatcher operator, ``torch.ops.dsv4``, so that compiled
+graphs call it).
+
 Where no compiler works, or ``DSV4_FUSED=0`` is set, ``available()`` is False (one warning says why) and the
 packed modules keep the dequantize-then-multiply path, which is also the reference the kernel is tested against.
 """
@@ -29,7 +40,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "packed_matmul.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.cpp", "sparse_attention.cpp",
+                                                              "expert_matvec.cpp", "hyper_connections.cpp",
+                                                              "bindings.cpp")]
 FORMATS = {"bf16": 0, "fp8": 1, "fp4": 2}
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -49,7 +62,7 @@ def _build(verbose: bool = False):
     name = f"dsv4_packed_matmul_{_cpu_tag()}"
     _remove_stale_lock(cpp_extension, name)
     # torch's own libgomp has the soname libgomp.so.1: the kernel joins PyTorch's OpenMP pool, not a second one
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               verbose=verbose)
 
 
@@ -110,6 +123,8 @@ def kernel(verbose: bool = False):
                     log.warning("the fused packed-weight kernel is not available (%s); packed products "
                                 "dequantize tile by tile", why)
                 _STATE["seconds"] = time.perf_counter() - t0
+            if module is not None:
+                _register_fakes()
             _STATE["why"] = why
             _STATE["module"] = module
     return _STATE["module"]
@@ -157,6 +172,69 @@ def act_round(x: torch.Tensor, block: int, amax_floor: float) -> torch.Tensor:
     if x.dtype != torch.float32:
         raise TypeError(f"act_round rounds float32, got x of {x.dtype}")
     return module.act_round(x.reshape(-1, x.shape[-1]), block, float(amax_floor)).view(x.shape)
+
+
+def sparse_attend(q: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kernels.attend(q, kernels.gather_rows(entries, rows), mask)``'s (out, m, s) without the gathered copy:
+    q [..., H, c] float32 (scaled), entries [R, c] (every row's entries flattened), rows [...] x k int64 rows of
+    entries, mask bool like rows or None. No autograd."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    lead, (h, c), k = q.shape[:-2], q.shape[-2:], rows.shape[-1]
+    if rows.shape[:-1] != lead:
+        raise ValueError(f"sparse_attend: rows {tuple(rows.shape)} do not match the queries {tuple(q.shape)}")
+    out, m, s = module.sparse_attend(q.reshape(-1, h, c), entries.float(), rows.reshape(-1, k),
+                                     None if mask is None else mask.expand(rows.shape).reshape(-1, k))
+    return out.view(q.shape), m.view(*lead, h), s.view(*lead, h)
+
+
+def expert_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Token m's product with its own expert's matrix: x [M, K] float32, w [E, N, K] float32 stacked, idx [M] int64
+    -> [M, N] = x[m] @ w[idx[m]]^T, each picked weight row read once in place (``w[idx]`` and ``bmm``, the
+    reference, write and read a copy of the picked matrices). The operator ``torch.ops.dsv4.expert_matvec``, which
+    a compiled graph calls through the dispatcher (the routed experts of ``dsv4.model.decode``'s compiled step); no
+    autograd."""
+    if kernel() is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    return torch.ops.dsv4.expert_matvec(x, w, idx)
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``) take these tensors' work:
+    float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the kernel
+    built. The operators they replace stay the reference and the training path."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available())
+
+
+def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """``HyperConnection.expand`` in one pass a token: streams [..., n, d], out [..., d], post [..., n], comb
+    [..., n, n] (float32) -> post_k out + sum_j comb[j, k] streams_j [..., n, d]. No autograd."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    n, d = streams.shape[-2:]
+    mixed = module.hc_expand(streams.reshape(-1, n, d), out.reshape(-1, d), post.reshape(-1, n),
+                             comb.reshape(-1, n, n))
+    return mixed.view(streams.shape)
+
+
+def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """``hyper.sinkhorn`` of float32 logits [..., n, n] in one pass a matrix. No autograd."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    n = logits.shape[-1]
+    return module.hc_sinkhorn(logits.reshape(-1, n, n), iters, float(eps)).view(logits.shape)
+
+
+def _register_fakes() -> None:
+    """The shapes of the dispatcher's operators for tracing (once, after the kernel's library is loaded)."""
+    @torch.library.register_fake("dsv4::expert_matvec")
+    def _(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model import decode
+from dsv4.model import decode, fused
 from dsv4.model.linear import linear
 from dsv4.model.precision import compute_dtype, upcast
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix."""
+    """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix. Without
+    autograd on the CPU, ``fused.hc_sinkhorn`` (one pass a matrix; these operators are its reference)."""
+    if logits.dim() > 2 and fused.serves(logits):
+        return fused.hc_sinkhorn(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -91,7 +94,10 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """X'_k = post_k F + sum_j comb[j, k] X_j  (the residual mixed by comb transposed), float32."""
+        """X'_k = post_k F + sum_j comb[j, k] X_j  (the residual mixed by comb transposed), float32. Without autograd
+        on the CPU, ``fused.hc_expand`` (one pass a token; these operators are its reference)."""
+        if fused.serves(streams, out, post, comb):
+            return fused.hc_expand(streams, out, post, comb)
         mixed = torch.matmul(comb.transpose(-1, -2), upcast(streams))
         # in place: the matmul's backward needs its inputs, not its output; no [B, S, n, d] product is built
         return mixed.addcmul_(post.unsqueeze(-1), upcast(out).unsqueeze(-2))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dsv4.model import kernels
+from dsv4.model import fused, kernels
 from dsv4.model.indexer import (IndexerStats, chunk_scores, indexer_kl, indexer_recall, select_topk, topk_lower_index,
                                 visible_entries)
 from dsv4.model.precision import upcast
@@ -32,6 +32,13 @@ def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
     """CSA's core for a few queries q [B, Q, H, c]: gather each query's chosen entries (rows [B, Q, k] of the
     flattened entries [B T, c]) and attend to them."""
     return kernels.attend(q, kernels.gather_rows(entries, rows), mask, keep)
+
+
+def _fused_sparse(q: torch.Tensor, keep: bool) -> bool:
+    """Whether CSA's attention over the picks runs as ``fused.sparse_attend`` (one pass, no gathered copy): where the
+    inference kernels serve (``fused.serves``) and the indexer's target (which needs each pick's weight) is not
+    kept. ``_gathered_attend`` is its reference."""
+    return not keep and fused.serves(q)
 
 
 def fast(attn, x, q, kv, q_latent, positions, cache, packing, collect: list | None = None) -> torch.Tensor:
@@ -179,6 +186,9 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
         amask = None if bool(cmask.all()) else cmask  # past the first k entries every pick is visible
         # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
         recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
+        if _fused_sparse(qb, keep):  # the whole block in one call, each pick read once
+            yield r0, r1, kernels.Partial(*fused.sparse_attend(qb, flat, rows, amask)), scores, cmask
+            continue
         parts = []
         for a in range(0, r1 - r0, attn.gather_rows):  # gathered keys [B, gather_rows, k, c] stay in cache
             z = min(r1 - r0, a + attn.gather_rows)

@@ -13,7 +13,8 @@
 // stored value is a float32); only the order of the sums differs from dequantize-then-matmul (8 partial sums per
 // row, the block scale multiplied into the weights before the product).
 
-#include <torch/extension.h>
+#include "ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -413,16 +414,3 @@ torch::Tensor act_round(torch::Tensor x, int64_t block, double amax_floor) {
 }
 
 bool vectorized() { return DSV4_AVX2; }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("packed_matmul", &packed_matmul, "x [M, K] @ W^T for W stored as BF16, FP8 E4M3 or packed FP4 E2M1",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("fmt"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("dequant", &dequant, "a stored weight's rows decoded into a float32 matrix", pybind11::arg("weight"),
-        pybind11::arg("scale"), pybind11::arg("fmt"), pybind11::arg("out"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("act_round", &act_round, "FP8 E4M3 quantize-dequantize of x [M, n] in 1 x block power-of-two-scaled tiles",
-        pybind11::arg("x"), pybind11::arg("block"), pybind11::arg("amax_floor"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
-}

@@ -1,0 +1,24 @@
+// The entry points of the fused kernels (dsv4.model.fused builds every source of this folder into one module,
+// bindings.cpp exposes them).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// packed_matmul.cpp: products against weights kept as the checkpoint stores them, and FP8 activation rounding
+torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> scale, int64_t fmt);
+void dequant(torch::Tensor weight, c10::optional<torch::Tensor> scale, int64_t fmt, torch::Tensor out);
+torch::Tensor act_round(torch::Tensor x, int64_t block, double amax_floor);
+bool vectorized();
+
+// sparse_attention.cpp: CSA's attention over each query's own picks, (out, m, s) of kernels.Partial
+std::vector<torch::Tensor> sparse_attend(torch::Tensor q, torch::Tensor entries, torch::Tensor rows,
+                                         c10::optional<torch::Tensor> mask);
+
+// expert_matvec.cpp: each token's product with its own expert's matrix of stacked weights
+torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor w, torch::Tensor idx);
+
+// hyper_connections.cpp: mHC's per-token mixing (HyperConnection.expand) and Sinkhorn projection, one pass a token
+torch::Tensor hc_expand(torch::Tensor streams, torch::Tensor out, torch::Tensor post, torch::Tensor comb);
+torch::Tensor hc_sinkhorn(torch::Tensor logits, int64_t iters, double eps);

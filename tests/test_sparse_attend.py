@@ -1,0 +1,96 @@
+"""CSA's one-pass sparse attention (``fused.sparse_attend``) against its reference, ``kernels.attend`` of the gathered
+picks computed in float64: heads in and out of its groups of 8, head dims on and off the vector width, picks repeated,
+masked, and a query with none visible; and a float32 prefill through it against the gathering path."""
+
+import pytest
+import torch
+
+from dsv4.model import fused, kernels, prefill
+from numerics import assert_close_scaled
+from test_fast_attention import model_for
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernel could not be built here")
+
+
+def _inputs(n, h, c, r, k, seed, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, h, c, generator=g) * c ** -0.5 * 3
+    entries = torch.randn(r, c, generator=g)
+    rows = torch.randint(0, r, (n, k), generator=g)
+    mask = torch.rand(n, k, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[0] = False  # a query with no visible pick: m is -1e30, out and s are 0
+    return q, entries, rows, mask
+
+
+def _reference(q, entries, rows, mask):
+    p = kernels.attend(q.double(), kernels.gather_rows(entries.double(), rows), mask)
+    return p.out, p.m, p.s
+
+
+@pytest.mark.parametrize("n, h, c, r, k", [(7, 8, 128, 300, 512), (5, 3, 64, 50, 40), (4, 12, 16, 90, 33),
+                                           (3, 2, 12, 20, 5), (2, 1, 8, 10, 64)])
+def test_sparse_attend_equals_attend_of_the_gathered_picks(n, h, c, r, k):
+    q, entries, rows, mask = _inputs(n, h, c, r, k, seed=n * 100 + k)
+    for m_ in (mask, None):
+        out, m, s = fused.sparse_attend(q, entries, rows, m_)
+        ref_out, ref_m, ref_s = _reference(q, entries, rows, m_)
+        assert out.shape == (n, h, c) and m.shape == s.shape == (n, h)
+        assert_close_scaled(m.double(), ref_m, 1e-5)
+        # the sums at the kernel's own maximum (the two maxima may differ in the last bit)
+        shift = torch.exp(ref_m - m.double()).nan_to_num(1.0)
+        assert_close_scaled(s.double() * shift, ref_s, 1e-5)
+        assert_close_scaled(out.double() * shift.unsqueeze(-1), ref_out, 1e-5)
+        if m_ is not None:  # nothing visible: the reference's empty set
+            assert bool((m[0] == kernels._MASKED).all()) and not s[0].any() and not out[0].any()
+
+
+def test_sparse_attend_keeps_leading_dims_and_broadcasts_the_mask():
+    q, entries, rows, _ = _inputs(6, 4, 32, 40, 16, seed=1, masked=False)
+    q4, rows4 = q.view(2, 3, 4, 32), rows.view(2, 3, 16)
+    mask = torch.ones(2, 1, 16, dtype=torch.bool)
+    mask[..., 3] = False
+    out, m, s = fused.sparse_attend(q4, entries, rows4, mask)
+    ref_out, ref_m, ref_s = _reference(q4, entries, rows4, mask)
+    assert out.shape == (2, 3, 4, 32) and m.shape == (2, 3, 4)
+    shift = torch.exp(ref_m - m.double())
+    assert_close_scaled(out.double() * shift.unsqueeze(-1), ref_out, 1e-5)
+    assert_close_scaled(s.double() * shift, ref_s, 1e-5)
+
+
+def test_sparse_attend_names_bad_input():
+    q, entries, rows, mask = _inputs(3, 2, 16, 10, 4, seed=2)
+    with pytest.raises(RuntimeError, match="is not a row of the 10 entries"):
+        fused.sparse_attend(q, entries, rows + 10, mask)
+    with pytest.raises(RuntimeError, match="q must be a float32"):
+        fused.sparse_attend(q.double(), entries, rows, mask)
+    with pytest.raises(RuntimeError, match="entries must be"):
+        fused.sparse_attend(q, entries[:, :8], rows, mask)
+    with pytest.raises(ValueError, match="do not match the queries"):
+        fused.sparse_attend(q, entries, rows[:2], mask)
+
+
+def test_prefill_through_the_kernel_equals_the_gathering_path(monkeypatch):
+    # float32 (the kernel's dtype): a sparse CSA layer whose queries see more entries than they pick, prefilled in
+    # chunks through a cache and in one call, against the same model with the kernel turned off
+    model = model_for(index_topk=5).float().eval()
+    ids = torch.randint(0, 211, (2, 200), generator=torch.Generator().manual_seed(4))
+    calls = []
+    original = fused.sparse_attend
+    monkeypatch.setattr(fused, "sparse_attend", lambda *a: calls.append(1) or original(*a))
+
+    def run():
+        model.set_attention("fast", 16)
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            chunked = torch.cat([model(ids[:, a:a + 64], cache=cache) for a in range(0, 200, 64)], dim=1)
+            return chunked, model(ids)
+
+    got = run()
+    assert calls
+    monkeypatch.setattr(prefill, "_fused_sparse", lambda q, keep: False)
+    calls.clear()
+    want = run()
+    assert not calls
+    for g, w in zip(got, want):
+        assert_close_scaled(g, w)
