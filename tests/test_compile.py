@@ -218,3 +218,23 @@ def test_the_official_roundings_survive_compilation():
     args = torch.randn(3, 5, 64, generator=g), torch.randn(5, 200, generator=g) * 30, torch.randn(4, 30, generator=g)
     for eager, compiled in zip(f(*args), torch.compile(f, dynamic=False)(*args)):
         assert torch.equal(compiled, eager)
+
+
+def test_an_unguarded_step_skips_guards_and_compiles_once_more_for_an_unseen_input():
+    # decode.unguarded: no new trace for a tensor made outside inference mode (cloned as the warm-up's kind), a
+    # second graph (through the guarded call) for a shape the warm-up did not have, then both run unguarded
+    from dsv4.model.decode import unguarded
+
+    traces = []
+
+    def double(x):
+        traces.append(x.shape)  # a Python side effect: runs when dynamo traces, not when the graph runs
+        return x * 2
+
+    fn = torch.compile(double, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        fn(torch.ones(3))
+    run = unguarded(fn)
+    assert torch.equal(run(torch.ones(3)), torch.full((3,), 2.0)) and len(traces) == 1
+    assert torch.equal(run(torch.ones(4)), torch.full((4,), 2.0)) and len(traces) == 2
+    assert torch.equal(run(torch.ones(4)), torch.full((4,), 2.0)) and len(traces) == 2

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import HASH_MOE, ModelConfig
-from dsv4.model import decode
+from dsv4.model import decode, fused
 from dsv4.model.linear import Linear, linear
 from dsv4.model.numerics import round_activations
 from dsv4.model.precision import upcast
@@ -200,18 +200,18 @@ class Experts(nn.Module):
         return out
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``forward``'s compiled form for few tokens: token t's experts, in expert order, gathered from the stacked
-        weights ([N k, I, d] ...) and run as three batched products; [N, d]."""
+        """``forward``'s compiled form for few tokens: token t's experts, in expert order, each product with the
+        picked expert's matrix of the stacked weights (``gathered_products``); [N, d]."""
         n, k = indices.shape
         w1, w2, w3 = self.expert_weights()
         indices, order = indices.sort(dim=-1)
         flat = indices.reshape(-1)
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N k, d, 1]
-        gate = weights.gather(-1, order).reshape(-1, 1, 1).to(x.dtype)
-        h = swiglu(torch.bmm(w1[flat], xs), torch.bmm(w3[flat], xs), self.limit) * gate  # [N k, I, 1]
-        if self.act_quant_block:  # tiles along I
-            h = round_activations(h.transpose(1, 2), self.act_quant_block).transpose(1, 2)
-        return torch.bmm(w2[flat], h).view(n, k, -1).sum(1).to(x.dtype)
+        xs = x.repeat_interleave(k, dim=0)  # [N k, d]
+        gate = weights.gather(-1, order).reshape(-1, 1).to(x.dtype)
+        h = swiglu(gathered_products(xs, w1, flat), gathered_products(xs, w3, flat), self.limit) * gate  # [N k, I]
+        if self.act_quant_block:
+            h = round_activations(h, self.act_quant_block)
+        return gathered_products(h, w2, flat).view(n, k, -1).sum(1).to(x.dtype)
 
     def _expert(self, x, w1, w2, w3, gate) -> torch.Tensor:
         """One expert on its tokens x, the routing weight ``gate`` multiplied in before w2 (spec 4)."""
@@ -219,6 +219,21 @@ class Experts(nn.Module):
         if self.act_quant_block:
             h = round_activations(h, self.act_quant_block)
         return linear(h, w2).to(x.dtype)
+
+
+def gathered_products(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[experts[m]]^T per row -> [M, N] for stacked weights w [E, N, K]: on the CPU in float32 the fused
+    kernel's ``expert_matvec``, which reads each picked weight row once in place; otherwise (and as its reference)
+    the picked matrices gathered by indexing and one batched product."""
+    if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and fused_available():
+        return fused.expert_matvec(x, w, experts)
+    return torch.bmm(w[experts], x.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.compiler.assume_constant_result
+def fused_available() -> bool:
+    """Whether the fused kernel is built (a constant to a compiled graph, decided when it is traced)."""
+    return fused.available()
 
 
 class SharedExpert(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.model.decode import DecodeState, positions_of, warm_up
+from dsv4.model.decode import DecodeState, positions_of, unguarded, warm_up
 from dsv4.model.precision import upcast
 
 
@@ -82,5 +82,5 @@ class SpeculativeStep:
         seconds = warm_up(self.state, run, "speculative step")
         if seconds is None:
             return False
-        self.compile_seconds, self._verify, self._draft = seconds, verify, draft
+        self.compile_seconds, self._verify, self._draft = seconds, unguarded(verify), unguarded(draft)
         return True
