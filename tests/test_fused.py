@@ -229,3 +229,32 @@ def test_mhc_mixing_and_sinkhorn_in_one_pass_equal_the_operators(n, d):
         assert_close_scaled(mixed.double(), want, 1e-5)
     # with autograd, the operators (the training path)
     assert not fused.serves(streams.requires_grad_())
+
+
+@pytest.mark.parametrize("m, t, k", [(7, 300, 40), (3, 2000, 512), (2, 10, 10), (4, 50, 1)])
+def test_topk_lower_picks_the_k_largest_ties_toward_the_lower_index(m, t, k):
+    # integer scores tie often, some rows all -inf past a few: the same picks as the exact reference, as sets
+    from dsv4.model import indexer
+
+    g = torch.Generator().manual_seed(t + k)
+    scores = torch.randint(-5, 6, (m, t), generator=g).float()
+    scores[0, 3:] = float("-inf")
+    got = fused.topk_lower(scores, k)
+    want = indexer._topk_exact(scores, k)
+    assert got.shape == (m, k) and torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert bool((got.diff(dim=-1) > 0).all())  # index order
+    with pytest.raises(RuntimeError, match="k must be in"):
+        fused.topk_lower(scores, t + 1)
+
+
+def test_topk_lower_index_takes_the_selection_without_autograd(monkeypatch):
+    from dsv4.model import indexer
+
+    monkeypatch.setattr(indexer, "FUSED_TOPK_MIN", 1)
+    scores = torch.randint(-3, 4, (2, 5, 600), generator=torch.Generator().manual_seed(0)).float()
+    calls = []
+    original = fused.topk_lower
+    monkeypatch.setattr(fused, "topk_lower", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        got = indexer.topk_lower_index(scores, 64)
+    assert calls and torch.equal(got.sort(-1).values, indexer._topk_exact(scores, 64).sort(-1).values)

@@ -1,11 +1,12 @@
 """CSA's one-pass sparse attention (``fused.sparse_attend``) against its reference, ``kernels.attend`` of the gathered
 picks computed in float64: heads in and out of its groups of 8, head dims on and off the vector width, picks repeated,
-masked, and a query with none visible; and a float32 prefill through it against the gathering path."""
+masked, and a query with none visible; and a float32 prefill through it (and the other inference kernels) against
+the operators."""
 
 import pytest
 import torch
 
-from dsv4.model import fused, kernels, prefill
+from dsv4.model import fused, indexer, kernels
 from numerics import assert_close_scaled
 from test_fast_attention import model_for
 
@@ -70,9 +71,10 @@ def test_sparse_attend_names_bad_input():
         fused.sparse_attend(q, entries, rows[:2], mask)
 
 
-def test_prefill_through_the_kernel_equals_the_gathering_path(monkeypatch):
-    # float32 (the kernel's dtype): a sparse CSA layer whose queries see more entries than they pick, prefilled in
-    # chunks through a cache and in one call, against the same model with the kernel turned off
+def test_prefill_through_the_kernels_equals_the_operators(monkeypatch):
+    # float32 (the kernels' dtype): a sparse CSA layer whose queries see more entries than they pick, prefilled in
+    # chunks through a cache and in one call, against the same model with every inference kernel turned off
+    # (fused.serves: sparse_attend for CSA's picks and the window, hc_expand / hc_sinkhorn, topk_lower)
     model = model_for(index_topk=5).float().eval()
     ids = torch.randint(0, 211, (2, 200), generator=torch.Generator().manual_seed(4))
     calls = []
@@ -86,9 +88,10 @@ def test_prefill_through_the_kernel_equals_the_gathering_path(monkeypatch):
             chunked = torch.cat([model(ids[:, a:a + 64], cache=cache) for a in range(0, 200, 64)], dim=1)
             return chunked, model(ids)
 
+    monkeypatch.setattr(indexer, "FUSED_TOPK_MIN", 1)
     got = run()
     assert calls
-    monkeypatch.setattr(prefill, "_fused_sparse", lambda q, keep: False)
+    monkeypatch.setattr(fused, "serves", lambda *tensors: False)
     calls.clear()
     want = run()
     assert not calls

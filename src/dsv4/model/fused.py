@@ -16,7 +16,8 @@ faster (compute-bound), and ``dsv4.model.packed`` chooses between the two (``FUS
 entries without gathering them, for prefill without autograd (``dsv4.model.prefill``).
 
 ``hc_expand`` and ``hc_sinkhorn``: mHC's per-token mixing and Sinkhorn projection in one pass a token, for
-prefill without autograd (``dsv4.model.hyper``); ``serves(...)`` says when these inference kernels take the work.
+prefill without autograd (``dsv4.model.hyper``); ``topk_lower``: the indexer's top-k with the lower-index tie rule
+in one selection a row (``dsv4.model.indexer``); ``serves(...)`` says when these inference kernels take the work.
 
 ``expert_matvec(x, w, idx)``: each token's product with its own expert's matrix of stacked weights [E, N, K], read
 in place: the compiled decoding step's routed experts (a dispatcher operator, ``torch.ops.dsv4``, so that compiled
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.cpp", "sparse_attention.cpp",
                                                               "expert_matvec.cpp", "hyper_connections.cpp",
-                                                              "bindings.cpp")]
+                                                              "topk.cpp", "bindings.cpp")]
 FORMATS = {"bf16": 0, "fp8": 1, "fp4": 2}
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -219,6 +220,16 @@ def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb
     mixed = module.hc_expand(streams.reshape(-1, n, d), out.reshape(-1, d), post.reshape(-1, n),
                              comb.reshape(-1, n, n))
     return mixed.view(streams.shape)
+
+
+def topk_lower(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``indexer.topk_lower_index`` of float32 scores [..., T] in one selection a row: the indices [..., k] of the k
+    largest, ties toward the lower index, in index order. No autograd."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    t = scores.shape[-1]
+    return module.topk_lower(scores.reshape(-1, t), k).view(*scores.shape[:-1], k)
 
 
 def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from dsv4.cache import CompressorState
 from dsv4.config import CSA, ModelConfig
+from dsv4.model import fused
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import Linear, threads
 from dsv4.model.numerics import round_scores
@@ -150,15 +151,21 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
     return torch.cat([scores(keys_t[..., a:a + _SCORE_TILE]) for a in range(0, t, _SCORE_TILE)], -1) + 0.0
 
 
+FUSED_TOPK_MIN = 1 << 14  # scores from which topk_lower_index takes fused.topk_lower where it serves
+
+
 def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., k] of the k largest scores, ties broken toward the lower index, exactly (fast path).
 
     One float ``topk``; rows where it had to choose among scores equal to its k-th (a finite tie at the boundary,
-    rare) are chosen again by ``_topk_exact``. Ties among -inf (fewer than k visible) are not fixed: those picks are
+    rare) are chosen again by ``_topk_exact``. Without autograd on the CPU (``fused.serves``), ``fused.topk_lower``:
+    one selection a row with the tie rule in it, the picks in index order. Ties among -inf (fewer than k visible) are not fixed: those picks are
     masked out by the caller whichever they are.
     """
     if torch.compiler.is_compiling():  # a compiled step has no data-dependent branch: every row exactly
         return _topk_exact(scores, k)
+    if fused.serves(scores) and scores.numel() >= FUSED_TOPK_MIN:  # one selection a row, the tie rule in it
+        return fused.topk_lower(scores, k)
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.amin(-1, keepdim=True)
     # the k picks are >= kth and the rest <= kth: more than k scores >= kth means one left out equals kth

@@ -106,6 +106,8 @@ def _window_part(attn, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Pa
     ``window_block + window - 1`` keys ending at its last query; every block's logits in one batched matmul."""
     b, _, h, c = qs.shape
     n = g1 - g0
+    if q_doc is None and fused.serves(qs, wk):  # each query's window rows read in place, one pass
+        return _window_fused(attn, qs, wk, wpos, coord, offset, g0, g1)
     nq, w = min(attn.window_block, n), attn.window  # a short call (decoding: one query) is one block of its own
     nb = -(-n // nq)
     width = nq + w - 1
@@ -123,6 +125,19 @@ def _window_part(attn, qs, wk, wpos, coord, offset, g0, g1, q_doc) -> kernels.Pa
     qb = F.pad(qs[:, g0:g1], (0, 0, 0, 0, 0, nb * nq - n)).view(b, nb, nq, h, c)
     p = kernels.attend(qb, keys.transpose(-1, -2), mask)
     return kernels.Partial(p.out.flatten(1, 2)[:, :n], p.m.flatten(1, 2)[:, :n], p.s.flatten(1, 2)[:, :n])
+
+
+def _window_fused(attn, qs, wk, wpos, coord, offset, g0, g1) -> kernels.Partial:
+    """``_window_part`` by ``fused.sparse_attend``: query i's picks are the ``window`` key rows ending at its own
+    (row offset + i of wk), masked by the window rule on their positions; without autograd, one document."""
+    b, k_rows, c = wk.shape
+    w = attn.window
+    ends = torch.arange(offset + g0, offset + g1, device=qs.device).unsqueeze(-1)  # [Q, 1]
+    rows = ends - (w - 1) + torch.arange(w, device=qs.device)  # [Q, W], below 0 before the first key
+    mask = (rows >= 0) & window_visible(wpos[rows.clamp_min(0)], coord[g0:g1].unsqueeze(-1), w)
+    rows = kernels.flat_rows(rows.clamp_min(0).expand(b, -1, -1), k_rows)
+    return kernels.Partial(*fused.sparse_attend(qs[:, g0:g1], wk.reshape(b * k_rows, c), rows,
+                                                mask.expand(b, -1, -1)))
 
 
 def _visible(attn, comp, coord, positions, q_doc, r0, r1) -> tuple[int, torch.Tensor | None]:

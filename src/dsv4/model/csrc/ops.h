@@ -22,3 +22,6 @@ torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor w, torch::Tensor idx)
 // hyper_connections.cpp: mHC's per-token mixing (HyperConnection.expand) and Sinkhorn projection, one pass a token
 torch::Tensor hc_expand(torch::Tensor streams, torch::Tensor out, torch::Tensor post, torch::Tensor comb);
 torch::Tensor hc_sinkhorn(torch::Tensor logits, int64_t iters, double eps);
+
+// topk.cpp: the top-k of each row with ties broken toward the lower index
+torch::Tensor topk_lower(torch::Tensor scores, int64_t k);
