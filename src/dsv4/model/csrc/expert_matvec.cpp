@@ -16,23 +16,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define DSV4_AVX2 1
-#else
-#define DSV4_AVX2 0
-#endif
+#include "vec.h"
 
 namespace {
-
-#if DSV4_AVX2
-inline float lanes_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // out[0..R) = rows w[0..R) (row stride K) . x, R <= 4
 template <int R>
@@ -46,7 +32,7 @@ inline void dot_rows(const float* w, const float* x, int64_t K, float* out) {
     const __m256 xv = _mm256_loadu_ps(x + k);
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv, acc[r]);
   }
-  for (int r = 0; r < R; ++r) tail[r] = lanes_sum(acc[r]);
+  for (int r = 0; r < R; ++r) tail[r] = hsum(acc[r]);
 #endif
   for (; k < K; ++k)
     for (int r = 0; r < R; ++r) tail[r] += w[r * K + k] * x[k];

@@ -23,12 +23,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define DSV4_AVX2 1
-#else
-#define DSV4_AVX2 0
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -69,13 +64,6 @@ struct Scales {
 };
 
 #if DSV4_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 8 E4M3 bytes -> float32 times 2^-120 (the caller's scale carries the 2^120): each byte sign-extended, shifted
 // under the float32 exponent, and masked to its sign and its 7 magnitude bits.
 inline __m256 fp8x8_unscaled(const uint8_t* p) {

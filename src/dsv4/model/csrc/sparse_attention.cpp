@@ -22,12 +22,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define DSV4_AVX2 1
-#else
-#define DSV4_AVX2 0
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -37,13 +32,6 @@ constexpr int64_t TILE = 32;        // picks per tile: their 32 x c floats stay 
 constexpr int G = 8;                // heads per group: one accumulator register each
 
 #if DSV4_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // z[g * TILE] = q[g] . e for the NG heads of a group (q [NG, c] with row stride c, c a multiple of 8)
 template <int NG>
 inline void dots(const float* q, const float* e, int64_t c, float* z) {
@@ -53,7 +41,7 @@ inline void dots(const float* q, const float* e, int64_t c, float* z) {
     const __m256 ev = _mm256_loadu_ps(e + d);
     for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * c + d), ev, acc[g]);
   }
-  for (int g = 0; g < NG; ++g) z[g * TILE] = hsum8(acc[g]);
+  for (int g = 0; g < NG; ++g) z[g * TILE] = hsum(acc[g]);
 }
 
 // out[g] += sum_j p[g * TILE + j] e_j over a tile's picks (out [NG, c] row stride c): each 8 columns of the NG
