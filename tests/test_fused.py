@@ -258,3 +258,14 @@ def test_topk_lower_index_takes_the_selection_without_autograd(monkeypatch):
     with torch.no_grad():
         got = indexer.topk_lower_index(scores, 64)
     assert calls and torch.equal(got.sort(-1).values, indexer._topk_exact(scores, 64).sort(-1).values)
+
+
+def test_a_compiled_graph_takes_the_top_k_operator():
+    from dsv4.model import indexer
+
+    scores = torch.randint(-4, 5, (3, 700), generator=torch.Generator().manual_seed(2)).float()
+    f = torch.compile(lambda s: indexer.topk_lower_index(s, 64), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = f(scores)
+    assert bool((got.diff(dim=-1) > 0).all())  # the operator's index order, not _topk_exact's
+    assert torch.equal(got.sort(-1).values, indexer._topk_exact(scores, 64).sort(-1).values)

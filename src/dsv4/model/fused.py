@@ -135,6 +135,12 @@ def available() -> bool:
     return kernel() is not None
 
 
+@torch.compiler.assume_constant_result
+def built() -> bool:
+    """``available()`` as a compiled graph sees it: a constant, decided when the graph is traced."""
+    return available()
+
+
 def packed_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """x [..., K] (float32) @ W^T -> [..., N] for a stored weight: "bf16" [N, K] bfloat16; "fp8" [N, K] E4M3 with
     [ceil(N/128), ceil(K/128)] E8M0 or float32 scales; "fp4" [N, K/2] packed bytes with [N, K/32] scales."""
@@ -224,12 +230,12 @@ def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb
 
 def topk_lower(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``indexer.topk_lower_index`` of float32 scores [..., T] in one selection a row: the indices [..., k] of the k
-    largest, ties toward the lower index, in index order. No autograd."""
-    module = kernel()
-    if module is None:
+    largest, ties toward the lower index, in index order. The operator ``torch.ops.dsv4.topk_lower`` (compiled
+    decoding steps call it too); no autograd."""
+    if kernel() is None:
         raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
     t = scores.shape[-1]
-    return module.topk_lower(scores.reshape(-1, t), k).view(*scores.shape[:-1], k)
+    return torch.ops.dsv4.topk_lower(scores.reshape(-1, t), k).view(*scores.shape[:-1], k)
 
 
 def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -246,6 +252,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dsv4::expert_matvec")
     def _(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.register_fake("dsv4::topk_lower")
+    def _(scores: torch.Tensor, k: int) -> torch.Tensor:
+        return scores.new_empty(scores.shape[0], k, dtype=torch.long)
 
 
 def main(argv: list[str] | None = None) -> int:

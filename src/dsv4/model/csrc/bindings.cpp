@@ -23,13 +23,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_sinkhorn", &hc_sinkhorn, "mHC: Sinkhorn-Knopp projection of each token's n x n logits",
         pybind11::arg("logits"), pybind11::arg("iters"), pybind11::arg("eps"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("topk_lower", &topk_lower, "indices of each row's k largest scores, ties toward the lower index, in index "
-        "order", pybind11::arg("scores"), pybind11::arg("k"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
 }
 
 TORCH_LIBRARY(dsv4, m) {
   m.def("expert_matvec(Tensor x, Tensor w, Tensor idx) -> Tensor");
+  m.def("topk_lower(Tensor scores, int k) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv4, CPU, m) { m.impl("expert_matvec", &expert_matvec); }
+TORCH_LIBRARY_IMPL(dsv4, CPU, m) {
+  m.impl("expert_matvec", &expert_matvec);
+  m.impl("topk_lower", &topk_lower);
+}
