@@ -63,8 +63,8 @@ def _build(verbose: bool = False):
     name = f"dsv4_packed_matmul_{_cpu_tag()}"
     _remove_stale_lock(cpp_extension, name)
     # torch's own libgomp has the soname libgomp.so.1: the kernel joins PyTorch's OpenMP pool, not a second one
-    return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              verbose=verbose)
+    return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
 STALE_LOCK_SECONDS = 1200  # a build takes about a minute; a lock this old was left by a build that was killed
@@ -135,6 +135,14 @@ def available() -> bool:
     return kernel() is not None
 
 
+def _module():
+    """The built module, or a RuntimeError saying why there is none."""
+    module = kernel()
+    if module is None:
+        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    return module
+
+
 @torch.compiler.assume_constant_result
 def built() -> bool:
     """``available()`` as a compiled graph sees it: a constant, decided when the graph is traced."""
@@ -144,9 +152,7 @@ def built() -> bool:
 def packed_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """x [..., K] (float32) @ W^T -> [..., N] for a stored weight: "bf16" [N, K] bfloat16; "fp8" [N, K] E4M3 with
     [ceil(N/128), ceil(K/128)] E8M0 or float32 scales; "fp4" [N, K/2] packed bytes with [N, K/32] scales."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    module = _module()
     if x.dtype != torch.float32:
         raise TypeError(f"packed_matmul computes in float32, got x of {x.dtype}")
     w = weight.view(torch.int16) if fmt == "bf16" else weight.view(torch.uint8)
@@ -161,9 +167,7 @@ def packed_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
 def dequant(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: torch.Tensor) -> torch.Tensor:
     """A stored weight's rows decoded into ``out`` (float32 [N, K], contiguous), scales applied: the same values as
     ``quant.fp8_block_dequant`` / ``quant.mxfp4_dequant`` / ``.float()``."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    module = _module()
     w = weight.view(torch.int16) if fmt == "bf16" else weight.view(torch.uint8)
     s = None if scale is None else scale if scale.dtype == torch.float32 else scale.view(torch.uint8)
     module.dequant(w, s, FORMATS[fmt], out)
@@ -173,9 +177,7 @@ def dequant(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: tor
 def act_round(x: torch.Tensor, block: int, amax_floor: float) -> torch.Tensor:
     """``dsv4.quant.fp8_act_round``'s rounding of float32 ``x [..., n]`` (E4M3 in 1 x ``block`` power-of-two-scaled
     tiles) in one pass instead of a dozen elementwise operators: the same arithmetic, bit for bit."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    module = _module()
     if x.dtype != torch.float32:
         raise TypeError(f"act_round rounds float32, got x of {x.dtype}")
     return module.act_round(x.reshape(-1, x.shape[-1]), block, float(amax_floor)).view(x.shape)
@@ -186,9 +188,7 @@ def sparse_attend(q: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor,
     """``kernels.attend(q, kernels.gather_rows(entries, rows), mask)``'s (out, m, s) without the gathered copy:
     q [..., H, c] float32 (scaled), entries [R, c] (every row's entries flattened), rows [...] x k int64 rows of
     entries, mask bool like rows or None. No autograd."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    module = _module()
     lead, (h, c), k = q.shape[:-2], q.shape[-2:], rows.shape[-1]
     if rows.shape[:-1] != lead:
         raise ValueError(f"sparse_attend: rows {tuple(rows.shape)} do not match the queries {tuple(q.shape)}")
@@ -203,15 +203,14 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.
     reference, write and read a copy of the picked matrices). The operator ``torch.ops.dsv4.expert_matvec``, which
     a compiled graph calls through the dispatcher (the routed experts of ``dsv4.model.decode``'s compiled step); no
     autograd."""
-    if kernel() is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    _module()
     return torch.ops.dsv4.expert_matvec(x, w, idx)
 
 
 def serves(*tensors: torch.Tensor) -> bool:
-    """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``) take these tensors' work:
-    float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the kernel
-    built. The operators they replace stay the reference and the training path."""
+    """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``, ``topk_lower``) take these
+    tensors' work: float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the
+    kernel built. The operators they replace stay the reference and the training path."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available())
 
@@ -219,32 +218,27 @@ def serves(*tensors: torch.Tensor) -> bool:
 def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """``HyperConnection.expand`` in one pass a token: streams [..., n, d], out [..., d], post [..., n], comb
     [..., n, n] (float32) -> post_k out + sum_j comb[j, k] streams_j [..., n, d]. No autograd."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    module = _module()
     n, d = streams.shape[-2:]
     mixed = module.hc_expand(streams.reshape(-1, n, d), out.reshape(-1, d), post.reshape(-1, n),
                              comb.reshape(-1, n, n))
     return mixed.view(streams.shape)
 
 
+def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """``hyper.sinkhorn`` of float32 logits [..., n, n] in one pass a matrix. No autograd."""
+    module = _module()
+    n = logits.shape[-1]
+    return module.hc_sinkhorn(logits.reshape(-1, n, n), iters, float(eps)).view(logits.shape)
+
+
 def topk_lower(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``indexer.topk_lower_index`` of float32 scores [..., T] in one selection a row: the indices [..., k] of the k
     largest, ties toward the lower index, in index order. The operator ``torch.ops.dsv4.topk_lower`` (compiled
     decoding steps call it too); no autograd."""
-    if kernel() is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
+    _module()
     t = scores.shape[-1]
     return torch.ops.dsv4.topk_lower(scores.reshape(-1, t), k).view(*scores.shape[:-1], k)
-
-
-def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``hyper.sinkhorn`` of float32 logits [..., n, n] in one pass a matrix. No autograd."""
-    module = kernel()
-    if module is None:
-        raise RuntimeError(f"the fused kernel is not available ({_STATE.get('why')})")
-    n = logits.shape[-1]
-    return module.hc_sinkhorn(logits.reshape(-1, n, n), iters, float(eps)).view(logits.shape)
 
 
 def _register_fakes() -> None:

@@ -160,8 +160,9 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     One float ``topk``; rows where it had to choose among scores equal to its k-th (a finite tie at the boundary,
     rare) are chosen again by ``_topk_exact``. Without autograd on the CPU (``fused.serves``), ``fused.topk_lower``:
     one selection a row with the tie rule in it, the picks in index order; inside a compiled graph its operator
-    too (a 32K-entry row: 82 us against 683 for ``_topk_exact``), ``_topk_exact`` where the kernel is not built. Ties among -inf (fewer than k visible) are not fixed: those picks are
-    masked out by the caller whichever they are.
+    too (a 32K-entry row: 82 us against 683 for ``_topk_exact``), ``_topk_exact`` where the kernel is not built.
+    Ties among -inf (fewer than k visible) are not fixed: those picks are masked out by the caller whichever they
+    are.
     """
     if torch.compiler.is_compiling():  # a compiled step has no data-dependent branch: every row exactly
         if scores.device.type == "cpu" and scores.dtype == torch.float32 and fused.built():
