@@ -215,6 +215,12 @@ def serves(*tensors: torch.Tensor) -> bool:
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available())
 
 
+def operators_serve(*tensors: torch.Tensor) -> bool:
+    """Whether a compiled graph calls the kernel's dispatcher operators (``expert_matvec``, ``topk_lower``) on these
+    tensors: float32 on the CPU, the kernel built (decided when the graph is traced)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and built()
+
+
 def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """``HyperConnection.expand`` in one pass a token: streams [..., n, d], out [..., d], post [..., n], comb
     [..., n, n] (float32) -> post_k out + sum_j comb[j, k] streams_j [..., n, d]. No autograd."""

@@ -31,7 +31,7 @@ from dsv4.model.precision import compute_dtype, upcast
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix. Without
     autograd on the CPU, ``fused.hc_sinkhorn`` (one pass a matrix; these operators are its reference)."""
-    if logits.dim() > 2 and fused.serves(logits):
+    if fused.serves(logits):
         return fused.hc_sinkhorn(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)

@@ -165,7 +165,7 @@ def topk_lower_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     are.
     """
     if torch.compiler.is_compiling():  # a compiled step has no data-dependent branch: every row exactly
-        if scores.device.type == "cpu" and scores.dtype == torch.float32 and fused.built():
+        if fused.operators_serve(scores):
             return fused.topk_lower(scores, k)
         return _topk_exact(scores, k)
     if fused.serves(scores) and scores.numel() >= FUSED_TOPK_MIN:  # one selection a row, the tie rule in it

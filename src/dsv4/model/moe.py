@@ -225,7 +225,7 @@ def gathered_products(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -
     """x [M, K] @ w[experts[m]]^T per row -> [M, N] for stacked weights w [E, N, K]: on the CPU in float32 the fused
     kernel's ``expert_matvec``, which reads each picked weight row once in place; otherwise (and as its reference)
     the picked matrices gathered by indexing and one batched product."""
-    if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and fused.built():
+    if fused.operators_serve(x, w):
         return fused.expert_matvec(x, w, experts)
     return torch.bmm(w[experts], x.unsqueeze(-1)).squeeze(-1)
 

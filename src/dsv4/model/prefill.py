@@ -34,13 +34,6 @@ def _gathered_attend(q, entries, rows, mask, keep) -> kernels.Partial:
     return kernels.attend(q, kernels.gather_rows(entries, rows), mask, keep)
 
 
-def _fused_sparse(q: torch.Tensor, keep: bool) -> bool:
-    """Whether CSA's attention over the picks runs as ``fused.sparse_attend`` (one pass, no gathered copy): where the
-    inference kernels serve (``fused.serves``) and the indexer's target (which needs each pick's weight) is not
-    kept. ``_gathered_attend`` is its reference."""
-    return not keep and fused.serves(q)
-
-
 def fast(attn, x, q, kv, q_latent, positions, cache, packing, collect: list | None = None) -> torch.Tensor:
     """Each query against only the keys it can use, nothing of shape sequence x sequence built: the window band
     in blocks of ``window_block`` queries (all blocks of a span in one batched matmul), HCA's visible entries per span,
@@ -134,8 +127,9 @@ def _window_fused(attn, qs, wk, wpos, coord, offset, g0, g1) -> kernels.Partial:
     w = attn.window
     ends = torch.arange(offset + g0, offset + g1, device=qs.device).unsqueeze(-1)  # [Q, 1]
     rows = ends - (w - 1) + torch.arange(w, device=qs.device)  # [Q, W], below 0 before the first key
-    mask = (rows >= 0) & window_visible(wpos[rows.clamp_min(0)], coord[g0:g1].unsqueeze(-1), w)
-    rows = kernels.flat_rows(rows.clamp_min(0).expand(b, -1, -1), k_rows)
+    safe = rows.clamp_min(0)
+    mask = (rows >= 0) & window_visible(wpos[safe], coord[g0:g1].unsqueeze(-1), w)
+    rows = kernels.flat_rows(safe.expand(b, -1, -1), k_rows)
     return kernels.Partial(*fused.sparse_attend(qs[:, g0:g1], wk.reshape(b * k_rows, c), rows,
                                                 mask.expand(b, -1, -1)))
 
@@ -199,11 +193,12 @@ def _csa_parts(attn, qs, comp, keys_t, qi, wi, coord, positions, q_doc, g0, g1, 
         cmask = scores > float("-inf")  # the picks that are visible (fewer than k visible: the rest are not)
         rows = kernels.flat_rows(idx, t)
         amask = None if bool(cmask.all()) else cmask  # past the first k entries every pick is visible
-        # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
-        recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
-        if _fused_sparse(qb, keep):  # the whole block in one call, each pick read once
+        if not keep and fused.serves(qb):  # one call for the block, each pick read once (_gathered_attend: its
+            # reference; the indexer's target, kept, needs each pick's weight)
             yield r0, r1, kernels.Partial(*fused.sparse_attend(qb, flat, rows, amask)), scores, cmask
             continue
+        # with autograd, the gathered keys (k c floats per query) are recomputed in backward, not stored
+        recompute = torch.is_grad_enabled() and (qb.requires_grad or flat.requires_grad)
         parts = []
         for a in range(0, r1 - r0, attn.gather_rows):  # gathered keys [B, gather_rows, k, c] stay in cache
             z = min(r1 - r0, a + attn.gather_rows)
