@@ -269,3 +269,48 @@ def test_a_compiled_graph_takes_the_top_k_operator():
         got = f(scores)
     assert bool((got.diff(dim=-1) > 0).all())  # the operator's index order, not _topk_exact's
     assert torch.equal(got.sort(-1).values, indexer._topk_exact(scores, 64).sort(-1).values)
+
+
+def _index_reference(q, w, keys_t):
+    """The indexer's scores in float64: sum_h w_h relu(q_h . k) ([B, Q, H, c], [B, Q, H], [B, c, T] -> [B, Q, T])."""
+    return (w.double().unsqueeze(-1) * (q.double() @ keys_t.double().unsqueeze(1)).relu()).sum(2)
+
+
+@pytest.mark.parametrize("nq, h, c, t", [(3, 8, 64, 100), (64, 8, 64, 1000), (5, 3, 16, 37), (7, 5, 32, 8),
+                                         (1, 2, 16, 4097), (2, 1, 8, 25), (4, 4, 8, 24), (2, 6, 8, 1)])
+def test_index_scores_equal_the_operators(nq, h, c, t):
+    # every head group (4 at a time, then 1-3), every entry tail (24-entry panels, 16 / 8-entry vectors, the last
+    # few one by one); the keys a prefix of a longer cache (strided), the scores written into a wider buffer's view
+    g = torch.Generator().manual_seed(nq * 1000 + t)
+    q, w = torch.randn(1, nq, h, c, generator=g), torch.randn(1, nq, h, generator=g)
+    keys_t = torch.randn(1, c, t + 9, generator=g)[..., :t]
+    want = _index_reference(q, w, keys_t)
+    buf = torch.full((1, nq, t + 5), 7.0)
+    got = fused.index_scores(q, w, keys_t, out=buf[..., :t])
+    assert got.dtype == torch.float32 and got.shape == (1, nq, t)
+    # float32 rounding of c-term dots and h-term sums: a bound of the magnitudes' sums, on any CPU
+    bound = (w.double().abs().unsqueeze(-1) * (q.double().abs() @ keys_t.double().abs().unsqueeze(1))).sum(2)
+    assert ((buf[..., :t].double() - want).abs() <= 1e-5 * bound + 1e-30).all()
+    assert (buf[..., t:] == 7.0).all()  # nothing written past the entries
+    assert torch.equal(fused.index_scores(q, w, keys_t), got)  # a fresh buffer: the same values
+
+
+def test_index_scores_batches_zeros_nan_and_bad_input():
+    g = torch.Generator().manual_seed(3)
+    q, w, keys_t = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 4, 5, generator=g), \
+        torch.randn(2, 8, 50, generator=g)
+    got = fused.index_scores(q, w, keys_t)
+    assert torch.allclose(got.double(), _index_reference(q, w, keys_t), atol=1e-4)
+    # negative weights on dots that are all <= 0: scores +0.0, never -0.0 (the tie rule compares bits)
+    zero = fused.index_scores(-q.abs(), -w.abs(), keys_t.abs())
+    assert (zero == 0).all() and not zero.signbit().any()
+    # a NaN key poisons its entry's scores, as relu passes NaN on
+    keys_t[0, 3, 10] = float("nan")
+    nan = fused.index_scores(q, w.abs() + 1, keys_t)
+    assert nan[0, :, 10].isnan().all() and not nan[0, :, 11].isnan().any() and not nan[1].isnan().any()
+    with pytest.raises(ValueError, match="do not match"):
+        fused.index_scores(q, w[..., :4], keys_t)
+    with pytest.raises(RuntimeError, match="contiguous along the entries"):
+        fused.index_scores(q, w, keys_t.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(RuntimeError, match="float32"):
+        fused.index_scores(q.double(), w, keys_t)

@@ -74,7 +74,7 @@ def test_sparse_attend_names_bad_input():
 def test_prefill_through_the_kernels_equals_the_operators(monkeypatch):
     # float32 (the kernels' dtype): a sparse CSA layer whose queries see more entries than they pick, prefilled in
     # chunks through a cache and in one call, against the same model with every inference kernel turned off
-    # (fused.serves: sparse_attend for CSA's picks and the window, hc_expand / hc_sinkhorn, topk_lower)
+    # (fused.serves: sparse_attend for CSA's picks and the window, hc_expand / hc_sinkhorn, topk_lower, index_scores)
     model = model_for(index_topk=5).float().eval()
     ids = torch.randint(0, 211, (2, 200), generator=torch.Generator().manual_seed(4))
     calls = []

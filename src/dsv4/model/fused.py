@@ -17,7 +17,8 @@ entries without gathering them, for prefill without autograd (``dsv4.model.prefi
 
 ``hc_expand`` and ``hc_sinkhorn``: mHC's per-token mixing and Sinkhorn projection in one pass a token, for
 prefill without autograd (``dsv4.model.hyper``); ``topk_lower``: the indexer's top-k with the lower-index tie rule
-in one selection a row (``dsv4.model.indexer``); ``serves(...)`` says when these inference kernels take the work.
+in one selection a row and ``index_scores``: the indexer's scores without the [queries, heads, entries] dots
+(``dsv4.model.indexer``); ``serves(...)`` says when these inference kernels take the work.
 
 ``expert_matvec(x, w, idx)``: each token's product with its own expert's matrix of stacked weights [E, N, K], read
 in place: the compiled decoding step's routed experts (a dispatcher operator, ``torch.ops.dsv4``, so that compiled
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.cpp", "sparse_attention.cpp",
                                                               "expert_matvec.cpp", "hyper_connections.cpp",
-                                                              "topk.cpp", "bindings.cpp")]
+                                                              "topk.cpp", "index_scores.cpp", "bindings.cpp")]
 FORMATS = {"bf16": 0, "fp8": 1, "fp4": 2}
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -208,8 +209,8 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.
 
 
 def serves(*tensors: torch.Tensor) -> bool:
-    """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``, ``topk_lower``) take these
-    tensors' work: float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the
+    """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``, ``topk_lower``,
+    ``index_scores``) take these tensors' work: float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the
     kernel built. The operators they replace stay the reference and the training path."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available())
@@ -245,6 +246,25 @@ def topk_lower(scores: torch.Tensor, k: int) -> torch.Tensor:
     _module()
     t = scores.shape[-1]
     return torch.ops.dsv4.topk_lower(scores.reshape(-1, t), k).view(*scores.shape[:-1], k)
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``indexer.chunk_scores``' values (the sums in another order): q [B, Q, H, c], w [B, Q, H], keys transposed
+    keys_t [B, c, T] (a prefix of the entries: contiguous along them) -> [B, Q, T] float32, written into ``out``
+    (a [B, Q, T] view contiguous along T) when given. Each 24-entry panel of keys meets four heads at a time in
+    registers, the ReLU and the head weights applied there: no [Q H, T] dots are written. No autograd."""
+    module = _module()
+    b, nq, h, c = q.shape
+    t = keys_t.shape[-1]
+    if w.shape != (b, nq, h) or keys_t.shape[:2] != (b, c):
+        raise ValueError(f"index_scores: q {tuple(q.shape)}, w {tuple(w.shape)} and keys_t {tuple(keys_t.shape)} "
+                         "do not match ([B, Q, H, c], [B, Q, H], [B, c, T])")
+    if out is None:
+        out = q.new_empty(b, nq, t)
+    for i in range(b):
+        module.index_scores(q[i], w[i], keys_t[i], out[i])
+    return out
 
 
 def _register_fakes() -> None:

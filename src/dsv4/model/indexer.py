@@ -122,8 +122,11 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
     beyond 4 tiles of entries, tile by tile (the dots are read back from cache instead of memory; a few queries, as
     in decoding, are faster in one product). Without autograd, a few queries (up to 64 query-heads, batch 1)
     against ``_PARTS_MIN`` entries or more split the entries into one span per thread. Measurements:
-    docs/performance-notes.md.
+    docs/performance-notes.md. Where ``fused.serves`` (inference on the CPU in float32), ``fused.index_scores``
+    makes the same scores in one pass, its dots kept in registers.
     """
+    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no [Q H, T] dots written (fused.index_scores)
+        return fused.index_scores(q, w, keys_t)
     b, nq, h, c = q.shape
     qf, wf = q.reshape(b, nq * h, c), w.unsqueeze(-2)
 
@@ -193,8 +196,8 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
     False), found without the [B, Q, H, T] dots and without a top-k over every score. q [B, Q, H, c], w [B, Q, H],
     keys_t [B, c, T]; returns (scores [B, Q, k], indices [B, Q, k]); inference only (no autograd).
 
-    Scores are made tile by tile (one matmul of every head's queries against ``tile`` entries, ReLU and the weighted
-    head sum in place) into a [B, Q, T'] buffer (T rounded up to ``_SELECT_GROUP`` G, padded with -inf). Entries are
+    Scores are made by ``fused.index_scores`` where it serves, else tile by tile (one matmul of every head's queries
+    against ``tile`` entries, ReLU and the weighted head sum in place), into a [B, Q, T'] buffer (T rounded up to ``_SELECT_GROUP`` G, padded with -inf). Entries are
     then grouped G to a group (group i: entries i, i + T'/G, ..., so that each group's maximum is an elementwise
     maximum of G contiguous rows) and the groups ranked by their maximum: when no group left out of the k best ties
     the k-th best maximum, every entry of a left-out group is below k entries (the k groups' maxima), so the top-k
@@ -212,17 +215,20 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
         raise ValueError(f"select_topk: k must be in [1, {t}] (the entries), got {k}")
     g = _SELECT_GROUP
     b, nq, h, c = q.shape
-    qh = upcast(q).transpose(1, 2).reshape(b, h * nq, c)  # head-major: each head's dots are contiguous
-    wh = upcast(w).transpose(1, 2).unsqueeze(-1)  # [B, H, Q, 1]
     width = -(-t // g) * g
-    s = qh.new_empty(b, nq, width)
-    for a in range(0, t, tile):
-        z = min(t, a + tile)
-        dots = torch.matmul(qh, upcast(keys_t[..., a:z])).view(b, h, nq, z - a).relu_()
-        out = torch.mul(dots[:, 0], wh[:, 0], out=s[..., a:z])
-        for i in range(1, h):
-            out.addcmul_(dots[:, i], wh[:, i])
-    s[..., :t].add_(0.0)  # -0.0 becomes +0.0 (the tie rule compares bits)
+    s = q.new_empty(b, nq, width, dtype=compute_dtype(q.dtype))
+    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no dots written, no -0.0 made
+        fused.index_scores(q, w, keys_t, out=s[..., :t])
+    else:
+        qh = upcast(q).transpose(1, 2).reshape(b, h * nq, c)  # head-major: each head's dots are contiguous
+        wh = upcast(w).transpose(1, 2).unsqueeze(-1)  # [B, H, Q, 1]
+        for a in range(0, t, tile):
+            z = min(t, a + tile)
+            dots = torch.matmul(qh, upcast(keys_t[..., a:z])).view(b, h, nq, z - a).relu_()
+            out = torch.mul(dots[:, 0], wh[:, 0], out=s[..., a:z])
+            for i in range(1, h):
+                out.addcmul_(dots[:, i], wh[:, i])
+        s[..., :t].add_(0.0)  # -0.0 becomes +0.0 (the tie rule compares bits)
     if round_fn is not None:
         s[..., :t] = round_fn(s[..., :t])
     if tail_visible is not None and t > tail_from:

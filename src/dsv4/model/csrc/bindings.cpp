@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_sinkhorn", &hc_sinkhorn, "mHC: Sinkhorn-Knopp projection of each token's n x n logits",
         pybind11::arg("logits"), pybind11::arg("iters"), pybind11::arg("eps"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("index_scores", &index_scores, "the indexer's scores sum_h w[i, h] relu(q[i, h] . keys_t[:, t]) into out",
+        pybind11::arg("q"), pybind11::arg("w"), pybind11::arg("keys_t"), pybind11::arg("out"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("vectorized", &vectorized, "whether it was built with AVX2 + FMA");
 }
 

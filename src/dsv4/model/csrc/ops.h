@@ -25,3 +25,6 @@ torch::Tensor hc_sinkhorn(torch::Tensor logits, int64_t iters, double eps);
 
 // topk.cpp: the top-k of each row with ties broken toward the lower index
 torch::Tensor topk_lower(torch::Tensor scores, int64_t k);
+
+// index_scores.cpp: the lightning indexer's scores sum_h w_h relu(q_h . k) of a block of queries, into out [Q, T]
+void index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor keys_t, torch::Tensor out);
