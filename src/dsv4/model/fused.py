@@ -210,8 +210,9 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.
 
 def serves(*tensors: torch.Tensor) -> bool:
     """Whether the inference kernels (``sparse_attend``, ``hc_expand``, ``hc_sinkhorn``, ``topk_lower``,
-    ``index_scores``) take these tensors' work: float32 on the CPU, no autograd, outside a compiled graph (which fuses the operators itself), the
-    kernel built. The operators they replace stay the reference and the training path."""
+    ``index_scores``) take these tensors' work: float32 on the CPU, no autograd, outside a compiled graph (which
+    fuses the operators itself), the kernel built. The operators they replace stay the reference and the training
+    path."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available())
 

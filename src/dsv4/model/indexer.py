@@ -197,16 +197,17 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
     keys_t [B, c, T]; returns (scores [B, Q, k], indices [B, Q, k]); inference only (no autograd).
 
     Scores are made by ``fused.index_scores`` where it serves, else tile by tile (one matmul of every head's queries
-    against ``tile`` entries, ReLU and the weighted head sum in place), into a [B, Q, T'] buffer (T rounded up to ``_SELECT_GROUP`` G, padded with -inf). Entries are
-    then grouped G to a group (group i: entries i, i + T'/G, ..., so that each group's maximum is an elementwise
-    maximum of G contiguous rows) and the groups ranked by their maximum: when no group left out of the k best ties
-    the k-th best maximum, every entry of a left-out group is below k entries (the k groups' maxima), so the top-k
-    lies in the k best groups; the final top-k runs over their k G entries, laid out in index order, so ties go to
-    the lower index. Rows whose k-th group maximum is tied (finite), rare, take ``topk_lower_index`` over all their
-    scores. The top-k work is then 1/G of the scores plus k G per row, where a top-k over every score costs some
-    12 ns a score on one core. The scores are the reference's sum over heads of w ReLU(q . k) in another order, so
-    they can differ from ``chunk_scores``' in the last bit; tests hold the two to the same picks on exactly
-    representable inputs. Picks of -inf (fewer than k visible) are arbitrary, as ``topk_lower_index``'s are.
+    against ``tile`` entries, ReLU and the weighted head sum in place), into a [B, Q, T'] buffer (T rounded up to
+    ``_SELECT_GROUP`` G, padded with -inf). Entries are then grouped G to a group (group i: entries i, i + T'/G,
+    ..., so that each group's maximum is an elementwise maximum of G contiguous rows) and the groups ranked by their
+    maximum: when no group left out of the k best ties the k-th best maximum, every entry of a left-out group is
+    below k entries (the k groups' maxima), so the top-k lies in the k best groups; the final top-k runs over their
+    k G entries, laid out in index order, so ties go to the lower index. Rows whose k-th group maximum is tied
+    (finite), rare, take ``topk_lower_index`` over all their scores. The top-k work is then 1/G of the scores plus k
+    G per row, where a top-k over every score costs some 12 ns a score on one core. The scores are the reference's
+    sum over heads of w ReLU(q . k) in another order, so they can differ from ``chunk_scores``' in the last bit;
+    tests hold the two to the same picks on exactly representable inputs. Picks of -inf (fewer than k visible) are
+    arbitrary, as ``topk_lower_index``'s are.
     """
     if torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys_t.requires_grad):
         raise ValueError("select_topk is an inference path: call it without autograd")
