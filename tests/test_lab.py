@@ -101,7 +101,7 @@ NEEDED = {
     "mhc": ["hc_over_mhc_gain_normal", "hc_over_mhc_gain_high", "mhc_high_max_gain", "hc_high_max_gain",
             "residual_high_val_loss", "hc_diverges_where_mhc_trains"],
     "muon": ["muon_best_lr", "adamw_best_lr", "target_val_loss", "adamw_tokens", "muon_tokens_to_target",
-             "token_ratio"],
+             "mid_schedule_ratio", "budgets", "token_ratio"],
     "routing": ["sqrtsoftplus_hash_val_loss", "sqrtsoftplus_hash_imbalance", "sigmoid_learned_imbalance",
                 "softmax_learned_val_loss", "best_val_loss", "best_imbalance"],
     "mtp": ["val_loss_with_mtp", "val_loss_without_mtp", "val_loss_rel_diff", "final_acceptance",

@@ -4,12 +4,15 @@ A small model (2 layers of width 64, ``--quick``: 1 layer of width 32) is traine
 initial weights with the V4 optimizer pair (Muon for matrices, AdamW for embedding, head and vectors:
 ``dsv4.train.optim.build_optimizer``) and with plain AdamW on everything (``dsv4.lab.common.adamw_only``), each at
 every learning rate of a small sweep, with the same warmup-stable-decay schedule. Each optimizer's best run is the
-one with the lowest final validation loss. The figure: the tokens Muon's best run needs to reach the validation loss
-AdamW's best run ends at (validation every ``val_every`` steps, linearly interpolated between two validations),
-against the tokens AdamW's run took, and their ratio.
+one with the lowest final validation loss (validation every ``val_every`` steps on ``val_batches`` batches).
 
-Muon is judged on its validation curve before its schedule's decay, against AdamW's loss after its decay: the ratio
-is conservative for Muon.
+The figure: the fewest tokens with which Muon, at its best learning rate, ends at or below the validation loss
+AdamW's best run ends at. Muon is trained again on shorter budgets (``budgets``: fractions of AdamW's steps, the
+largest first), each with its own full schedule (warmup, stable, decay), as a run of that length would be trained;
+``token_ratio`` is the smallest budget that reaches AdamW's loss (the budgets stop at the first that does not).
+When none does, the ratio is read off Muon's full-length run instead: the tokens at which its validation curve,
+still before its decay, first reaches AdamW's final loss (linearly interpolated between validations), which is
+conservative for Muon (``mid_schedule_ratio``, also reported when a budget reaches).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ THRESHOLD = ("Muon's best run reaches the validation loss AdamW's best run ends 
 def sizes(quick: bool) -> dict:
     if quick:
         return dict(layers=1, hidden=32, steps=8, batch_size=4, seq_len=32, vocab=384, val_every=2, val_batches=1,
-                    muon_lrs=(1e-2, 3e-2), adamw_lrs=(3e-3, 1e-2))
-    return dict(layers=2, hidden=64, steps=100, batch_size=8, seq_len=64, vocab=1024, val_every=10, val_batches=4,
-                muon_lrs=(1e-3, 3e-3, 1e-2), adamw_lrs=(1e-3, 3e-3, 1e-2))
+                    muon_lrs=(1e-2, 3e-2), adamw_lrs=(3e-3, 1e-2), budgets=(0.75, 0.5))
+    return dict(layers=2, hidden=64, steps=300, batch_size=8, seq_len=64, vocab=1024, val_every=30, val_batches=16,
+                muon_lrs=(1e-3, 3e-3, 1e-2), adamw_lrs=(1e-3, 3e-3, 1e-2), budgets=(0.8, 0.7, 0.6, 0.5))
 
 
 def model_config(vocab: int, layers: int, hidden: int):
@@ -88,16 +91,35 @@ def run(options: LabOptions) -> dict:
     tps = s["batch_size"] * s["seq_len"]
     target = adamw["final_val_loss"]
     adamw_tokens = tokens_to_reach(target, adamw["val_steps"], adamw["val_loss"], tps)
-    muon_tokens = tokens_to_reach(target, muon["val_steps"], muon["val_loss"], tps)
-    ratio = muon_tokens / adamw_tokens if muon_tokens is not None and adamw_tokens else None
+    mid_tokens = tokens_to_reach(target, muon["val_steps"], muon["val_loss"], tps)
+    mid_ratio = mid_tokens / adamw_tokens if mid_tokens is not None and adamw_tokens else None
+    budgets, reached = {}, None  # reached: (fraction, final loss) of the smallest budget at or below the target
+    for fraction in sorted(s["budgets"], reverse=True):  # the largest first; stop at the first that falls short
+        steps = max(2, round(fraction * s["steps"]))
+        torch.manual_seed(options.seed)
+        model = dsv4.Transformer(config)
+        options.log(f"muon lab: muon at lr {muon['lr']:g} on a budget of {steps} steps ({fraction:g}x) ...")
+        curves = train_run(model, data, steps=steps, lr=muon["lr"], batch_size=s["batch_size"], seq_len=s["seq_len"],
+                           val_batches=s["val_batches"], val_every=0, seed=options.seed)
+        loss = curves.val_loss[-1]
+        budgets[f"{fraction:g}"] = {"steps": steps, "tokens": steps * tps, "final_val_loss": loss,
+                                    "seconds": curves.seconds}
+        options.log(f"  val {loss:.4f} against AdamW's {target:.4f}")
+        if loss is None or loss > target:
+            break
+        reached = (fraction, loss)
+    ratio = reached[0] * s["steps"] * tps / adamw_tokens if reached and adamw_tokens else mid_ratio
     holds = ratio is not None and ratio <= 0.8
-    if ratio is None:
-        why = (f"Muon's best run (lr {muon['lr']:g}) ends at validation loss {muon['final_val_loss']:.4g} and never "
-               f"reaches AdamW's {target:.4g} (lr {adamw['lr']:g}) in {s['steps']} steps")
+    shortest = min(budgets, key=float)
+    if reached is not None:
+        why = (f"Muon (lr {muon['lr']:g}) trained on {ratio:.2f}x AdamW's tokens ends at validation loss "
+               f"{reached[1]:.4g}, at or below AdamW's {target:.4g} (lr {adamw['lr']:g}, {adamw_tokens:,.0f} tokens)")
     else:
-        why = (f"Muon (lr {muon['lr']:g}) reaches AdamW's final validation loss {target:.4g} (lr {adamw['lr']:g}) "
-               f"after {muon_tokens:,.0f} tokens against AdamW's {adamw_tokens:,.0f}: {ratio:.2f}x "
-               f"({'at most' if holds else 'more than'} 0.8x)")
+        why = (f"Muon (lr {muon['lr']:g}) on {float(shortest):g}x AdamW's tokens ends at "
+               f"{budgets[shortest]['final_val_loss']:.4g}, above AdamW's {target:.4g} (lr {adamw['lr']:g})")
+        why += (f"; its full-length run's curve reaches AdamW's loss before its decay after {mid_ratio:.2f}x the "
+                "tokens" if mid_ratio is not None else "; its full-length run never reaches AdamW's loss")
+    why += f": {'at most' if holds else 'more than'} 0.8x"
     edges = [f"{r['optimizer']}'s best lr {r['lr']:g} is at the edge of its sweep" for r, lrs in
              ((muon, s["muon_lrs"]), (adamw, s["adamw_lrs"])) if r["lr"] in (min(lrs), max(lrs))]
     if edges:
@@ -106,8 +128,9 @@ def run(options: LabOptions) -> dict:
             "seq_len": s["seq_len"], "corpus": data.corpus, "muon_lrs": list(s["muon_lrs"]),
             "adamw_lrs": list(s["adamw_lrs"]), "muon_best_lr": muon["lr"], "adamw_best_lr": adamw["lr"],
             "muon_final_val_loss": muon["final_val_loss"], "adamw_final_val_loss": target,
-            "target_val_loss": target, "adamw_tokens": adamw_tokens, "muon_tokens_to_target": muon_tokens,
-            "token_ratio": ratio, **verdict(holds, why), "runs": runs}
+            "target_val_loss": target, "adamw_tokens": adamw_tokens, "muon_tokens_to_target": mid_tokens,
+            "mid_schedule_ratio": mid_ratio, "budgets": budgets, "token_ratio": ratio, **verdict(holds, why),
+            "runs": runs}
 
 
 def figures(result: dict) -> list[tuple[str, object]]:
@@ -117,7 +140,11 @@ def figures(result: dict) -> list[tuple[str, object]]:
     for r in result["runs"].values():
         rows.append((f"{r['optimizer']}, lr {r['lr']:g}", f"final validation loss {r['final_val_loss']:.4g}"))
     rows += [("target: AdamW's best final validation loss", result["target_val_loss"]),
-             ("AdamW tokens", result["adamw_tokens"]), ("Muon tokens to the target", result["muon_tokens_to_target"]),
+             ("AdamW tokens", result["adamw_tokens"])]
+    for fraction, b in result.get("budgets", {}).items():
+        rows.append((f"muon on {fraction}x the steps ({b['tokens']:,} tokens, own schedule)",
+                     f"final validation loss {b['final_val_loss']:.4g}"))
+    rows += [("Muon's full run reaches the target before its decay after (tokens)", result["muon_tokens_to_target"]),
              ("ratio", result["token_ratio"])]
     return rows
 
@@ -138,6 +165,10 @@ def plot(result: dict, prefix: Path) -> list[Path]:
     ax.axhline(result["target_val_loss"], color="gray", ls=":", label="AdamW's final loss")
     if result["muon_tokens_to_target"] is not None:
         ax.axvline(result["muon_tokens_to_target"], color="tab:blue", ls=":")
+    budgets = result.get("budgets", {}).values()
+    if budgets:
+        ax.plot([b["tokens"] for b in budgets], [b["final_val_loss"] for b in budgets], "D", color="tab:green",
+                label="muon, shorter budgets (own schedule): final loss")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
     ratio = result["token_ratio"]
