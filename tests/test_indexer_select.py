@@ -105,15 +105,16 @@ def test_select_topk_on_float_scores_in_float64():
     assert_close_scaled(gv.sort(-1).values, wv.sort(-1).values)
 
 
-@pytest.mark.parametrize("h, t, k", [(4, 3000, 64), (3, 5000, 37), (8, 700, 512)])
+@pytest.mark.parametrize("h, t, k", [(4, 3000, 64), (3, 5000, 37), (8, 2100, 512)])
 def test_the_fused_scores_pick_what_the_operators_pick(monkeypatch, h, t, k):
-    # without autograd (fused.serves) chunk_scores and select_topk make their scores with fused.index_scores; on
-    # integer inputs every sum is exact in either order, so the picks are the operators', ties included
+    # without autograd (fused.serves) chunk_scores' tiled case (64 queries or more, over 2048 entries) and
+    # select_topk make their scores with fused.index_scores; on integer inputs every sum is exact in either order,
+    # so the picks are the operators', ties included
     from dsv4.model import fused
 
     if not fused.available():
         pytest.skip("the fused kernel could not be built here")
-    q, w, keys_t = integer_inputs(1, 40, h, 16, t, seed=h + t)
+    q, w, keys_t = integer_inputs(1, 64, h, 16, t, seed=h + t)
     want_scores, want = chunk_scores(q, w, keys_t), reference_picks(q, w, keys_t, k)  # autograd on: the operators
     calls = []
     original = fused.index_scores

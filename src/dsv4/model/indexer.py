@@ -122,11 +122,11 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
     beyond 4 tiles of entries, tile by tile (the dots are read back from cache instead of memory; a few queries, as
     in decoding, are faster in one product). Without autograd, a few queries (up to 64 query-heads, batch 1)
     against ``_PARTS_MIN`` entries or more split the entries into one span per thread. Measurements:
-    docs/performance-notes.md. Where ``fused.serves`` (inference on the CPU in float32), ``fused.index_scores``
-    makes the same scores in one pass, its dots kept in registers.
+    docs/performance-notes.md. Where ``fused.serves`` (inference on the CPU in float32), the tiled case (a prefill
+    block) takes ``fused.index_scores``: the same scores in one pass, its dots kept in registers (on a quiet machine
+    about as fast as the tiles' operators, which already run near the matmul peak; it writes no dots, and it did
+    not lose its speed to other work on the CPU as they did); below the tiled case the kernel measured slower.
     """
-    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no [Q H, T] dots written (fused.index_scores)
-        return fused.index_scores(q, w, keys_t)
     b, nq, h, c = q.shape
     qf, wf = q.reshape(b, nq * h, c), w.unsqueeze(-2)
 
@@ -151,6 +151,8 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
         return out + 0.0
     if t <= 4 * _SCORE_TILE or nq < 64:
         return scores(keys_t) + 0.0  # + 0.0: -0.0 becomes +0.0 (the tie rule compares bits)
+    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no [Q H, T] dots written
+        return fused.index_scores(q, w, keys_t)
     return torch.cat([scores(keys_t[..., a:a + _SCORE_TILE]) for a in range(0, t, _SCORE_TILE)], -1) + 0.0
 
 
