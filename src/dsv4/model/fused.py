@@ -253,7 +253,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``indexer.chunk_scores``' values (the sums in another order): q [B, Q, H, c], w [B, Q, H], keys transposed
     keys_t [B, c, T] (a prefix of the entries: contiguous along them) -> [B, Q, T] float32, written into ``out``
-    (a [B, Q, T] view contiguous along T) when given. Each 24-entry panel of keys meets four heads at a time in
+    (a [B, Q, T] view contiguous along T) when given. Each 16-entry panel of keys meets four heads at a time in
     registers, the ReLU and the head weights applied there: no [Q H, T] dots are written. No autograd."""
     module = _module()
     b, nq, h, c = q.shape
