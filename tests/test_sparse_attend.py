@@ -13,9 +13,9 @@ from test_fast_attention import model_for
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernel could not be built here")
 
 
-def _inputs(n, h, c, r, k, seed, masked=True):
+def _inputs(n, h, c, r, k, seed, masked=True, spread=3.0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, h, c, generator=g) * c ** -0.5 * 3
+    q = torch.randn(n, h, c, generator=g) * c ** -0.5 * spread
     entries = torch.randn(r, c, generator=g)
     rows = torch.randint(0, r, (n, k), generator=g)
     mask = torch.rand(n, k, generator=g) > 0.3 if masked else None
@@ -29,10 +29,13 @@ def _reference(q, entries, rows, mask):
     return p.out, p.m, p.s
 
 
-@pytest.mark.parametrize("n, h, c, r, k", [(7, 8, 128, 300, 512), (5, 3, 64, 50, 40), (4, 12, 16, 90, 33),
-                                           (3, 2, 12, 20, 5), (2, 1, 8, 10, 64)])
-def test_sparse_attend_equals_attend_of_the_gathered_picks(n, h, c, r, k):
-    q, entries, rows, mask = _inputs(n, h, c, r, k, seed=n * 100 + k)
+@pytest.mark.parametrize("n, h, c, r, k, spread", [(7, 8, 128, 300, 512, 3.0), (5, 3, 64, 50, 40, 3.0),
+                                                   (4, 12, 16, 90, 33, 3.0), (3, 2, 12, 20, 5, 3.0),
+                                                   (2, 1, 8, 10, 64, 3.0), (6, 8, 64, 200, 300, 40.0)])
+def test_sparse_attend_equals_attend_of_the_gathered_picks(n, h, c, r, k, spread):
+    # spread 40: logits some 40 apart, so that the exponentials (eight at a time in the kernel) span e^0 to the
+    # e^-80 floor
+    q, entries, rows, mask = _inputs(n, h, c, r, k, seed=n * 100 + k, spread=spread)
     for m_ in (mask, None):
         out, m, s = fused.sparse_attend(q, entries, rows, m_)
         ref_out, ref_m, ref_s = _reference(q, entries, rows, m_)
