@@ -37,7 +37,7 @@ def sizes(quick: bool) -> dict:
         return dict(layers=1, hidden=32, steps=8, batch_size=4, seq_len=32, vocab=384, val_every=2, val_batches=1,
                     muon_lrs=(1e-2, 3e-2), adamw_lrs=(3e-3, 1e-2), budgets=(0.75, 0.5))
     return dict(layers=2, hidden=64, steps=300, batch_size=8, seq_len=64, vocab=1024, val_every=30, val_batches=16,
-                muon_lrs=(1e-3, 3e-3, 1e-2), adamw_lrs=(1e-3, 3e-3, 1e-2), budgets=(0.8, 0.7, 0.6, 0.5))
+                muon_lrs=(1e-3, 3e-3, 1e-2), adamw_lrs=(3e-4, 1e-3, 3e-3, 1e-2), budgets=(0.8, 0.7, 0.6, 0.5))
 
 
 def model_config(vocab: int, layers: int, hidden: int):
