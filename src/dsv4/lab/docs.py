@@ -45,10 +45,12 @@ def section(name: str, results_dir: Path, docs_dir: Path) -> list[str]:
     result = next((r for r in found if not r.get("quick")), found[0] if found else None)
     if result is None:
         return lines + [f"Not run yet: `dsv4 lab {name} --save`, then `dsv4 lab --docs`.", ""]
+    load, cores = result.get("load_average_at_end"), os.cpu_count()
+    busy = (": above the core count, other work shared the CPU and the seconds are pessimistic"
+            if isinstance(load, (int, float)) and cores and load > cores else "")
     lines += [f"Command: `{result['command']}` (commit {result.get('commit') or '-'}, {result.get('date', '-')}, "
               f"{_fmt(result.get('seconds'))} s on {result.get('threads', '-')} torch thread(s); the machine's load "
-              f"average at the end {_fmt(result.get('load_average_at_end'))} on {os.cpu_count()} cores: above the "
-              f"core count, other work shared the CPU and the seconds are pessimistic)"
+              f"average at the end {_fmt(load)} on {cores} cores{busy})"
               + (" — **a --quick run only**: tiny sizes, not the claim's scale" if result.get("quick") else ""), ""]
     rows = module.figures(result) if hasattr(module, "figures") else default_figures(result)
     lines += ["| figure | value |", "|---|---|"] + [f"| {label} | {_fmt(value)} |" for label, value in rows] + [""]
