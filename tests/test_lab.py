@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -68,6 +69,14 @@ def test_claims_md_shows_the_newest_full_run(fake, tmp_path, monkeypatch):
     assert "Command: `dsv4 lab fake`" in part and "| x | 2 |" in part  # the full run, not the newer quick one
     assert f"**Verdict: {HOLDS}.** x = 2.0" in part and "![fake: claims-fake-curve](claims-fake-curve.png)" in part
     assert (docs / "claims-fake-curve.png").exists()
+    # the load average at the run's end: "other work shared the CPU" only when it was above the core count
+    for path in results.glob("lab-fake-*.json"):
+        r = json.loads(path.read_text())
+        path.write_text(json.dumps({**r, "load_average_at_end": 0.5 if r["quick"] else 4.0 * os.cpu_count()}))
+    assert "other work shared the CPU" in write_claims(results, docs).read_text()
+    for path in results.glob("lab-fake-*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "load_average_at_end": 0.5}))
+    assert "other work shared the CPU" not in write_claims(results, docs).read_text()
 
 
 def test_a_lab_without_a_verdict_is_an_error(monkeypatch, tmp_path):
