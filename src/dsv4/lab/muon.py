@@ -105,7 +105,7 @@ def run(options: LabOptions) -> dict:
         budgets[f"{fraction:g}"] = {"steps": steps, "tokens": steps * tps, "final_val_loss": loss,
                                     "seconds": curves.seconds}
         options.log(f"  val {loss:.4f} against AdamW's {target:.4f}")
-        if loss is None or loss > target:
+        if loss is None or not loss <= target:  # a diverged (NaN) run falls short too
             break
         reached = (fraction, loss)
     ratio = reached[0] * s["steps"] * tps / adamw_tokens if reached and adamw_tokens else mid_ratio
