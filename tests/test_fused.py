@@ -279,8 +279,9 @@ def _index_reference(q, w, keys_t):
 @pytest.mark.parametrize("nq, h, c, t", [(3, 8, 64, 100), (64, 8, 64, 1000), (5, 3, 16, 37), (7, 5, 32, 8),
                                          (1, 2, 16, 4097), (2, 1, 8, 25), (4, 4, 8, 24), (2, 6, 8, 1)])
 def test_index_scores_equal_the_operators(nq, h, c, t):
-    # every head group (4 at a time, then 1-3), every entry tail (24-entry panels, 16 / 8-entry vectors, the last
-    # few one by one); the keys a prefix of a longer cache (strided), the scores written into a wider buffer's view
+    # every head group (4 at a time, then 1-3), entry counts on and off the 16-entry panels and 96-entry blocks (the
+    # last panel padded, its padding's scores dropped); the keys a prefix of a longer cache (strided), the scores
+    # written into a wider buffer's view
     g = torch.Generator().manual_seed(nq * 1000 + t)
     q, w = torch.randn(1, nq, h, c, generator=g), torch.randn(1, nq, h, generator=g)
     keys_t = torch.randn(1, c, t + 9, generator=g)[..., :t]
