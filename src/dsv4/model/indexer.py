@@ -113,6 +113,12 @@ _SCORE_TILE = 512  # entries per matmul of a long chunk_scores call: a tile's [Q
 _PARTS_MIN = 2048
 
 
+def _kernel_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> bool:
+    """Whether ``fused.index_scores`` takes these scores: ``fused.serves`` them and the keys are contiguous along
+    the entries (a prefix of the cache's transposed keys)."""
+    return fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1
+
+
 def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
     """Index scores of a chunk of queries: q [B, Q, H, c], w [B, Q, H], keys transposed keys_t [B, c, T]
     -> [B, Q, T] float32.
@@ -151,7 +157,7 @@ def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torc
         return out + 0.0
     if t <= 4 * _SCORE_TILE or nq < 64:
         return scores(keys_t) + 0.0  # + 0.0: -0.0 becomes +0.0 (the tie rule compares bits)
-    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no [Q H, T] dots written
+    if _kernel_scores(q, w, keys_t):  # no [Q H, T] dots written
         return fused.index_scores(q, w, keys_t)
     return torch.cat([scores(keys_t[..., a:a + _SCORE_TILE]) for a in range(0, t, _SCORE_TILE)], -1) + 0.0
 
@@ -220,7 +226,7 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, k: int, 
     b, nq, h, c = q.shape
     width = -(-t // g) * g
     s = q.new_empty(b, nq, width, dtype=compute_dtype(q.dtype))
-    if fused.serves(q, w, keys_t) and keys_t.stride(-1) == 1:  # no dots written, no -0.0 made
+    if _kernel_scores(q, w, keys_t):  # no dots written, no -0.0 made
         fused.index_scores(q, w, keys_t, out=s[..., :t])
     else:
         qh = upcast(q).transpose(1, 2).reshape(b, h * nq, c)  # head-major: each head's dots are contiguous
