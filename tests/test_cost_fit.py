@@ -127,6 +127,7 @@ _MEASURE = textwrap.dedent("""
     import gc, json, sys
     import torch
     import dsv4.model, dsv4.weights
+    from dsv4.model import fused
     from dsv4.weights import from_pretrained
     # VmHWM, ru_maxrss's own counter: ru_maxrss also keeps the high-water mark of the process that forked this one
     # (here pytest's, larger than this whole run), which /proc/self/clear_refs cannot reset
@@ -135,6 +136,7 @@ _MEASURE = textwrap.dedent("""
     path, dtype, (n, batch, chunk, steps) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:])
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (batch, n))
+    fused.kernel()  # the fused extension's library and torch.utils.cpp_extension's imports: runtime, as the imports
     base = peak()
     model = from_pretrained(path, dtype=None if dtype == "none" else getattr(torch, dtype))
     gc.collect()
@@ -150,16 +152,28 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def small_checkpoints(tmp_path_factory):
+    """The small preset (about 110M parameters, 430 MiB in float32): large enough that the weights, the cache and the
+    prefill's working set decide the peak, not the process's runtime (threads' arenas, libraries loaded on first use),
+    which varies by several MiB between machines and virtual environments and is all the tiny model's 15 MiB show."""
+    from dsv4 import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("small")).eval()
+    root = tmp_path_factory.mktemp("fit-small")
+    save_pretrained(model, root / "hf")
+    save_official(model, root / "official")
+    return {"hf": root / "hf", "official": root / "official"}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in bytes / 1024 and clear_refs: Linux")
 @pytest.mark.parametrize("layout, dtype, n", [("hf", None, 1024), ("official", "float32", 0)])
-def test_prediction_against_measured_peak(checkpoints, layout, dtype, n):
-    """Tolerance: 25% either way. The tiny model's weights are 15 MiB, so what a large model hides decides here: the
-    allocator's retention (1.25 to 1.5x the live tensors of a prefill chunk, counted as 1.4x) and the process's fixed
-    runtime (counted as 16 MiB, measured 14 to 18). On this machine the prediction came within 10% of every peak:
-    HF float32 load 46-48 MiB against 51.9, run 61-64 against 59.5; official materialized load 44.0 against 47.5.
-    The run's peak also depends on the virtual environment, not on the code: with the same code and the same
-    package versions, a freshly made .venv (CI's) measured 69-71 MiB against 56.0 predicted where an older one
-    measured 56-58 (cause not found). The run is therefore held to 30%, the load to 25%."""
+def test_prediction_against_measured_peak(small_checkpoints, layout, dtype, n):
+    """Tolerance: 25% either way. On this machine: HF float32 load 909 MiB against 891 predicted, run 457 against
+    433; official materialized load 748 against 740. The tiny model's peaks, where the runtime is most of the run,
+    went from 56 to 77 MiB between this machine's venv and CI's with the same code, so the small preset is used."""
+    checkpoints = small_checkpoints
     batch, chunk, steps = 2, 512, 4 if n else 0  # n = 0: loading alone
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoints[layout]), str(dtype).lower(), str(n),
                           str(batch), str(chunk), str(steps)], capture_output=True, text=True, timeout=300,
@@ -174,7 +188,7 @@ def test_prediction_against_measured_peak(checkpoints, layout, dtype, n):
     if measured["separate"] or not n:
         assert measured["load"] == pytest.approx(plan.loading_peak_bytes, rel=0.25), report
     if n and measured["separate"]:
-        assert measured["run"] == pytest.approx(plan.total_bytes, rel=0.3), report
+        assert measured["run"] == pytest.approx(plan.total_bytes, rel=0.25), report
     elif n:  # no resettable peak: the whole process against the larger of the two
         assert max(measured["load"], measured["run"]) == pytest.approx(plan.peak_bytes, rel=0.25), report
 
