@@ -121,8 +121,8 @@ def test_entries_capacity_visits_only_the_growing_calls():
 
 # The measured process: loads the HF checkpoint as dsv4.from_pretrained does, prefills N tokens in chunks (last
 # position's logits, as dsv4 generate) and decodes a few steps. Peaks are the peak resident set (VmHWM, the counter
-# behind ru_maxrss) minus its value after the imports (torch, dsv4's model and weights modules: the interpreter's baseline, not the model's memory); the peak
-# resident set is reset between loading and running (/proc/self/clear_refs) so that each phase is measured alone.
+# behind ru_maxrss) minus its value after the imports and the fused kernel's loading (the interpreter's baseline, not
+# the model's memory); the peak resident set is reset between loading and running (/proc/self/clear_refs) so that each phase is measured alone.
 _MEASURE = textwrap.dedent("""
     import gc, json, sys
     import torch
@@ -154,7 +154,7 @@ _MEASURE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def small_checkpoints(tmp_path_factory):
-    """The small preset (about 110M parameters, 430 MiB in float32): large enough that the weights, the cache and the
+    """The small preset (89M parameters, 341 MiB in float32): large enough that the weights, the cache and the
     prefill's working set decide the peak, not the process's runtime (threads' arenas, libraries loaded on first use),
     which varies by several MiB between machines and virtual environments and is all the tiny model's 15 MiB show."""
     from dsv4 import Transformer
