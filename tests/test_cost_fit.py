@@ -122,7 +122,8 @@ def test_entries_capacity_visits_only_the_growing_calls():
 # The measured process: loads the HF checkpoint as dsv4.from_pretrained does, prefills N tokens in chunks (last
 # position's logits, as dsv4 generate) and decodes a few steps. Peaks are the peak resident set (VmHWM, the counter
 # behind ru_maxrss) minus its value after the imports and the fused kernel's loading (the interpreter's baseline, not
-# the model's memory); the peak resident set is reset between loading and running (/proc/self/clear_refs) so that each phase is measured alone.
+# the model's memory); the peak resident set is reset between loading and running (/proc/self/clear_refs) so that
+# each phase is measured alone.
 _MEASURE = textwrap.dedent("""
     import gc, json, sys
     import torch
