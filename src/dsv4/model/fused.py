@@ -61,7 +61,7 @@ def _build(verbose: bool = False):
     except ImportError:
         pass
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if _is_x86() else [])
-    name = f"dsv4_packed_matmul_{_cpu_tag()}"
+    name = f"dsv4_packed_matmul_{_cpu_tag()}_{_source_tag()}"
     _remove_stale_lock(cpp_extension, name)
     # torch's own libgomp has the soname libgomp.so.1: the kernel joins PyTorch's OpenMP pool, not a second one
     return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags,
@@ -99,6 +99,15 @@ def _cpu_tag() -> str:
     except OSError:
         flags += platform.processor()
     return hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:10]
+
+
+def _source_tag() -> str:
+    """A short hash of the sources' directory: PyTorch's build directory is named by the extension alone and its
+    build file names the sources by their absolute paths, so two checkouts of dsv4 on one machine (a clone beside a
+    working copy, a CI clone) sharing one name would each rebuild over the other's build in turn (minutes each)."""
+    import hashlib
+
+    return hashlib.sha1(str(SOURCES[0].parent.resolve()).encode()).hexdigest()[:8]
 
 
 def _is_x86() -> bool:
