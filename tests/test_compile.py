@@ -2,7 +2,9 @@
 graph without breaks): equal to the eager step over many steps (ring wraps, compressor blocks, CSA's top-k, rows at
 different lengths), batch-invariant like it; ``dsv4.generate`` and the serving engine decode with it and give the
 eager outputs; where the compiler fails they decode eager after one warning. (These are the suite's tests about
-compilation: the others run eager.)"""
+compilation: the others run eager.) The CPU compiles steps with inductor's C++ wrapper (``decode.compile_step``); its
+first compilation with a cold cache takes minutes, so the first test runs it and the others take the Python wrapper
+around the same kernels (``DSV4_CPP_WRAPPER=0``)."""
 
 import copy
 import logging
@@ -12,6 +14,7 @@ import torch
 
 from dsv4 import ModelConfig, Transformer
 from dsv4.generate import generate
+from dsv4.model import decode
 from dsv4.model.decode import DecodeState, DecodeStep, capacity_bucket
 from dsv4.serve.engine import Engine, SamplingParams
 from lively import lively
@@ -19,6 +22,12 @@ from numerics import assert_close_scaled, prefill_rows
 from test_serve_engine import LetterDecoder, Letters, prompts
 
 VOCAB = 257
+
+
+@pytest.fixture(autouse=True)
+def python_wrapper(request, monkeypatch):
+    if "cpp_wrapper" not in request.keywords:
+        monkeypatch.setenv("DSV4_CPP_WRAPPER", "0")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +53,7 @@ def filled(model, starts, rows=4, capacity=96, seed=0, compile=False):
     return state, step, ids
 
 
+@pytest.mark.cpp_wrapper
 def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model):
     with torch.inference_mode():
         eager, step, ids = filled(model, [3, 17, 40])
@@ -58,11 +68,18 @@ def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model):
             c = alone_step(torch.where(torch.arange(4) == 1, tokens, 0))
             assert torch.equal(c[1], b[1])  # the other rows (free in ``alone``) change nothing of row 1
         assert eager.lengths.tolist() == compiled.lengths.tolist() == [48, 62, 85, 0]
+        assert decode.cpp_wrapper()
         compiled.lengths[2] = 96  # the compiled step checks room and ids before it runs, as the eager one does
         with pytest.raises(ValueError, match="full"):
             compiled_step(tokens)
         with pytest.raises(ValueError, match="token ids"):
             compiled_step(torch.full((4,), VOCAB))
+
+
+def test_the_wrapper_switch_names_a_bad_value(monkeypatch):
+    monkeypatch.setenv("DSV4_CPP_WRAPPER", "yes")
+    with pytest.raises(ValueError, match="DSV4_CPP_WRAPPER must be 0 or 1, got 'yes'"):
+        decode.cpp_wrapper()
 
 
 def test_compiled_generation_equals_eager_generation(model64):

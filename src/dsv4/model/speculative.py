@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.model.decode import DecodeState, positions_of, unguarded, warm_up
+from dsv4.model.decode import DecodeState, compile_step, positions_of, unguarded, warm_up
 from dsv4.model.precision import upcast
 
 
@@ -71,8 +71,8 @@ class SpeculativeStep:
 
     def compile(self, fullgraph: bool = False) -> bool:
         """Compile and warm up both parts on the state's free rows (cleared after); whether they are compiled."""
-        verify = torch.compile(self.eager_verify, dynamic=False, fullgraph=fullgraph)
-        draft = torch.compile(self.eager_draft, dynamic=False, fullgraph=fullgraph)
+        verify = compile_step(self.eager_verify, self.model.device, fullgraph)
+        draft = compile_step(self.eager_draft, self.model.device, fullgraph)
 
         def run() -> None:
             tokens = torch.zeros(self.state.rows, 2, dtype=torch.long, device=self.model.device)
