@@ -351,9 +351,8 @@ def compile_step(fn, device: torch.device, fullgraph: bool = False):
     """``torch.compile`` of a step ``fn`` for one shape (``dynamic=False``). On the CPU with inductor's C++ wrapper
     (``cpp_wrapper``): the code that calls the step's some hundred kernels and allocates their buffers is compiled
     C++ instead of Python, the CPU's counterpart of a CUDA graph's replay. A decoding step of the small preset at 4K
-    took 11.5 ms against 13.8 with the Python wrapper (medians of 6 alternating reps in one process, equal logits);
-    compiling takes about 1.6x as long, and with a cold inductor cache several times as long: ``DSV4_CPP_WRAPPER=0``
-    keeps the Python wrapper."""
+    took 11.95 ms against 14.44 with the Python wrapper (``benchmarks/compile_wrapper.py``, equal logits); compiling
+    it takes minutes more (``DSV4_CPP_WRAPPER=0`` keeps the Python wrapper)."""
     options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" and cpp_wrapper() else None
     return torch.compile(fn, dynamic=False, fullgraph=fullgraph, options=options)
 
