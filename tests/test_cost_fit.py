@@ -172,8 +172,9 @@ def small_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("layout, dtype, n", [("hf", None, 1024), ("official", "float32", 0)])
 def test_prediction_against_measured_peak(small_checkpoints, layout, dtype, n):
     """Tolerance: 25% either way. On this machine: HF float32 load 909 MiB against 891 predicted, run 457 against
-    433; official materialized load 738 to 854 (between runs) against 740. The tiny model's peaks, where the runtime is most of the run,
-    went from 56 to 77 MiB between this machine's venv and CI's with the same code, so the small preset is used."""
+    433; official materialized load 738 to 854 (between runs) against 740. The tiny model's peaks, where the runtime
+    is most of the run, went from 56 to 77 MiB between this machine's venv and CI's with the same code, so the small
+    preset is used."""
     checkpoints = small_checkpoints
     batch, chunk, steps = 2, 512, 4 if n else 0  # n = 0: loading alone
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoints[layout]), str(dtype).lower(), str(n),
