@@ -6,8 +6,7 @@ One row of the preset at the context (caches of random entries, as ``dsv4 bench 
 ``DecodeStep``s of the same model compiled in one process, one per wrapper (``decode.compile_step``'s
 ``DSV4_CPP_WRAPPER``), then (after 3 untimed steps each) ``--reps`` rounds that alternate them, ``--steps`` steps
 each from the same context (the row's length is set back after a round); per round the median step, and the median
-over rounds. Both steps run the
-same kernels, so their logits are compared too. Prints one JSON object.
+over rounds. Both steps run the same kernels, so their logits are compared too. Prints one JSON object.
 """
 
 from __future__ import annotations

@@ -175,14 +175,13 @@ def test_prediction_against_measured_peak(small_checkpoints, layout, dtype, n):
     433; official materialized load 738 to 854 (between runs) against 740. The tiny model's peaks, where the runtime
     is most of the run, went from 56 to 77 MiB between this machine's venv and CI's with the same code, so the small
     preset is used."""
-    checkpoints = small_checkpoints
     batch, chunk, steps = 2, 512, 4 if n else 0  # n = 0: loading alone
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoints[layout]), str(dtype).lower(), str(n),
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(small_checkpoints[layout]), str(dtype).lower(), str(n),
                           str(batch), str(chunk), str(steps)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread: quick on a busy machine
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    plan = plan_checkpoint(checkpoints[layout], context=max(1, n + steps), batch=batch, prefill_chunk=chunk,
+    plan = plan_checkpoint(small_checkpoints[layout], context=max(1, n + steps), batch=batch, prefill_chunk=chunk,
                            dtype=dtype, memory_bytes=1 << 40)
     report = (f"measured load {measured['load'] / MIB:.1f} MiB, run {measured['run'] / MIB:.1f} MiB; predicted "
               f"load {plan.loading_peak_bytes / MIB:.1f}, run {plan.total_bytes / MIB:.1f} MiB")
