@@ -7,6 +7,7 @@ import torch
 
 from dsv4 import quant
 from dsv4.model import fused, packed
+from dsv4.model.indexer import _rows_kernel as indexer_rows_kernel, chunk_scores
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernel could not be built here")
 
@@ -315,3 +316,82 @@ def test_index_scores_batches_zeros_nan_and_bad_input():
         fused.index_scores(q, w, keys_t.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(RuntimeError, match="float32"):
         fused.index_scores(q.double(), w, keys_t)
+
+
+def _graph_targets(fn, *args, grad: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """fn(*args) compiled (fullgraph, run by the eager backend; autograd on or off) and the targets of its traced
+    graph's calls."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target).removesuffix(".default") for node in gm.graph.nodes
+                       if node.op == "call_function")
+        return gm.forward
+
+    with torch.set_grad_enabled(grad):
+        return torch.compile(fn, fullgraph=True, backend=backend)(*args), targets
+
+
+@pytest.mark.parametrize("b, nq, h, c, t", [(1, 1, 8, 64, 1030), (3, 2, 3, 128, 77), (2, 1, 5, 24, 9),
+                                            (1, 1, 64, 128, 40), (2, 3, 1, 64, 3)])
+def test_index_scores_rows_read_the_cache_layout_in_place(b, nq, h, c, t):
+    # the four-entry AVX2 path (c 64 or 128: heads two at a time, then an odd one), the portable one (c = 24; a
+    # row's entries not c apart; entry counts not a multiple of 4), batches and several queries a row
+    g = torch.Generator().manual_seed(b * 100 + t)
+    q, w = torch.randn(b, nq, h, c, generator=g), torch.rand(b, nq, h, generator=g) * 2 - 0.5
+    for keys in (torch.randn(b, t + 7, c, generator=g)[:, :t], torch.randn(b, t, c + 8, generator=g)[..., :c]):
+        keys_t = keys.transpose(1, 2)
+        want = _index_reference(q, w, keys_t)
+        got = fused.index_scores_rows(q, w, keys)
+        assert got.dtype == torch.float32 and got.shape == (b, nq, t)
+        bound = (w.double().abs().unsqueeze(-1) * (q.double().abs() @ keys_t.double().abs().unsqueeze(1))).sum(2)
+        assert ((got.double() - want).abs() <= 1e-5 * bound + 1e-30).all()
+        with torch.no_grad():  # chunk_scores takes it for a decoding step's few queries
+            assert torch.equal(chunk_scores(q, w, keys_t), got)
+
+
+def test_index_scores_rows_zeros_nan_bad_input_and_the_compiled_operator():
+    g = torch.Generator().manual_seed(5)
+    q, w, keys = torch.randn(2, 1, 4, 64, generator=g), torch.rand(2, 1, 4, generator=g), \
+        torch.randn(2, 30, 64, generator=g)
+    zero = fused.index_scores_rows(-q.abs(), w, keys.abs())  # every dot <= 0: +0.0, never -0.0
+    assert (zero == 0).all() and not zero.signbit().any()
+    keys[1, 6, 10] = float("nan")
+    nan = fused.index_scores_rows(q, w + 1, keys)
+    assert nan[1, 0, 6].isnan() and not nan[1, 0, 7].isnan() and not nan[0].isnan().any()
+    with pytest.raises(RuntimeError, match="contiguous along c"):
+        fused.index_scores_rows(q, w, keys.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(RuntimeError, match=r"w must be \[B, Q, H\]"):
+        fused.index_scores_rows(q, w[..., :3], keys)
+    keys = keys.nan_to_num()
+    got, targets = _graph_targets(lambda q, w, k: chunk_scores(q, w, k.transpose(1, 2)) * 2, q, w, keys)
+    assert "dsv4.index_scores_rows" in targets
+    assert torch.equal(got, fused.index_scores_rows(q, w, keys) * 2)
+    with torch.enable_grad():  # with autograd, the operators (the training path)
+        assert not indexer_rows_kernel(q.requires_grad_(), w, keys.transpose(1, 2))
+
+
+def test_topk_lower_orders_by_bits_as_the_exact_reference():
+    # -0.0 below +0.0, NaNs by their bits (positive above +inf, negative below -inf), long rows of random scores
+    row = torch.tensor([[0.0, -0.0, 1.0, float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, 0.0]])
+    from dsv4.model import indexer
+
+    for k in range(1, row.shape[1] + 1):
+        assert torch.equal(fused.topk_lower(row, k), indexer._topk_exact(row, k).sort(-1).values), k
+    g = torch.Generator().manual_seed(9)
+    for scores in (torch.randn(2, 40000, generator=g), torch.rand(1, 33000, generator=g).relu() * 1e-3,
+                   torch.randn(1, 5000, generator=g).round()):
+        got = fused.topk_lower(scores, 512)
+        assert torch.equal(got, indexer._topk_exact(scores, 512).sort(-1).values)
+
+
+def test_a_compiled_graph_takes_the_sinkhorn_operator():
+    from dsv4.model.hyper import sinkhorn
+
+    logits = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(4)) * 3
+    got, targets = _graph_targets(lambda x: sinkhorn(x, 20, 1e-6) + 1, logits)
+    assert "dsv4.hc_sinkhorn" in targets
+    assert torch.equal(got, fused.hc_sinkhorn(logits, 20, 1e-6) + 1)
+    # training: the operators, whose backward the graph keeps
+    _, targets = _graph_targets(lambda x: sinkhorn(x, 20, 1e-6), logits.requires_grad_(), grad=True)
+    assert "dsv4.hc_sinkhorn" not in targets

@@ -227,8 +227,9 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 
 def operators_serve(*tensors: torch.Tensor) -> bool:
-    """Whether a compiled graph calls the kernel's dispatcher operators (``expert_matvec``, ``topk_lower``) on these
-    tensors: float32 on the CPU, the kernel built (decided when the graph is traced)."""
+    """Whether a compiled graph calls the kernel's dispatcher operators (``expert_matvec``, ``topk_lower``,
+    ``hc_sinkhorn``, ``index_scores_rows``) on these tensors: float32 on the CPU, the kernel built (decided when
+    the graph is traced)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and built()
 
 
@@ -243,10 +244,12 @@ def hc_expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb
 
 
 def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """``hyper.sinkhorn`` of float32 logits [..., n, n] in one pass a matrix. No autograd."""
-    module = _module()
+    """``hyper.sinkhorn`` of float32 logits [..., n, n] in one pass a matrix. The operator
+    ``torch.ops.dsv4.hc_sinkhorn``: a compiled decoding step calls it too, where inductor's own code runs the
+    iterations as one single-threaded region apiece, each ending in a barrier; no autograd."""
+    _module()
     n = logits.shape[-1]
-    return module.hc_sinkhorn(logits.reshape(-1, n, n), iters, float(eps)).view(logits.shape)
+    return torch.ops.dsv4.hc_sinkhorn(logits.reshape(-1, n, n), iters, float(eps)).view(logits.shape)
 
 
 def topk_lower(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -277,6 +280,15 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor,
     return out
 
 
+def index_scores_rows(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``indexer.chunk_scores``' values for a decoding step's few queries a row: q [B, Q, H, c], w [B, Q, H] against
+    the keys as a cache stores them, keys [B, T, c] (contiguous along c) -> [B, Q, T] float32, read in place (the
+    keys' transposed view is what the matmul libraries handle worst). The operator
+    ``torch.ops.dsv4.index_scores_rows`` (compiled decoding steps call it too); no autograd."""
+    _module()
+    return torch.ops.dsv4.index_scores_rows(q, w, keys)
+
+
 def _register_fakes() -> None:
     """The shapes of the dispatcher's operators for tracing (once, after the kernel's library is loaded)."""
     @torch.library.register_fake("dsv4::expert_matvec")
@@ -286,6 +298,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dsv4::topk_lower")
     def _(scores: torch.Tensor, k: int) -> torch.Tensor:
         return scores.new_empty(scores.shape[0], k, dtype=torch.long)
+
+    @torch.library.register_fake("dsv4::index_scores_rows")
+    def _(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1], keys.shape[1])
+
+    @torch.library.register_fake("dsv4::hc_sinkhorn")
+    def _(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        return torch.empty_like(logits)
 
 
 def main(argv: list[str] | None = None) -> int:

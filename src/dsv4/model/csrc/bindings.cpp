@@ -20,9 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_expand", &hc_expand, "mHC: post_k F + sum_j comb[j, k] X_j per token", pybind11::arg("streams"),
         pybind11::arg("out"), pybind11::arg("post"), pybind11::arg("comb"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("hc_sinkhorn", &hc_sinkhorn, "mHC: Sinkhorn-Knopp projection of each token's n x n logits",
-        pybind11::arg("logits"), pybind11::arg("iters"), pybind11::arg("eps"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("index_scores", &index_scores, "the indexer's scores sum_h w[i, h] relu(q[i, h] . keys_t[:, t]) into out",
         pybind11::arg("q"), pybind11::arg("w"), pybind11::arg("keys_t"), pybind11::arg("out"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -32,9 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY(dsv4, m) {
   m.def("expert_matvec(Tensor x, Tensor w, Tensor idx) -> Tensor");
   m.def("topk_lower(Tensor scores, int k) -> Tensor");
+  m.def("hc_sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
+  m.def("index_scores_rows(Tensor q, Tensor w, Tensor keys) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv4, CPU, m) {
   m.impl("expert_matvec", &expert_matvec);
   m.impl("topk_lower", &topk_lower);
+  m.impl("hc_sinkhorn", &hc_sinkhorn);
+  m.impl("index_scores_rows", &index_scores_rows);
 }

@@ -156,3 +156,124 @@ void index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor keys_t, torch:
 #endif
   });
 }
+
+// ---------------------------------------------------------------------------------------------------- few queries
+// index_scores_rows: a decoding step's few queries a row (q [B, Q, H, c], w [B, Q, H]) against that row's keys as
+// the cache stores them, keys [B, T, c] (each entry's c values contiguous) -> [B, Q, T]. The keys are read in
+// place: a step has no other query to share a packed copy with, and a [c, T] view of them is what the matmul
+// libraries handle worst (a [8, 64] x [64, 32768] product took 1.5 ms, some 5 GB/s, against 8 MB of keys). Here
+// the entries are taken four at a time against two heads (8 accumulators of one dot's partial sums over c, the
+// keys' vectors read once for the two heads), each dot summed across its lanes at the end; ReLU and the head weight
+// applied there. The entries are spread over the threads in spans.
+namespace {
+
+#if DSV4_AVX2
+// the four lanes' totals of four vectors: [sum a0, sum a1, sum a2, sum a3]
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// out[0 .. 4) = sum_h w[h] relu(q[h] . k_e) for the entries k_e = k + e LDK, e < 4; C (a multiple of 8) and LDK
+// known when compiled (the cache's entries lie c apart), so that the four entries' vectors are addressed off one
+// pointer and the loop over c unrolls: a runtime stride had the compiler keep the entries' pointers on the stack
+template <int64_t C, int64_t LDK>
+inline void four_entries(const float* q, const float* w, const float* k, int64_t H, float* out) {
+  const __m128 zero = _mm_setzero_ps();
+  __m128 s = _mm_setzero_ps();
+  int64_t h = 0;
+  for (; h + 2 <= H; h += 2) {
+    __m256 a[2][4];
+    for (int i = 0; i < 2; ++i)
+      for (int e = 0; e < 4; ++e) a[i][e] = _mm256_setzero_ps();
+    const float* q0 = q + h * C;
+#pragma GCC unroll 16
+    for (int64_t d = 0; d < C; d += 8) {
+      const __m256 qa = _mm256_loadu_ps(q0 + d), qb = _mm256_loadu_ps(q0 + C + d);
+      for (int e = 0; e < 4; ++e) {
+        const __m256 kv = _mm256_loadu_ps(k + e * LDK + d);
+        a[0][e] = _mm256_fmadd_ps(qa, kv, a[0][e]);
+        a[1][e] = _mm256_fmadd_ps(qb, kv, a[1][e]);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      const __m128 dots = hsum4(a[i][0], a[i][1], a[i][2], a[i][3]);
+      s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(w[h + i]), _mm_max_ps(zero, dots)));
+    }
+  }
+  if (h < H) {  // an odd head
+    __m256 a[4];
+    for (int e = 0; e < 4; ++e) a[e] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < C; d += 8) {
+      const __m256 qa = _mm256_loadu_ps(q + h * C + d);
+      for (int e = 0; e < 4; ++e) a[e] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k + e * LDK + d), a[e]);
+    }
+    s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(w[h]), _mm_max_ps(zero, hsum4(a[0], a[1], a[2], a[3]))));
+  }
+  _mm_storeu_ps(out, s);
+}
+
+// entries [t, t1) of one query, four at a time where the entries lie C apart; the index of the first left over
+template <int64_t C>
+inline int64_t fours(const float* q, const float* w, const float* k, int64_t ldk, int64_t H, int64_t t,
+                     int64_t t1, float* out) {
+  if (ldk != C) return t;
+  for (; t + 4 <= t1; t += 4) four_entries<C, C>(q, w, k + t * C, H, out + t);
+  return t;
+}
+#endif
+
+// the same for one entry, portable (any c): the heads in order from +0.0
+inline float one_entry(const float* q, const float* w, const float* k, int64_t H, int64_t c) {
+  float s = 0.f;
+  for (int64_t h = 0; h < H; ++h) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < c; ++d) dot += q[h * c + d] * k[d];
+    s += w[h] * (dot > 0.f || dot != dot ? dot : 0.f);  // relu, NaN kept
+  }
+  return s;
+}
+
+constexpr int64_t ROW_SPAN = 256;  // entries a task of the thread pool takes
+
+}  // namespace
+
+torch::Tensor index_scores_rows(torch::Tensor q, torch::Tensor w, torch::Tensor keys) {
+  auto f32cpu = [](const torch::Tensor& t) { return t.scalar_type() == torch::kFloat32 && t.device().is_cpu(); };
+  TORCH_CHECK(f32cpu(q) && f32cpu(w) && f32cpu(keys), "index_scores_rows: q, w and keys must be float32 CPU tensors");
+  TORCH_CHECK(q.dim() == 4, "index_scores_rows: q must be [B, Q, H, c], got ", q.sizes());
+  const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), c = q.size(3);
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == B && w.size(1) == Q && w.size(2) == H,
+              "index_scores_rows: w must be [B, Q, H] = [", B, ", ", Q, ", ", H, "], got ", w.sizes());
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == B && keys.size(2) == c,
+              "index_scores_rows: keys must be [B, T, c] with B = ", B, " and c = ", c, ", got ", keys.sizes());
+  TORCH_CHECK(keys.stride(2) == 1, "index_scores_rows: keys must be contiguous along c");
+  const int64_t T = keys.size(1);
+  q = q.contiguous();
+  w = w.contiguous();
+  auto out = torch::empty({B, Q, T}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldb = keys.stride(0), ldk = keys.stride(1);
+  const int64_t spans = (T + ROW_SPAN - 1) / ROW_SPAN;
+  at::parallel_for(0, B * spans, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / spans, t0 = (j % spans) * ROW_SPAN, t1 = std::min(T, t0 + ROW_SPAN);
+      const float* kb = kp + b * ldb;
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qp + (b * Q + i) * H * c;
+        const float* wi = wp + (b * Q + i) * H;
+        float* o = op + (b * Q + i) * T;
+        int64_t t = t0;
+#if DSV4_AVX2
+        if (c == 64) t = fours<64>(qi, wi, kb, ldk, H, t, t1, o);
+        if (c == 128) t = fours<128>(qi, wi, kb, ldk, H, t, t1, o);
+#endif
+        for (; t < t1; ++t) o[t] = one_entry(qi, wi, kb + t * ldk, H, c);
+      }
+    }
+  });
+  return out;
+}

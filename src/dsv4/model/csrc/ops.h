@@ -28,3 +28,5 @@ torch::Tensor topk_lower(torch::Tensor scores, int64_t k);
 
 // index_scores.cpp: the lightning indexer's scores sum_h w_h relu(q_h . k) of a block of queries, into out [Q, T]
 void index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor keys_t, torch::Tensor out);
+// and of a decoding step's few queries a row against the keys as the cache stores them, [B, T, c]
+torch::Tensor index_scores_rows(torch::Tensor q, torch::Tensor w, torch::Tensor keys);

@@ -1,8 +1,11 @@
-// The indexer's top-k with ties broken toward the lower index, exactly, in one pass a row (dsv4.model.fused.
-// topk_lower; dsv4.model.indexer.topk_lower_index calls it without autograd): the k-th largest score found by a
-// selection (std::nth_element on a copy of the row, linear on average), then the row read once in index order,
-// taking every score above it and the first ones equal to it until k are taken. torch.topk sorts toward its k-th
-// and leaves the tie rule to a second pass; this has none. Picks come in index order.
+// The indexer's top-k with ties broken toward the lower index, exactly, in one selection a row (dsv4.model.fused.
+// topk_lower; dsv4.model.indexer.topk_lower_index calls it without autograd, and compiled decoding steps through the
+// dispatcher). Each float maps to an unsigned key of the same order (indexer._topk_exact's: the float's bits with
+// the negative ones' magnitude flipped, so -0.0 ranks below +0.0 and NaNs by their bits), the k-th largest key is
+// found by counting passes (the top 11 bits over the row; the next 11, then the last 10, over the keys that share
+// the k-th's top bits), then the row is read once in index order, taking every key above the k-th and the
+// first ones equal to it until k are taken. No sort: on 32K random scores these passes took 110-150 us against
+// 190-300 for torch.topk in the same runs; std::nth_element, which they replace, 110-275. Picks come in index order.
 
 #include "ops.h"
 
@@ -10,7 +13,53 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
+
+namespace {
+
+inline uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t negative = uint32_t(int32_t(u) >> 31);  // all ones for a negative float: no branch on the sign
+  return u ^ (negative | 0x80000000u);
+}
+
+// bins of the first counting pass: the keys' top 11 bits
+constexpr int TOP = 11;
+
+// the k-th largest key of a row, 1 <= k <= T, given the counts of its keys' top TOP bits (counts) and the keys
+// themselves; and how many keys equal to it the top k hold (the rest of the k are above it). The keys in the
+// k-th's bin are gathered (cand), then their remaining bits are fixed 11 and 10 at a time, each pass counting the
+// candidates that agree with the bits fixed so far by their next bits.
+std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t T, int64_t k, std::vector<int64_t>& counts,
+                                         std::vector<uint32_t>& cand) {
+  int64_t need = k;  // the rank sought among the keys that agree with the bits fixed so far
+  uint32_t b = (1u << TOP) - 1;
+  while (counts[b] < need) need -= counts[b--];  // ends: the counts sum to T >= k
+  const uint32_t top = b << (32 - TOP);
+  cand.clear();
+  for (int64_t j = 0; j < T; ++j)
+    if ((keys[j] >> (32 - TOP)) == b) cand.push_back(keys[j]);
+  constexpr int shifts[2] = {10, 0};
+  constexpr int widths[2] = {11, 10};
+  uint32_t prefix = top, mask = ((1u << TOP) - 1) << (32 - TOP);
+  for (int p = 0; p < 2; ++p) {
+    const int shift = shifts[p];
+    const uint32_t bins = 1u << widths[p];
+    std::fill(counts.begin(), counts.begin() + bins, 0);
+    for (const uint32_t key : cand)
+      if ((key & mask) == prefix) ++counts[(key >> shift) & (bins - 1)];
+    b = bins - 1;
+    while (counts[b] < need) need -= counts[b--];
+    prefix |= b << shift;
+    mask |= (bins - 1) << shift;
+  }
+  return {prefix, need};
+}
+
+}  // namespace
 
 torch::Tensor topk_lower(torch::Tensor scores, int64_t k) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat32 && scores.device().is_cpu(),
@@ -23,20 +72,27 @@ torch::Tensor topk_lower(torch::Tensor scores, int64_t k) {
   const float* sp = scores.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<float> buf(T);
+    std::vector<uint32_t> keys(T), cand;
+    cand.reserve(T);
+    std::vector<int64_t> counts(1 << TOP);
+    std::vector<int32_t> lanes(4 << TOP);  // four counts a bin: scores that share a bin follow each other, and one
+                                           // counter's increments would wait on each other
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = sp + m * T;
-      std::copy(row, row + T, buf.begin());
-      std::nth_element(buf.begin(), buf.begin() + (T - k), buf.end());
-      const float kth = buf[T - k];  // the k-th largest: T - k scores at or below it come first
-      int64_t above = 0;
-      for (int64_t j = 0; j < T; ++j) above += row[j] > kth;
-      int64_t ties = k - above, n = 0;
+      std::fill(lanes.begin(), lanes.end(), 0);
+      int64_t j = 0;
+      for (; j + 4 <= T; j += 4)
+        for (int64_t l = 0; l < 4; ++l) ++lanes[(l << TOP) + ((keys[j + l] = order_key(row[j + l])) >> (32 - TOP))];
+      for (; j < T; ++j) ++lanes[(keys[j] = order_key(row[j])) >> (32 - TOP)];
+      for (int64_t b = 0; b < (1 << TOP); ++b)
+        counts[b] = lanes[b] + lanes[(1 << TOP) + b] + lanes[(2 << TOP) + b] + lanes[(3 << TOP) + b];
+      const auto [kth, equal] = kth_largest(keys.data(), T, k, counts, cand);
+      int64_t ties = equal, n = 0;
       int64_t* out = ip + m * k;
       for (int64_t j = 0; j < T && n < k; ++j) {
-        if (row[j] > kth) {
+        if (keys[j] > kth) {
           out[n++] = j;
-        } else if (row[j] == kth && ties > 0) {
+        } else if (keys[j] == kth && ties > 0) {
           out[n++] = j;
           --ties;
         }
