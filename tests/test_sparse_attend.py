@@ -31,7 +31,8 @@ def _reference(q, entries, rows, mask):
 
 @pytest.mark.parametrize("n, h, c, r, k, spread", [(7, 8, 128, 300, 512, 3.0), (5, 3, 64, 50, 40, 3.0),
                                                    (4, 12, 16, 90, 33, 3.0), (3, 2, 12, 20, 5, 3.0),
-                                                   (2, 1, 8, 10, 64, 3.0), (6, 8, 64, 200, 300, 40.0)])
+                                                   (2, 1, 8, 10, 64, 3.0), (6, 8, 64, 200, 300, 40.0),
+                                                   (3, 5, 24, 40, 37, 3.0)])
 def test_sparse_attend_equals_attend_of_the_gathered_picks(n, h, c, r, k, spread):
     # spread 40: logits some 40 apart, so that the exponentials (eight at a time in the kernel) span e^0 to the
     # e^-80 floor

@@ -12,7 +12,12 @@
 // read from memory once, no [k, c] copy of the picks is written and no [H, k] tensor of weights is kept. Only the
 // order of the sums differs from the reference; the weights below e^-80 of the running maximum are floored as the
 // reference floors them at the final maximum (their share is below 2e-35). The exponentials are taken eight at a
-// time (vec.h's exp_nonpositive, within 2 ulp of expf).
+// time (vec.h's exp_nonpositive, within 2 ulp of expf). A tile is 32 visible picks (masked ones are skipped when the
+// tile is gathered); its logits are taken four picks against two heads at a time and its weighted sum four heads
+// against 16 columns at a time, so that each vector loaded meets several FMAs (one pick against eight heads, then
+// eight heads' sums of one 8-column vector, loaded a vector an FMA): 1,024 queries x 8 heads x 128 against 512
+// random picks of 8,192 entries, 30 against 34 us a query on 2 threads; with 30% of the picks masked, 19 against
+// 28 (the same results within 5e-7 of their magnitude).
 
 #include "ops.h"
 
@@ -29,57 +34,69 @@ namespace {
 
 constexpr float MASKED = -1e30f;    // kernels._MASKED: the maximum of a query with no visible pick
 constexpr float EXP_FLOOR = -80.f;  // kernels._EXP_FLOOR
-constexpr int64_t TILE = 32;        // picks per tile: their 32 x c floats stay in L1 between the logits and the sum
-constexpr int G = 8;                // heads per group: one accumulator register each
+constexpr int64_t TILE = 32;        // visible picks per tile: 32 x c floats in L1 between the logits and the sum
 
 #if DSV4_AVX2
-// z[g * TILE] = q[g] . e for the NG heads of a group (q [NG, c] with row stride c, c a multiple of 8)
-template <int NG>
-inline void dots(const float* q, const float* e, int64_t c, float* z) {
-  __m256 acc[NG];
-  for (int g = 0; g < NG; ++g) acc[g] = _mm256_setzero_ps();
+// z[h * TILE + p] = q[h] . e[p] for the NH heads (q [NH, c], row stride c) and four picks e[0..4) (c a multiple of
+// 8): NH x 4 accumulators, each pick's vector read once for the heads and each head's once for the picks
+template <int NH>
+inline void dots4(const float* q, const float* const* e, int64_t c, float* z) {
+  __m256 a[NH][4];
+  for (int h = 0; h < NH; ++h)
+    for (int p = 0; p < 4; ++p) a[h][p] = _mm256_setzero_ps();
   for (int64_t d = 0; d < c; d += 8) {
-    const __m256 ev = _mm256_loadu_ps(e + d);
-    for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * c + d), ev, acc[g]);
-  }
-  for (int g = 0; g < NG; ++g) z[g * TILE] = hsum(acc[g]);
-}
-
-// out[g] += sum_j p[g * TILE + j] e_j over a tile's picks (out [NG, c] row stride c): each 8 columns of the NG
-// heads' sums held in registers while the tile's picks go by
-template <int NG>
-inline void weighted(const float* p, const float* const* ents, int64_t n, int64_t c, float* out) {
-  for (int64_t d = 0; d < c; d += 8) {
-    __m256 acc[NG];
-    for (int g = 0; g < NG; ++g) acc[g] = _mm256_loadu_ps(out + g * c + d);
-    for (int64_t j = 0; j < n; ++j) {
-      if (!ents[j]) continue;
-      const __m256 ev = _mm256_loadu_ps(ents[j] + d);
-      for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * TILE + j), ev, acc[g]);
+    __m256 qv[NH];
+    for (int h = 0; h < NH; ++h) qv[h] = _mm256_loadu_ps(q + h * c + d);
+    for (int p = 0; p < 4; ++p) {
+      const __m256 ev = _mm256_loadu_ps(e[p] + d);
+      for (int h = 0; h < NH; ++h) a[h][p] = _mm256_fmadd_ps(qv[h], ev, a[h][p]);
     }
-    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(out + g * c + d, acc[g]);
+  }
+  for (int h = 0; h < NH; ++h) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+    _mm_storeu_ps(z + h * TILE, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
   }
 }
 
-template <int NG>
-inline void group_dots(const float* q, const float* e, int64_t c, int ng, float* z) {
-  if constexpr (NG > 1) {
-    if (ng < NG) return group_dots<NG - 1>(q, e, c, ng, z);
+// z[h * TILE] = q[h] . e for one pick and the H heads
+inline void dots1(const float* q, const float* e, int64_t H, int64_t c, float* z) {
+  for (int64_t h = 0; h < H; ++h) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < c; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * c + d), _mm256_loadu_ps(e + d), acc);
+    z[h * TILE] = hsum(acc);
   }
-  dots<NG>(q, e, c, z);
 }
 
-template <int NG>
-inline void group_weighted(const float* p, const float* const* ents, int64_t n, int64_t c, int ng, float* out) {
-  if constexpr (NG > 1) {
-    if (ng < NG) return group_weighted<NG - 1>(p, ents, n, c, ng, out);
+// out[h, d0 .. d0 + 8 ND) += sum_j p[h * TILE + j] e_j[d0 ..] for the NH heads (out row stride c): NH x ND sums in
+// registers while the tile's picks go by, each pick's vectors read once for the heads
+template <int NH, int ND>
+inline void weighted_block(const float* p, const float* const* ents, int64_t n, int64_t c, int64_t d0, float* out) {
+  __m256 acc[NH][ND];
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < ND; ++i) acc[h][i] = _mm256_loadu_ps(out + h * c + d0 + 8 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 ev[ND];
+    for (int i = 0; i < ND; ++i) ev[i] = _mm256_loadu_ps(ents[j] + d0 + 8 * i);
+    for (int h = 0; h < NH; ++h) {
+      const __m256 pb = _mm256_broadcast_ss(p + h * TILE + j);
+      for (int i = 0; i < ND; ++i) acc[h][i] = _mm256_fmadd_ps(pb, ev[i], acc[h][i]);
+    }
   }
-  weighted<NG>(p, ents, n, c, out);
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < ND; ++i) _mm256_storeu_ps(out + h * c + d0 + 8 * i, acc[h][i]);
+}
+
+template <int NH>
+inline void weighted(const float* p, const float* const* ents, int64_t n, int64_t c, float* out) {
+  int64_t d = 0;
+  for (; d + 16 <= c; d += 16) weighted_block<NH, 2>(p, ents, n, c, d, out);
+  if (d < c) weighted_block<NH, 1>(p, ents, n, c, d, out);
 }
 #endif
 
 // one query: q [H, c], its k picks (rows into entries [R, c]; mask null or [k]); out [H, c], m [H], s [H]; z: a
-// scratch [H, TILE]
+// scratch [H, TILE]. The visible picks are taken TILE at a time.
 void one_query(const float* q, const float* entries, const int64_t* rows, const bool* mask, int64_t H, int64_t c,
                int64_t k, float* out, float* m, float* s, float* z) {
   std::fill(out, out + H * c, 0.f);
@@ -91,36 +108,36 @@ void one_query(const float* q, const float* entries, const int64_t* rows, const 
 #else
   const bool vec = false;
 #endif
-  for (int64_t j0 = 0; j0 < k; j0 += TILE) {
-    const int64_t n = std::min(TILE, k - j0);
-    int64_t visible = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      ents[j] = (mask && !mask[j0 + j]) ? nullptr : entries + rows[j0 + j] * c;
-      visible += ents[j] != nullptr;
-    }
-    if (visible == 0) continue;
+  int64_t next = 0;  // the next pick to look at
+  while (next < k) {
+    int64_t n = 0;  // the tile's visible picks
+    for (; next < k && n < TILE; ++next)
+      if (!mask || mask[next]) ents[n++] = entries + rows[next] * c;
+    if (n == 0) break;
     // the tile's logits z[h, j]
-    for (int64_t j = 0; j < n; ++j) {
-      if (!ents[j]) continue;
-      if (vec) {
+    if (vec) {
 #if DSV4_AVX2
-        for (int64_t h = 0; h < H; h += G)
-          group_dots<G>(q + h * c, ents[j], c, int(std::min<int64_t>(G, H - h)), z + h * TILE + j);
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        int64_t h = 0;
+        for (; h + 2 <= H; h += 2) dots4<2>(q + h * c, ents + j, c, z + h * TILE + j);
+        if (h < H) dots4<1>(q + h * c, ents + j, c, z + h * TILE + j);
+      }
+      for (; j < n; ++j) dots1(q, ents[j], H, c, z + j);
 #endif
-      } else {
+    } else {
+      for (int64_t j = 0; j < n; ++j)
         for (int64_t h = 0; h < H; ++h) {
           float acc = 0.f;
           for (int64_t d = 0; d < c; ++d) acc += q[h * c + d] * ents[j][d];
           z[h * TILE + j] = acc;
         }
-      }
     }
     // each head's running maximum, what was summed rescaled when it grows, and the tile's weights in place of z
     for (int64_t h = 0; h < H; ++h) {
       float* zh = z + h * TILE;
       float tmax = MASKED;
-      for (int64_t j = 0; j < n; ++j)
-        if (ents[j]) tmax = std::max(tmax, zh[j]);
+      for (int64_t j = 0; j < n; ++j) tmax = std::max(tmax, zh[j]);
       if (tmax > m[h]) {
         const float f = std::exp(std::max(m[h] - tmax, EXP_FLOOR));
         s[h] *= f;
@@ -130,21 +147,17 @@ void one_query(const float* q, const float* entries, const int64_t* rows, const 
       float sum = 0.f;
       int64_t j = 0;
 #if DSV4_AVX2
-      // eight exponentials at a time (masked picks' weights zeroed after)
       const __m256 mv = _mm256_set1_ps(m[h]), floor = _mm256_set1_ps(EXP_FLOOR);
       __m256 sv = _mm256_setzero_ps();
-      for (; j + 8 <= n; j += 8) {
-        __m256 e = exp_nonpositive(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(zh + j), mv), floor));
+      for (; j + 8 <= n; j += 8) {  // eight exponentials at a time
+        const __m256 e = exp_nonpositive(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(zh + j), mv), floor));
         _mm256_storeu_ps(zh + j, e);
+        sv = _mm256_add_ps(sv, e);
       }
-      if (visible < n)
-        for (int64_t i = 0; i < j; ++i)
-          if (!ents[i]) zh[i] = 0.f;
-      for (int64_t i = 0; i < j; i += 8) sv = _mm256_add_ps(sv, _mm256_loadu_ps(zh + i));
       sum = hsum(sv);
 #endif
       for (; j < n; ++j) {
-        zh[j] = ents[j] ? std::exp(std::max(zh[j] - m[h], EXP_FLOOR)) : 0.f;
+        zh[j] = std::exp(std::max(zh[j] - m[h], EXP_FLOOR));
         sum += zh[j];
       }
       s[h] += sum;
@@ -152,17 +165,21 @@ void one_query(const float* q, const float* entries, const int64_t* rows, const 
     // the weighted sum of the tile's picks (still in L1)
     if (vec) {
 #if DSV4_AVX2
-      for (int64_t h = 0; h < H; h += G)
-        group_weighted<G>(z + h * TILE, ents, n, c, int(std::min<int64_t>(G, H - h)), out + h * c);
+      int64_t h = 0;
+      for (; h + 4 <= H; h += 4) weighted<4>(z + h * TILE, ents, n, c, out + h * c);
+      switch (H - h) {
+        case 3: weighted<3>(z + h * TILE, ents, n, c, out + h * c); break;
+        case 2: weighted<2>(z + h * TILE, ents, n, c, out + h * c); break;
+        case 1: weighted<1>(z + h * TILE, ents, n, c, out + h * c); break;
+        default: break;
+      }
 #endif
     } else {
-      for (int64_t j = 0; j < n; ++j) {
-        if (!ents[j]) continue;
+      for (int64_t j = 0; j < n; ++j)
         for (int64_t h = 0; h < H; ++h) {
           const float p = z[h * TILE + j];
           for (int64_t d = 0; d < c; ++d) out[h * c + d] += p * ents[j][d];
         }
-      }
     }
   }
 }
