@@ -168,12 +168,6 @@ void index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor keys_t, torch:
 namespace {
 
 #if DSV4_AVX2
-// the four lanes' totals of four vectors: [sum a0, sum a1, sum a2, sum a3]
-inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 // out[0 .. 4) = sum_h w[h] relu(q[h] . k_e) for the entries k_e = k + e LDK, e < 4; C (a multiple of 8) and LDK
 // known when compiled (the cache's entries lie c apart), so that the four entries' vectors are addressed off one
 // pointer and the loop over c unrolls: a runtime stride had the compiler keep the entries' pointers on the stack

@@ -52,10 +52,7 @@ inline void dots4(const float* q, const float* const* e, int64_t c, float* z) {
       for (int h = 0; h < NH; ++h) a[h][p] = _mm256_fmadd_ps(qv[h], ev, a[h][p]);
     }
   }
-  for (int h = 0; h < NH; ++h) {
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
-    _mm_storeu_ps(z + h * TILE, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-  }
+  for (int h = 0; h < NH; ++h) _mm_storeu_ps(z + h * TILE, hsum4(a[h][0], a[h][1], a[h][2], a[h][3]));
 }
 
 // z[h * TILE] = q[h] . e for one pick and the H heads

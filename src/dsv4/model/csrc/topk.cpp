@@ -80,10 +80,10 @@ torch::Tensor topk_lower(torch::Tensor scores, int64_t k) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = sp + m * T;
       std::fill(lanes.begin(), lanes.end(), 0);
-      int64_t j = 0;
-      for (; j + 4 <= T; j += 4)
-        for (int64_t l = 0; l < 4; ++l) ++lanes[(l << TOP) + ((keys[j + l] = order_key(row[j + l])) >> (32 - TOP))];
-      for (; j < T; ++j) ++lanes[(keys[j] = order_key(row[j])) >> (32 - TOP)];
+      int64_t i = 0;
+      for (; i + 4 <= T; i += 4)
+        for (int64_t l = 0; l < 4; ++l) ++lanes[(l << TOP) + ((keys[i + l] = order_key(row[i + l])) >> (32 - TOP))];
+      for (; i < T; ++i) ++lanes[(keys[i] = order_key(row[i])) >> (32 - TOP)];
       for (int64_t b = 0; b < (1 << TOP); ++b)
         counts[b] = lanes[b] + lanes[(1 << TOP) + b] + lanes[(2 << TOP) + b] + lanes[(3 << TOP) + b];
       const auto [kth, equal] = kth_largest(keys.data(), T, k, counts, cand);

@@ -18,6 +18,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// the totals of four vectors' lanes: [sum a0, sum a1, sum a2, sum a3]
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // e^x for x in [-87, 0] (what a softmax's x - max floored at -80 gives), within 2 ulp of expf: x = n ln2 + r with
 // |r| <= ln2 / 2 (ln2 in two parts, so that n ln2 is exact), e^r by its Taylor polynomial to r^7 (the first term
 // left out is below 2e-9 of the result), 2^n built in the exponent bits
