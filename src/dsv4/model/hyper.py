@@ -32,8 +32,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits (row = source stream, column = destination) to a doubly-stochastic matrix. Without
     autograd on the CPU, ``fused.hc_sinkhorn`` (one pass a matrix; these operators are its reference), in a compiled
     graph too (a decoding step: inductor's code for these operators synchronizes its threads once an iteration)."""
-    compiled = torch.compiler.is_compiling() and not torch.is_grad_enabled() and fused.operators_serve(logits)
-    if compiled or fused.serves(logits):
+    if fused.inference_serves(logits):
         return fused.hc_sinkhorn(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)

@@ -122,12 +122,8 @@ def _kernel_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> bo
 def _rows_kernel(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> bool:
     """Whether ``fused.index_scores_rows`` takes these scores: a decoding step's few queries a row (up to 64
     query-heads), keys as a cache stores them (each entry's values contiguous), without autograd in float32 on the
-    CPU, eager (``fused.serves``) or in a compiled step (its operator)."""
-    if q.shape[1] * q.shape[2] > 64 or keys_t.stride(-2) != 1 or torch.is_grad_enabled():
-        return False
-    if torch.compiler.is_compiling():
-        return fused.operators_serve(q, w, keys_t)
-    return fused.serves(q, w, keys_t)
+    CPU, eager or in a compiled step (``fused.inference_serves``)."""
+    return q.shape[1] * q.shape[2] <= 64 and keys_t.stride(-2) == 1 and fused.inference_serves(q, w, keys_t)
 
 
 def chunk_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
