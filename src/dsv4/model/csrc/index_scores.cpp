@@ -32,22 +32,17 @@ namespace {
 constexpr int64_t NR = 16;     // entries per panel: two vectors of 8
 constexpr int64_t PANELS = 6;  // panels a thread's block passes every query over (6 x 16 x c floats in L1)
 
-#if !DSV4_AVX2
-// the scores of query row (q [H, c], w [H]) against entries [t0, t0 + n) of keys_t (row stride ldk), portable
-void scores_scalar(const float* q, const float* w, const float* kt, int64_t ldk, int64_t H, int64_t c, int64_t t0,
-                   int64_t n, float* out) {
-  for (int64_t t = t0; t < t0 + n; ++t) {
-    float s = 0.f;
-    for (int64_t h = 0; h < H; ++h) {
-      float dot = 0.f;
-      for (int64_t d = 0; d < c; ++d) dot += q[h * c + d] * kt[d * ldk + t];
-      const float r = dot > 0.f || dot != dot ? dot : 0.f;  // relu, NaN kept
-      s += w[h] * r;
-    }
-    out[t] = s + 0.f;
+// sum_h w[h] relu(q[h] . k) of one entry, portable: its c values `step` floats apart (1 where the cache stores
+// them, T in a transposed view), the heads added in order to +0.0, a NaN dot kept as torch.relu keeps it
+inline float one_entry(const float* q, const float* w, const float* k, int64_t step, int64_t H, int64_t c) {
+  float s = 0.f;
+  for (int64_t h = 0; h < H; ++h) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < c; ++d) dot += q[h * c + d] * k[d * step];
+    s += w[h] * (dot > 0.f || dot != dot ? dot : 0.f);
   }
+  return s;
 }
-#endif
 
 #if DSV4_AVX2
 constexpr int NV = NR / 8;  // vectors a panel
@@ -151,7 +146,7 @@ void index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor keys_t, torch:
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * block, t1 = std::min(T, t0 + block);
       for (int64_t i = 0; i < Q; ++i)
-        scores_scalar(qp + i * H * c, wp + i * H, kp, ldk, H, c, t0, t1 - t0, op + i * ldo);
+        for (int64_t t = t0; t < t1; ++t) op[i * ldo + t] = one_entry(qp + i * H * c, wp + i * H, kp + t, ldk, H, c);
     }
 #endif
   });
@@ -217,17 +212,6 @@ inline int64_t fours(const float* q, const float* w, const float* k, int64_t ldk
 }
 #endif
 
-// the same for one entry, portable (any c): the heads in order from +0.0
-inline float one_entry(const float* q, const float* w, const float* k, int64_t H, int64_t c) {
-  float s = 0.f;
-  for (int64_t h = 0; h < H; ++h) {
-    float dot = 0.f;
-    for (int64_t d = 0; d < c; ++d) dot += q[h * c + d] * k[d];
-    s += w[h] * (dot > 0.f || dot != dot ? dot : 0.f);  // relu, NaN kept
-  }
-  return s;
-}
-
 constexpr int64_t ROW_SPAN = 256;  // entries a task of the thread pool takes
 
 }  // namespace
@@ -265,7 +249,7 @@ torch::Tensor index_scores_rows(torch::Tensor q, torch::Tensor w, torch::Tensor 
         if (c == 64) t = fours<64>(qi, wi, kb, ldk, H, t, t1, o);
         if (c == 128) t = fours<128>(qi, wi, kb, ldk, H, t, t1, o);
 #endif
-        for (; t < t1; ++t) o[t] = one_entry(qi, wi, kb + t * ldk, H, c);
+        for (; t < t1; ++t) o[t] = one_entry(qi, wi, kb + t * ldk, 1, H, c);
       }
     }
   });
