@@ -101,3 +101,66 @@ def test_prefill_through_the_kernels_equals_the_operators(monkeypatch):
     assert not calls
     for g, w in zip(got, want):
         assert_close_scaled(g, w)
+
+
+def _picks_inputs(n, h, c, w, t, k, seed, spread=3.0):
+    """Queries, each row's window [n, w, c] and entries [n, t, c] as views of one buffer with room between rows (as
+    the decode state lays them out), picks [n, k] among a row's w + t keys, a mask with a row that sees none."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, h, c, generator=g) * c ** -0.5 * spread
+    buffer = torch.randn(n, w + t + 3, c, generator=g)
+    rows = torch.randint(0, w + t, (n, k), generator=g)
+    mask = torch.rand(n, k, generator=g) > 0.3
+    mask[0] = False
+    return q, buffer[:, :w], buffer[:, w:w + t], rows, mask
+
+
+def _picks_reference(q, window, entries, rows, mask, sink):
+    """The decoding step's attention as the reference writes it (``decode.attend_rows`` without the kernel), in
+    float64: the gathered picks' logits, masked, beside the sink in one softmax, applied to the picks."""
+    keys = torch.cat([window, entries], dim=1).double()
+    keys = keys.gather(1, rows.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # [n, k, c]
+    logits = torch.einsum("nhc,nkc->nhk", q.double(), keys)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    sink = sink.double().view(1, -1, 1).expand(q.shape[0], -1, 1)
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("nhk,nkc->nhc", probs, keys)
+
+
+@pytest.mark.parametrize("n, h, c, w, t, k, spread, threads", [(1, 8, 128, 128, 1025, 1153, 3.0, 2),
+                                                               (1, 8, 128, 128, 700, 640, 40.0, 2),
+                                                               (2, 8, 128, 128, 0, 128, 3.0, 2),
+                                                               (3, 5, 24, 16, 40, 300, 3.0, 4),
+                                                               (2, 3, 12, 4, 30, 37, 3.0, 1)])
+def test_attend_picks_equals_the_softmax_with_the_sink(n, h, c, w, t, k, spread, threads):
+    # a query's picks of its row's window and entries (read in place) split over the threads (spans of at least
+    # 128) and merged with the sink: the float64 reference within 1e-5 of the output's magnitude, with and without
+    # a mask, with a sink above every logit and below
+    q, window, entries, rows, mask = _picks_inputs(n, h, c, w, t, k, seed=n * 10 + k, spread=spread)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for sink in (torch.randn(h, generator=torch.Generator().manual_seed(k)), torch.full((h,), 60.0),
+                     torch.full((h,), -60.0)):
+            for m_ in (mask, None):
+                out = fused.attend_picks(q, window, entries, rows, m_, sink)
+                ref = _picks_reference(q, window, entries, rows, m_, sink)
+                assert out.shape == (n, h, c)
+                assert_close_scaled(out.double(), ref, 1e-5)
+                if m_ is not None:  # nothing visible: every weight goes to the sink, which has no value
+                    assert not out[0].any()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_attend_picks_names_bad_input():
+    q, window, entries, rows, _ = _picks_inputs(2, 4, 16, 4, 6, 8, seed=3)
+    rows[1, 2] = 10
+    with pytest.raises(RuntimeError, match="pick 10 is not one of the 4 \\+ 6 keys of a row"):
+        fused.attend_picks(q, window, entries, rows, None, torch.zeros(4))
+    rows[1, 2] = 9
+    with pytest.raises(RuntimeError, match="sink must be float32"):
+        fused.attend_picks(q, window, entries, rows, None, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="each row's keys contiguous"):
+        fused.attend_picks(q, window.transpose(1, 2)[:, :4], entries, rows, None, torch.zeros(4))

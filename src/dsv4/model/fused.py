@@ -20,6 +20,10 @@ prefill without autograd (``dsv4.model.hyper``); ``topk_lower``: the indexer's t
 in one selection a row and ``index_scores``: the indexer's scores without the [queries, heads, entries] dots
 (``dsv4.model.indexer``); ``serves(...)`` says when these inference kernels take the work.
 
+``attend_picks(q, window, entries, rows, mask, sink)``: a decoding step's attention over its picks of each row's
+window and entries (the decode state's buffers, read in place) and the sink, finished, each key read once and a
+query's picks split over the threads (``decode.attend_rows``, eager and compiled).
+
 ``expert_matvec(x, w, idx)``: each token's product with its own expert's matrix of stacked weights [E, N, K], read
 in place: the compiled decoding step's routed experts (a dispatcher operator, ``torch.ops.dsv4``, so that compiled
 graphs call it).
@@ -207,6 +211,18 @@ def sparse_attend(q: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor,
     return out.view(q.shape), m.view(*lead, h), s.view(*lead, h)
 
 
+def attend_picks(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor,
+                 mask: torch.Tensor | None, sink: torch.Tensor) -> torch.Tensor:
+    """A decoding step's attention, finished: each row's query q [R, H, c] float32 (scaled) against its picks
+    ``rows`` [R, k] (int64; j < W: the row's window key ``window[r, j]``, else its entry ``entries[r, j - W]``, both
+    [R, n, c] float32 read in place; ``mask`` [R, k] bool or None: which picks it sees) and the attention sink
+    ``sink`` [H] (a logit with no value) -> [R, H, c], the softmax over the visible picks and the sink applied to the
+    picks. The operator ``torch.ops.dsv4.attend_picks`` (``decode.attend_rows``, eager and compiled): each key read
+    once, a query's picks split over the threads and merged. No autograd."""
+    _module()
+    return torch.ops.dsv4.attend_picks(q, window, entries, rows, mask, sink)
+
+
 def expert_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Token m's product with its own expert's matrix: x [M, K] float32, w [E, N, K] float32 stacked, idx [M] int64
     -> [M, N] = x[m] @ w[idx[m]]^T, each picked weight row read once in place (``w[idx]`` and ``bmm``, the
@@ -310,6 +326,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dsv4::index_scores_rows")
     def _(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape[0], q.shape[1], keys.shape[1])
+
+    @torch.library.register_fake("dsv4::attend_picks")
+    def _(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor, rows: torch.Tensor,
+          mask: torch.Tensor | None, sink: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(q)
 
     @torch.library.register_fake("dsv4::hc_sinkhorn")
     def _(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

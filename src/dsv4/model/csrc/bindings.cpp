@@ -31,6 +31,7 @@ TORCH_LIBRARY(dsv4, m) {
   m.def("topk_lower(Tensor scores, int k) -> Tensor");
   m.def("hc_sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("index_scores_rows(Tensor q, Tensor w, Tensor keys) -> Tensor");
+  m.def("attend_picks(Tensor q, Tensor window, Tensor entries, Tensor rows, Tensor? mask, Tensor sink) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv4, CPU, m) {
@@ -38,4 +39,5 @@ TORCH_LIBRARY_IMPL(dsv4, CPU, m) {
   m.impl("topk_lower", &topk_lower);
   m.impl("hc_sinkhorn", &hc_sinkhorn);
   m.impl("index_scores_rows", &index_scores_rows);
+  m.impl("attend_picks", &attend_picks);
 }

@@ -203,11 +203,20 @@ inline void four_entries(const float* q, const float* w, const float* k, int64_t
 }
 
 // entries [t, t1) of one query, four at a time where the entries lie C apart; the index of the first left over
+// The keys of a long context come from memory, not from a cache: each four entries' lines are asked for AHEAD
+// entries before their turn (the hardware's prefetcher alone left the FMAs waiting): 32K entries x 64, a different
+// 8 MB of keys each call, 8 heads, 2 threads: 674-688 against 911 us
+constexpr int64_t AHEAD = 16;
+
 template <int64_t C>
 inline int64_t fours(const float* q, const float* w, const float* k, int64_t ldk, int64_t H, int64_t t,
                      int64_t t1, float* out) {
   if (ldk != C) return t;
-  for (; t + 4 <= t1; t += 4) four_entries<C, C>(q, w, k + t * C, H, out + t);
+  for (; t + 4 <= t1; t += 4) {
+    const char* ahead = reinterpret_cast<const char*>(k + (t + AHEAD) * C);  // past the keys: a hint, not a read
+    for (int64_t b = 0; b < 4 * C * static_cast<int64_t>(sizeof(float)); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    four_entries<C, C>(q, w, k + t * C, H, out + t);
+  }
   return t;
 }
 #endif

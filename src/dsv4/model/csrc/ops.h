@@ -15,6 +15,10 @@ bool vectorized();
 // sparse_attention.cpp: CSA's attention over each query's own picks, (out, m, s) of kernels.Partial
 std::vector<torch::Tensor> sparse_attend(torch::Tensor q, torch::Tensor entries, torch::Tensor rows,
                                          c10::optional<torch::Tensor> mask);
+// and a decoding step's attention over its picks of a row's window and entries and the sink, finished, the picks of
+// a query split over the threads
+torch::Tensor attend_picks(torch::Tensor q, torch::Tensor window, torch::Tensor entries, torch::Tensor rows,
+                           c10::optional<torch::Tensor> mask, torch::Tensor sink);
 
 // expert_matvec.cpp: each token's product with its own expert's matrix of stacked weights
 torch::Tensor expert_matvec(torch::Tensor x, torch::Tensor w, torch::Tensor idx);

@@ -35,6 +35,7 @@ namespace {
 constexpr float MASKED = -1e30f;    // kernels._MASKED: the maximum of a query with no visible pick
 constexpr float EXP_FLOOR = -80.f;  // kernels._EXP_FLOOR
 constexpr int64_t TILE = 32;        // visible picks per tile: 32 x c floats in L1 between the logits and the sum
+constexpr int64_t SPAN_LEAST = 128; // attend_picks: the fewest picks a thread takes of one query
 
 #if DSV4_AVX2
 // z[h * TILE + p] = q[h] . e[p] for the NH heads (q [NH, c], row stride c) and four picks e[0..4) (c a multiple of
@@ -92,10 +93,10 @@ inline void weighted(const float* p, const float* const* ents, int64_t n, int64_
 }
 #endif
 
-// one query: q [H, c], its k picks (rows into entries [R, c]; mask null or [k]); out [H, c], m [H], s [H]; z: a
-// scratch [H, TILE]. The visible picks are taken TILE at a time.
-void one_query(const float* q, const float* entries, const int64_t* rows, const bool* mask, int64_t H, int64_t c,
-               int64_t k, float* out, float* m, float* s, float* z) {
+// one query: q [H, c], its k picks (rows into entries [R, c], rows from ``split`` on into ``more``; mask null or
+// [k]); out [H, c], m [H], s [H]; z: a scratch [H, TILE]. The visible picks are taken TILE at a time.
+void one_query(const float* q, const float* entries, int64_t split, const float* more, const int64_t* rows,
+               const bool* mask, int64_t H, int64_t c, int64_t k, float* out, float* m, float* s, float* z) {
   std::fill(out, out + H * c, 0.f);
   std::fill(m, m + H, MASKED);
   std::fill(s, s + H, 0.f);
@@ -109,7 +110,8 @@ void one_query(const float* q, const float* entries, const int64_t* rows, const 
   while (next < k) {
     int64_t n = 0;  // the tile's visible picks
     for (; next < k && n < TILE; ++next)
-      if (!mask || mask[next]) ents[n++] = entries + rows[next] * c;
+      if (!mask || mask[next])
+        ents[n++] = rows[next] < split ? entries + rows[next] * c : more + (rows[next] - split) * c;
     if (n == 0) break;
     // the tile's logits z[h, j]
     if (vec) {
@@ -217,8 +219,89 @@ std::vector<torch::Tensor> sparse_attend(torch::Tensor q, torch::Tensor entries,
   at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> z(H * TILE);
     for (int64_t i = i0; i < i1; ++i)
-      one_query(qp + i * H * c, ep, rp + i * k, mp ? mp + i * k : nullptr, H, c, k, op + i * H * c, mo + i * H,
-                so + i * H, z.data());
+      one_query(qp + i * H * c, ep, R, nullptr, rp + i * k, mp ? mp + i * k : nullptr, H, c, k, op + i * H * c,
+                mo + i * H, so + i * H, z.data());
   });
   return {out, m, s};
+}
+
+// attend_picks: a decoding step's attention, finished: each row's query q [R, H, c] against its picks among the
+// row's window keys window[r] [W, c] and compressed entries entries[r] [T, c] (rows[r] [k]: j < W the window's key
+// j, else entry j - W; mask [R, k] which of them it sees, or none), with the attention sink (a logit with no
+// value): out [R, H, c] = sum_j p_hj key_j, p the softmax over the visible picks and the sink. The window and the
+// entries are the decode state's buffers, read in place (any stride between rows), so that the window, CSA's top-k
+// and HCA's every entry are all picks of one pass that reads each key once, where a [H, c] x [c, K] product, a
+// softmax and a [H, K] x [K, c] product read them twice and spent some 20 us a call each on a library's set-up. A
+// step has one query a row, too few to keep the threads busy one query each, so a query's picks are split into
+// spans (flash decoding): each span's (out, m, s) by one_query, merged with the sink at the end.
+torch::Tensor attend_picks(torch::Tensor q, torch::Tensor window, torch::Tensor entries, torch::Tensor rows,
+                           c10::optional<torch::Tensor> mask, torch::Tensor sink) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.device().is_cpu(),
+              "attend_picks: q must be a float32 CPU tensor [R, H, c], got ", q.sizes(), " ", q.scalar_type());
+  const int64_t N = q.size(0), H = q.size(1), c = q.size(2);
+  for (const auto* t : {&window, &entries})
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->size(0) == N &&
+                    t->size(2) == c && t->stride(2) == 1 && (t->size(1) < 2 || t->stride(1) == c),
+                "attend_picks: window and entries must be float32 CPU [", N, ", n, ", c, "] with each row's keys "
+                "contiguous, got ", t->sizes(), " strides ", t->strides(), " ", t->scalar_type());
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == torch::kInt64 && rows.size(0) == N,
+              "attend_picks: rows must be int64 [", N, ", k], got ", rows.sizes(), " ", rows.scalar_type());
+  TORCH_CHECK(sink.dim() == 1 && sink.size(0) == H && sink.scalar_type() == torch::kFloat32,
+              "attend_picks: sink must be float32 [", H, "], got ", sink.sizes(), " ", sink.scalar_type());
+  const int64_t k = rows.size(1), W = window.size(1), T = entries.size(1);
+  q = q.contiguous();
+  rows = rows.contiguous();
+  sink = sink.contiguous();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const bool* mp = nullptr;
+  torch::Tensor mk;
+  if (mask.has_value()) {
+    mk = mask->contiguous();
+    TORCH_CHECK(mk.scalar_type() == torch::kBool && mk.sizes() == rows.sizes(),
+                "attend_picks: mask must be bool with rows' shape ", rows.sizes(), ", got ", mk.sizes(), " ",
+                mk.scalar_type());
+    mp = mk.data_ptr<bool>();
+  }
+  for (int64_t i = 0; i < N * k; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < W + T, "attend_picks: pick ", rp[i], " is not one of the ", W, " + ", T,
+                " keys of a row");
+  // spans per query: enough to give every thread work, none shorter than SPAN_LEAST picks
+  const int64_t threads = at::get_num_threads();
+  const int64_t spans = N >= threads ? 1 : std::max<int64_t>(1, std::min((threads + N - 1) / N, k / SPAN_LEAST));
+  const int64_t span = (k + spans - 1) / spans;
+  auto part_out = torch::empty({N, spans, H, c}, q.options());
+  auto part_m = torch::empty({N, spans, H}, q.options());
+  auto part_s = torch::empty({N, spans, H}, q.options());
+  const float *qp = q.data_ptr<float>(), *sp = sink.data_ptr<float>();
+  const float *wp = window.data_ptr<float>(), *ep = entries.data_ptr<float>();
+  const int64_t wstride = window.stride(0), estride = entries.stride(0);
+  float *po = part_out.data_ptr<float>(), *pm = part_m.data_ptr<float>(), *ps = part_s.data_ptr<float>();
+  at::parallel_for(0, N * spans, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> z(H * TILE);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = j / spans, p0 = (j % spans) * span, n = std::max<int64_t>(0, std::min(k, p0 + span) - p0);
+      one_query(qp + i * H * c, wp + i * wstride, W, ep + i * estride, rp + i * k + p0,
+                mp ? mp + i * k + p0 : nullptr, H, c, n, po + j * H * c, pm + j * H, ps + j * H, z.data());
+    }
+  });
+  auto out = torch::empty({N, H, c}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t h = 0; h < H; ++h) {  // the spans and the sink on one scale: their maximum
+      float top = sp[h];
+      for (int64_t p = 0; p < spans; ++p) top = std::max(top, pm[(i * spans + p) * H + h]);
+      float total = std::exp(sp[h] - top);
+      float* o = op + (i * H + h) * c;
+      std::fill(o, o + c, 0.f);
+      for (int64_t p = 0; p < spans; ++p) {
+        const int64_t j = (i * spans + p) * H + h;
+        const float f = std::exp(pm[j] - top);  // 0 for a span with nothing visible (m = -1e30)
+        total += f * ps[j];
+        const float* src = po + j * c;
+        for (int64_t d = 0; d < c; ++d) o[d] += f * src[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < c; ++d) o[d] *= inv;
+    }
+  return out;
 }
