@@ -8,13 +8,14 @@ around the same kernels (``DSV4_CPP_WRAPPER=0``)."""
 
 import copy
 import logging
+import types
 
 import pytest
 import torch
 
 from dsv4 import ModelConfig, Transformer
 from dsv4.generate import generate
-from dsv4.model import decode
+from dsv4.model import decode, fused
 from dsv4.model.decode import DecodeState, DecodeStep, capacity_bucket
 from dsv4.serve.engine import Engine, SamplingParams
 from lively import lively
@@ -57,7 +58,8 @@ def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model, m
     with torch.inference_mode():
         eager, step, ids = filled(model, [3, 17, 40])
         compiled, compiled_step, _ = filled(model, [3, 17, 40], compile=True)
-        alone, alone_step, _ = filled(model, [3, 17, 40], compile=True)  # the same graph: no second compilation
+        # the same graph (no second compilation), called directly with this state's inputs (decode._SHARED)
+        alone, alone_step, _ = filled(model, [3, 17, 40], compile=True)
         for r in (0, 2):  # row 1 alone in its batch
             alone.reset_row(r)
         for _ in range(45):  # row 0 from 3 to 48 tokens: the ring (16) wraps, CSA (4) and HCA (16) blocks end
@@ -68,6 +70,8 @@ def test_the_compiled_step_equals_the_eager_step_and_is_batch_invariant(model, m
             assert torch.equal(c[1], b[1])  # the other rows (free in ``alone``) change nothing of row 1
         assert eager.lengths.tolist() == compiled.lengths.tolist() == [48, 62, 85, 0]
         assert decode.cpp_wrapper()
+        if fused.available():  # its graph called without dynamo (the reference attention's graph is not)
+            assert compiled_step.direct and alone_step.direct
         compiled.lengths[2] = 96  # the compiled step checks room and ids before it runs, as the eager one does
         with pytest.raises(ValueError, match="full"):
             compiled_step(tokens)
@@ -254,3 +258,50 @@ def test_an_unguarded_step_skips_guards_and_compiles_once_more_for_an_unseen_inp
     assert torch.equal(run(torch.ones(3)), torch.full((3,), 2.0)) and len(traces) == 1
     assert torch.equal(run(torch.ones(4)), torch.full((4,), 2.0)) and len(traces) == 2
     assert torch.equal(run(torch.ones(4)), torch.full((4,), 2.0)) and len(traces) == 2
+
+
+def test_a_direct_step_runs_its_one_graph_and_is_refused_where_it_cannot_be_shown_safe():
+    # decode.direct_step: the graph called without dynamo, where one graph takes the warm-up's tokens, writes its
+    # buffers in place and repeats its first call; refused for an attribute given a new tensor (which dynamo would
+    # store) and for a function split into two graphs
+    buf = torch.zeros(3)
+
+    def step(tokens):
+        buf.copy_(tokens + 1)  # written in place: the graph returns the buffer itself
+        return tokens * 2 + buf.sum()
+
+    warm = torch.zeros(3)
+    owner = types.SimpleNamespace(model=torch.nn.Module(), state=types.SimpleNamespace())  # holds none of them
+    fn = decode.compile_step(step, "cpu")
+    with torch.inference_mode(), decode.capturing([]) as graphs:
+        first = fn(warm)
+    direct = decode.direct_step(owner, graphs, warm, first)
+    assert len(graphs) == 1 and direct is not None
+    assert torch.equal(direct(torch.ones(3)), torch.full((3,), 8.0)) and torch.equal(buf, torch.full((3,), 2.0))
+    run = decode.direct_or(direct, warm, lambda t: "guarded")
+    assert run(torch.ones(3, dtype=torch.float64)) == "guarded" and torch.equal(run(warm), first)
+
+    class Holder:
+        t = torch.zeros(3)
+
+    holder = Holder()
+
+    def rebinds(tokens):
+        holder.t = tokens + 1  # a new tensor stored on an object: dynamo's code after the graph does that
+        return tokens * 2
+
+    fn = decode.compile_step(rebinds, "cpu")
+    with torch.inference_mode(), decode.capturing([]) as graphs:
+        first = fn(warm)
+    assert len(graphs) == 1 and decode.direct_step(owner, graphs, warm, first) is None
+
+    def split(tokens):
+        a = tokens * 2
+        torch._dynamo.graph_break()
+        return a + 1
+
+    fn = decode.compile_step(split, "cpu")
+    with torch.inference_mode(), decode.capturing([]) as graphs:
+        first = fn(warm)
+    assert len(graphs) == 2 and decode.direct_step(owner, graphs, warm, first) is None
+    assert decode.direct_step(owner, [], warm, first) is None  # nothing captured, and no shared graph fits

@@ -522,7 +522,8 @@ def bench_decode(args) -> dict:
         cms = statistics.median(times["v4_compiled"]) * 1e3
         out.update({"compiled_ms_per_token": cms, "compiled_vs_roofline": cms / roof,
                     "compiled_speedup_vs_eager": ms / cms, "compile_seconds": compile_s["v4"],
-                    "capacity": runs["v4_compiled"].cache.capacity})
+                    "capacity": runs["v4_compiled"].cache.capacity,
+                    "compiled_direct": runs["v4_compiled"].step.direct})  # its graph called without dynamo
         if "v4_4k" in runs:
             cms_4k = statistics.median(times["v4_4k_compiled"]) * 1e3
             out.update({"compiled_ms_per_token_4k": cms_4k, "compiled_ratio_vs_4k": cms / cms_4k,

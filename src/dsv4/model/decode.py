@@ -27,6 +27,9 @@ Python floats, the routed experts token by token): one switch, ``EAGER_STEP``, s
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import logging
 import math
 import operator
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.cache import CompressorState, LayerCache, ModelCache
-from dsv4.model import kernels
+from dsv4.model import fused, kernels
 from dsv4.model.indexer import chunk_scores, topk_lower_index
 from dsv4.model.linear import activation_dtype, linear
 from dsv4.model.precision import compute_dtype, upcast
@@ -315,6 +318,7 @@ class DecodeStep:
     def __init__(self, model, state: DecodeState, compile: bool = False, fullgraph: bool = False):
         self.model, self.state = model, state
         self.compile_seconds: float | None = None
+        self.direct = False  # compiled and called without dynamo (``direct_step``)
         self._run = self.eager
         if compile:
             self.compile(fullgraph=fullgraph)
@@ -340,10 +344,21 @@ class DecodeStep:
         """Compile and warm up the step (see the class); whether it is compiled. ``fullgraph``: a graph break is an
         error (which falls back to eager) instead of a split graph."""
         fn = compile_step(self.eager, self.model.device, fullgraph)
-        seconds = warm_up(self.state, lambda: fn(torch.zeros(self.state.rows, dtype=torch.long)), "decoding step")
+        warm = torch.zeros(self.state.rows, dtype=torch.long)
+        direct = None
+
+        def run() -> None:
+            nonlocal direct
+            with capturing([]) as graphs:
+                logits = fn(warm)
+            direct = direct_step(self, graphs, warm, logits)
+
+        seconds = warm_up(self.state, run, "decoding step")
         if seconds is None:
             return False
-        self.compile_seconds, self._run = seconds, unguarded(fn)
+        guarded = unguarded(fn)
+        self.compile_seconds, self._run = seconds, guarded if direct is None else direct_or(direct, warm, guarded)
+        self.direct = direct is not None
         return True
 
 
@@ -352,9 +367,179 @@ def compile_step(fn, device: torch.device, fullgraph: bool = False):
     (``cpp_wrapper``): the code that calls the step's some hundred kernels and allocates their buffers is compiled
     C++ instead of Python, the CPU's counterpart of a CUDA graph's replay. A decoding step of the small preset at 4K
     took 11.95 ms against 14.44 with the Python wrapper (``benchmarks/compile_wrapper.py``, equal logits); compiling
-    it takes minutes more (``DSV4_CPP_WRAPPER=0`` keeps the Python wrapper)."""
-    options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" and cpp_wrapper() else None
-    return torch.compile(fn, dynamic=False, fullgraph=fullgraph, options=options)
+    it takes minutes more (``DSV4_CPP_WRAPPER=0`` keeps the Python wrapper). The graphs it compiles inside
+    ``capturing(graphs)`` are appended to ``graphs``, for ``direct_step``."""
+    cpu = torch.device(device).type == "cpu"
+    return torch.compile(fn, backend=_inductor(cpu, cpu and cpp_wrapper()), dynamic=False, fullgraph=fullgraph)
+
+
+_CAPTURE = threading.local()  # graphs: where ``compile_step``'s backend appends what it compiles (see ``capturing``)
+
+
+@functools.cache
+def _inductor(cpu: bool, cpp: bool):
+    """Inductor as ``torch.compile``'s backend (on the ``cpu``, with the C++ wrapper where ``cpp``), one object per
+    option, so that steps of one shape share their compiled graph, as with ``backend="inductor"``; it also hands
+    each graph it compiles to ``capturing``."""
+    from torch._inductor.compile_fx import compile_fx
+
+    # On the CPU, a one-row product of at most 2048 x 2048 (mHC's mixing and collapse, the router's gate, the
+    # low-rank projections) is written as a product and a sum that inductor fuses with its neighbours
+    # (``decompose_mm_pass``), instead of a library call with some 10-20 us of set-up for a few microseconds of
+    # work: 14.4 against 15.1 ms a step of the small preset at 131K, in one process
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else None
+    if cpu and cpp:
+        options["cpp_wrapper"] = True
+
+    def inductor(gm, inputs):
+        compiled = compile_fx(gm, inputs, config_patches=options)
+        graphs = getattr(_CAPTURE, "graphs", None)
+        if graphs is not None:
+            graphs.append((gm, list(inputs), compiled))
+        return compiled
+
+    return inductor
+
+
+@contextlib.contextmanager
+def capturing(graphs: list):
+    """While inside: each graph that a step of ``compile_step`` compiles on this thread is appended to ``graphs`` as
+    (graph module, its inputs, the compiled function). A step whose graph dynamo already had (another step of the
+    same shapes) appends nothing."""
+    _CAPTURE.graphs = graphs
+    try:
+        yield graphs
+    finally:
+        _CAPTURE.graphs = None
+
+
+_SHARED: list[tuple] = []  # (compiled, each input's path on its step, their metadata) of graphs steps may share
+_SHARED_KEEP = 16
+
+
+def direct_step(step, graphs: list, tokens: torch.Tensor, expected: torch.Tensor):
+    """``step``'s compiled graph as a direct call, without dynamo: or None where that cannot be shown safe.
+    Dynamo's part of a call (finding the graph, gathering its some 300 inputs off the model and the state, which
+    never change: parameters and preallocated buffers, written in place) took about 0.8 ms of a 12 ms step of the
+    small preset. The graph is the one dynamo compiled during the warm-up (``graphs``, from ``capturing``: one
+    graph, ``tokens`` one of its inputs), or where dynamo gave ``step`` a graph it had compiled for another step of
+    the same shapes (nothing captured), that graph with the inputs found on ``step`` where they were found on the
+    other (``_SHARED``: the model's parameters and buffers by name, the state's tensors by attribute). Either way a
+    direct call on the free rows (which compute at position 0 and do not advance, so that a second call repeats the
+    first's writes) must return one new tensor equal to the warm-up's logits ``expected``, every other output being
+    one of its inputs or a view of one (a buffer written in place, which dynamo would store back where it came
+    from). Returns ``call(tokens) -> logits`` for token tensors of the warm-up's dtype and device."""
+    if len(graphs) > 1:
+        return None
+    if graphs:
+        _, inputs, compiled = graphs[0]
+        if sum(t is tokens for t in inputs) != 1:
+            return None
+        call = _verified(inputs, compiled, tokens, expected)
+        paths = _input_paths(step, inputs, tokens) if call is not None else None
+        if paths is not None:
+            del _SHARED[:-_SHARED_KEEP + 1]
+            _SHARED.append((compiled, paths, [_meta(t) for t in inputs]))
+        return call
+    for compiled, paths, meta in reversed(_SHARED):
+        inputs = _resolve(step, paths, tokens)
+        if inputs is not None and [_meta(t) for t in inputs] == meta:
+            call = _verified(inputs, compiled, tokens, expected)
+            if call is not None:
+                return call
+    return None
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device, t.storage_offset()
+
+
+def _input_paths(step, inputs: list, tokens: torch.Tensor) -> list | None:
+    """Where each input of a step's graph lives on ``step`` (None for the tokens): ("model", name) for a parameter
+    or buffer, ("state", attribute or index, ...) for a tensor of the decode state; None if one is elsewhere. A
+    tensor is found by the memory it views (dynamo may have stored an alias of a buffer written in place back in
+    the attribute, as the warm-up's call does with the lengths)."""
+    where: dict[tuple, tuple] = {}
+    for name, t in itertools.chain(step.model.named_parameters(), step.model.named_buffers()):
+        where.setdefault(_view(t), ("model", name))
+
+    def walk(obj, path: tuple, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            where.setdefault(_view(obj), path)
+        elif depth and isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, path + (i,), depth - 1)
+        elif depth and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            for k, v in vars(obj).items():
+                walk(v, path + (k,), depth - 1)
+
+    walk(step.state, ("state",), 4)
+    paths = [None if t is tokens else where.get(_view(t)) for t in inputs]
+    return None if sum(p is None for p in paths) != 1 else paths
+
+
+def _view(t: torch.Tensor) -> tuple:
+    return _storage(t), t.storage_offset(), t.shape, t.stride(), t.dtype
+
+
+def _resolve(step, paths: list, tokens: torch.Tensor) -> list | None:
+    """``_input_paths``' inputs found on another ``step`` (None where one is missing)."""
+    inputs = []
+    named = dict(itertools.chain(step.model.named_parameters(), step.model.named_buffers()))
+    try:
+        for path in paths:
+            if path is None:
+                inputs.append(tokens)
+            elif path[0] == "model":
+                inputs.append(named[path[1]])
+            else:
+                obj = step.state
+                for k in path[1:]:
+                    obj = obj[k] if isinstance(k, int) else getattr(obj, k)
+                inputs.append(obj)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return inputs if all(isinstance(t, torch.Tensor) for t in inputs) else None
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _verified(inputs: list, compiled, tokens: torch.Tensor, expected: torch.Tensor):
+    """``direct_step``'s check of one graph and its inputs, and the call it gives (or None)."""
+    try:
+        with torch.inference_mode():
+            outputs = compiled(*inputs)
+    except Exception as e:  # the guarded call stays
+        log.info("a compiled step cannot be called directly (%s: %s)", type(e).__name__, e)
+        return None
+    if not isinstance(outputs, (list, tuple)):
+        return None
+    known = {_storage(t) for t in inputs}
+    fresh = [i for i, o in enumerate(outputs) if not isinstance(o, torch.Tensor) or _storage(o) not in known]
+    if len(fresh) != 1 or not torch.equal(outputs[fresh[0]], expected):
+        return None
+    slot, out = next(i for i, t in enumerate(inputs) if t is tokens), fresh[0]
+
+    def call(t: torch.Tensor) -> torch.Tensor:
+        args = list(inputs)
+        args[slot] = t
+        with torch.inference_mode():
+            return compiled(*args)[out]
+
+    return call
+
+
+def direct_or(direct, warm: torch.Tensor, guarded):
+    """``direct`` for tokens like the warm-up's ``warm`` (dtype, device), ``guarded`` (which compiles another graph
+    once if needed) for others."""
+    def call(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype == warm.dtype and tokens.device == warm.device:
+            return direct(tokens)
+        return guarded(tokens)
+
+    return call
 
 
 def cpp_wrapper() -> bool:
@@ -502,7 +687,12 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
     slot = pos % attn.window
     layer.ring[idx, slot] = kv[:, 0].to(layer.ring.dtype)
     layer.ring_pos[idx, slot] = pos
+    # the kernel reads the keys in place (``fused.attend_picks``: each once, ``rows`` [R, k] the picks among a row's
+    # window, then its entries); the reference gathers and concatenates them
+    fast = fused.inference_serves(layer.ring)
+    w = layer.ring.shape[1]
     keys, mask = upcast(layer.ring), layer.ring_pos >= 0  # the ring holds exactly each row's window: [R, W]
+    rows, entries = torch.arange(w, device=q.device).expand(r, w), layer.ring[:, :0]
     if attn.compressor is not None:
         entries = upcast(compress_rows(attn.compressor, x, attn.rotary, layer.compressor, pos))  # [R, T, c]
         t = entries.shape[1]
@@ -516,12 +706,18 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
             scores = scores.masked_fill(~visible, float("-inf"))
             pick = topk_lower_index(scores, min(attn.indexer.topk, t))  # [R, k]
             visible = scores.gather(-1, pick) > float("-inf")  # fewer than k visible: the rest are masked
-            entries = entries.gather(1, pick.unsqueeze(-1).expand(-1, -1, c))  # [R, k, c]
-            keys = torch.cat([keys, entries], dim=1)
+            rows = torch.cat([rows, w + pick], dim=1)
+            if not fast:
+                keys = torch.cat([keys, entries.gather(1, pick.unsqueeze(-1).expand(-1, -1, c))], dim=1)  # [R, k, c]
         else:  # every entry slot: the ring and the slots are one buffer
-            keys = layer.keys
+            rows = torch.arange(w + t, device=q.device).expand(r, w + t)
+            if not fast:
+                keys = layer.keys
         mask = torch.cat([mask, visible], dim=1)
     qs = upcast(q).view(r, h, c) * attn.scale
+    if fast:
+        out = fused.attend_picks(qs, layer.ring, entries, rows, mask, attn.attn_sink.float())
+        return out.view(r, 1, h, c).to(q.dtype)
     logits = torch.bmm(qs, keys.transpose(1, 2)).masked_fill(~mask.unsqueeze(1), float("-inf"))  # [R, H, K]
     sink = upcast(attn.attn_sink).view(1, h, 1).expand(r, h, 1)
     probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
