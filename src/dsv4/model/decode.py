@@ -311,7 +311,8 @@ class DecodeStep:
     """One decoding step of ``state``: a token per row [R] -> logits [R, V] (float32), each row at its own position,
     the state advanced. Eager (the reference), or compiled once for the state's (rows, capacity) with
     ``torch.compile`` (inductor's C++ on the CPU; its cache keeps the result between runs): the one compiled
-    decoding step that ``dsv4.generate`` and the serving engine both run. ``compile()`` warms the step up on the
+    decoding step that ``dsv4.generate`` and the serving engine both run; its graph is then called directly, without
+    dynamo's per-call work, where ``direct_step`` shows that safe (``direct``). ``compile()`` warms the step up on the
     state, whose rows must then all be free (they are cleared after); where no compiler works it logs one warning and
     the step stays eager. ``compile_seconds``: how long compiling and warming up took (None: eager)."""
 
@@ -692,7 +693,7 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
     fast = fused.inference_serves(layer.ring)
     w = layer.ring.shape[1]
     keys, mask = upcast(layer.ring), layer.ring_pos >= 0  # the ring holds exactly each row's window: [R, W]
-    rows, entries = torch.arange(w, device=q.device).expand(r, w), layer.ring[:, :0]
+    rows, entries = torch.arange(w, device=q.device).expand(r, w) if fast else None, layer.ring[:, :0]
     if attn.compressor is not None:
         entries = upcast(compress_rows(attn.compressor, x, attn.rotary, layer.compressor, pos))  # [R, T, c]
         t = entries.shape[1]
@@ -706,13 +707,14 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
             scores = scores.masked_fill(~visible, float("-inf"))
             pick = topk_lower_index(scores, min(attn.indexer.topk, t))  # [R, k]
             visible = scores.gather(-1, pick) > float("-inf")  # fewer than k visible: the rest are masked
-            rows = torch.cat([rows, w + pick], dim=1)
-            if not fast:
+            if fast:
+                rows = torch.cat([rows, w + pick], dim=1)
+            else:
                 keys = torch.cat([keys, entries.gather(1, pick.unsqueeze(-1).expand(-1, -1, c))], dim=1)  # [R, k, c]
-        else:  # every entry slot: the ring and the slots are one buffer
+        elif fast:  # every entry slot
             rows = torch.arange(w + t, device=q.device).expand(r, w + t)
-            if not fast:
-                keys = layer.keys
+        else:  # the ring and the slots are one buffer
+            keys = layer.keys
         mask = torch.cat([mask, visible], dim=1)
     qs = upcast(q).view(r, h, c) * attn.scale
     if fast:

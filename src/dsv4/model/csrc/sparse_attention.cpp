@@ -183,6 +183,16 @@ void one_query(const float* q, const float* entries, int64_t split, const float*
   }
 }
 
+// a mask's bools (null for none), checked to have the picks' shape; ``keep`` holds its contiguous copy
+const bool* mask_data(const char* op, const c10::optional<torch::Tensor>& mask, const torch::Tensor& rows,
+                      torch::Tensor& keep) {
+  if (!mask.has_value()) return nullptr;
+  keep = mask->contiguous();
+  TORCH_CHECK(keep.scalar_type() == torch::kBool && keep.sizes() == rows.sizes(), op,
+              ": mask must be bool with rows' shape ", rows.sizes(), ", got ", keep.sizes(), " ", keep.scalar_type());
+  return keep.data_ptr<bool>();
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> sparse_attend(torch::Tensor q, torch::Tensor entries, torch::Tensor rows,
@@ -200,15 +210,8 @@ std::vector<torch::Tensor> sparse_attend(torch::Tensor q, torch::Tensor entries,
   entries = entries.contiguous();
   rows = rows.contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  const bool* mp = nullptr;
   torch::Tensor mk;
-  if (mask.has_value()) {
-    mk = mask->contiguous();
-    TORCH_CHECK(mk.scalar_type() == torch::kBool && mk.sizes() == rows.sizes(),
-                "sparse_attend: mask must be bool with rows' shape ", rows.sizes(), ", got ", mk.sizes(), " ",
-                mk.scalar_type());
-    mp = mk.data_ptr<bool>();
-  }
+  const bool* mp = mask_data("sparse_attend", mask, rows, mk);
   for (int64_t i = 0; i < N * k; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < R, "sparse_attend: pick ", rp[i], " is not a row of the ", R, " entries");
   auto out = torch::empty({N, H, c}, q.options());
@@ -253,15 +256,8 @@ torch::Tensor attend_picks(torch::Tensor q, torch::Tensor window, torch::Tensor 
   rows = rows.contiguous();
   sink = sink.contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  const bool* mp = nullptr;
   torch::Tensor mk;
-  if (mask.has_value()) {
-    mk = mask->contiguous();
-    TORCH_CHECK(mk.scalar_type() == torch::kBool && mk.sizes() == rows.sizes(),
-                "attend_picks: mask must be bool with rows' shape ", rows.sizes(), ", got ", mk.sizes(), " ",
-                mk.scalar_type());
-    mp = mk.data_ptr<bool>();
-  }
+  const bool* mp = mask_data("attend_picks", mask, rows, mk);
   for (int64_t i = 0; i < N * k; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < W + T, "attend_picks: pick ", rp[i], " is not one of the ", W, " + ", T,
                 " keys of a row");
