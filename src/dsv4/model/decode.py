@@ -455,13 +455,23 @@ def _meta(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device, t.storage_offset()
 
 
+def _view(t: torch.Tensor) -> tuple:
+    """The memory a tensor views: its storage and ``_meta``."""
+    return _storage(t), *_meta(t)
+
+
+def _named_tensors(model):
+    """The model's parameters and buffers with their names."""
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
 def _input_paths(step, inputs: list, tokens: torch.Tensor) -> list | None:
     """Where each input of a step's graph lives on ``step`` (None for the tokens): ("model", name) for a parameter
     or buffer, ("state", attribute or index, ...) for a tensor of the decode state; None if one is elsewhere. A
     tensor is found by the memory it views (dynamo may have stored an alias of a buffer written in place back in
     the attribute, as the warm-up's call does with the lengths)."""
     where: dict[tuple, tuple] = {}
-    for name, t in itertools.chain(step.model.named_parameters(), step.model.named_buffers()):
+    for name, t in _named_tensors(step.model):
         where.setdefault(_view(t), ("model", name))
 
     def walk(obj, path: tuple, depth: int) -> None:
@@ -479,14 +489,10 @@ def _input_paths(step, inputs: list, tokens: torch.Tensor) -> list | None:
     return None if sum(p is None for p in paths) != 1 else paths
 
 
-def _view(t: torch.Tensor) -> tuple:
-    return _storage(t), t.storage_offset(), t.shape, t.stride(), t.dtype
-
-
 def _resolve(step, paths: list, tokens: torch.Tensor) -> list | None:
     """``_input_paths``' inputs found on another ``step`` (None where one is missing)."""
     inputs = []
-    named = dict(itertools.chain(step.model.named_parameters(), step.model.named_buffers()))
+    named = dict(_named_tensors(step.model))
     try:
         for path in paths:
             if path is None:

@@ -202,12 +202,12 @@ inline void four_entries(const float* q, const float* w, const float* k, int64_t
   _mm_storeu_ps(out, s);
 }
 
-// entries [t, t1) of one query, four at a time where the entries lie C apart; the index of the first left over
 // The keys of a long context come from memory, not from a cache: each four entries' lines are asked for AHEAD
 // entries before their turn (the hardware's prefetcher alone left the FMAs waiting): 32K entries x 64, a different
 // 8 MB of keys each call, 8 heads, 2 threads: 674-688 against 911 us
 constexpr int64_t AHEAD = 16;
 
+// entries [t, t1) of one query, four at a time where the entries lie C apart; the index of the first left over
 template <int64_t C>
 inline int64_t fours(const float* q, const float* w, const float* k, int64_t ldk, int64_t H, int64_t t,
                      int64_t t1, float* out) {
