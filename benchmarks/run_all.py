@@ -47,6 +47,10 @@ GPU_PLAN = [
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--device", "cuda"],
     ["decode", "--preset", "small", "--context", "131072", "--repeats", "1", "--batch-size", "16", "--device", "cuda"],
     ["train", "--preset", "small", "--context", "2048", "--batch-size", "2", "--steps", "3", "--device", "cuda"],
+    # the compiled decoding step as CUDA graphs, against dense decoding compiled the same way; last: the slowest to
+    # compile, so that a timeout loses only it
+    ["decode", "--preset", "small", "--context", "131072", "--tokens", "16", "--fill", "random", "--compile",
+     "--no-4k", "--device", "cuda"],
 ]
 # the curves of docs/bench-<machine>.png. Decode at 4K to 1M from V4 caches of random entries of the right shapes and
 # bytes (--fill random: seconds to fill where a 1M prefill takes over half an hour), eager and compiled, V4 and dense,

@@ -305,3 +305,23 @@ def test_a_direct_step_runs_its_one_graph_and_is_refused_where_it_cannot_be_show
         first = fn(warm)
     assert len(graphs) == 2 and decode.direct_step(owner, graphs, warm, first) is None
     assert decode.direct_step(owner, [], warm, first) is None  # nothing captured, and no shared graph fits
+
+
+def test_what_the_cpu_can_check_of_the_cuda_graph_step(model):
+    # on a CUDA device compile_step records the step as CUDA graphs (benchmarks/gpu_check.py holds it to the eager
+    # step there): every tensor of the decode state is marked a static input, which the graphs write in place
+    # instead of copying in and out, and a replayed step hands out copies of its outputs, which the next replay
+    # of the graphs overwrites
+    state = DecodeState(model, 2, 64, mtp=True)
+    found = {decode._view(t) for _, t in decode._state_tensors(state)}
+    wanted = [state.lengths, state.active]
+    for layer in state.all_layers():
+        wanted += [layer.ring, layer.ring_pos] + [t for p in layer.parts() for t in vars(p).values() if t is not None]
+    assert len(wanted) > 20 and all(decode._view(t) in found for t in wanted)
+    decode.static_state(state)
+    assert all(t._dynamo_static_input_type == "unguarded" for _, t in decode._state_tensors(state))
+    pool = torch.arange(3.0)  # stands for the graphs' memory pool
+    replay = decode.replayed(lambda x: (pool * x, {"same": pool}))
+    product, named = replay(torch.tensor(2.0))
+    assert torch.equal(named["same"], pool) and named["same"].data_ptr() != pool.data_ptr()
+    assert torch.equal(product, torch.tensor([0.0, 2.0, 4.0]))

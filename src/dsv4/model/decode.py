@@ -339,20 +339,21 @@ class DecodeStep:
         if self.compiled:  # the compiled step checks nothing (a check reads values back): here, as eager does
             self.model._check_ids(tokens.unsqueeze(1))
             positions_of(self.state, 1, self.model.config.max_position_embeddings)
-        return self._run(tokens)
+        return self._run(tokens.to(self.model.device))
 
     def compile(self, fullgraph: bool = False) -> bool:
         """Compile and warm up the step (see the class); whether it is compiled. ``fullgraph``: a graph break is an
         error (which falls back to eager) instead of a split graph."""
         fn = compile_step(self.eager, self.model.device, fullgraph)
-        warm = torch.zeros(self.state.rows, dtype=torch.long)
+        warm = torch.zeros(self.state.rows, dtype=torch.long, device=self.model.device)
         direct = None
 
         def run() -> None:
             nonlocal direct
             with capturing([]) as graphs:
                 logits = fn(warm)
-            direct = direct_step(self, graphs, warm, logits)
+            if warm.device.type == "cpu":  # on a GPU the CUDA graphs replay the step (``compile_step``)
+                direct = direct_step(self, graphs, warm, logits)
 
         seconds = warm_up(self.state, run, "decoding step")
         if seconds is None:
@@ -368,29 +369,54 @@ def compile_step(fn, device: torch.device, fullgraph: bool = False):
     (``cpp_wrapper``): the code that calls the step's some hundred kernels and allocates their buffers is compiled
     C++ instead of Python, the CPU's counterpart of a CUDA graph's replay. A decoding step of the small preset at 4K
     took 11.95 ms against 14.44 with the Python wrapper (``benchmarks/compile_wrapper.py``, equal logits); compiling
-    it takes minutes more (``DSV4_CPP_WRAPPER=0`` keeps the Python wrapper). The graphs it compiles inside
-    ``capturing(graphs)`` are appended to ``graphs``, for ``direct_step``."""
-    cpu = torch.device(device).type == "cpu"
-    return torch.compile(fn, backend=_inductor(cpu, cpu and cpp_wrapper()), dynamic=False, fullgraph=fullgraph)
+    it takes minutes more (``DSV4_CPP_WRAPPER=0`` keeps the Python wrapper). On a CUDA device the step is recorded
+    as CUDA graphs and replayed (``mode="reduce-overhead"``, ``replayed``); its inputs must be on the device. The
+    graphs it compiles inside ``capturing(graphs)`` are appended to ``graphs``, for ``direct_step``."""
+    kind = torch.device(device).type
+    compiled = torch.compile(fn, backend=_inductor(kind, kind == "cpu" and cpp_wrapper()), dynamic=False,
+                             fullgraph=fullgraph)
+    return replayed(compiled) if kind == "cuda" else compiled
 
 
+def replayed(fn):
+    """A step compiled with CUDA graphs (inductor's cudagraph trees), called as one iteration of the trees each time
+    (``cudagraph_mark_step_begin``: the previous call's outputs are dead), its tensor outputs copied out of the
+    graphs' memory pool, which the next replay overwrites: the logits a caller keeps stay valid."""
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, fn(*args))
+
+    return call
+
+
+def static_state(state) -> None:
+    """Mark every tensor of a decode state as a static input of the graphs compiled on it (``mark_static_address``):
+    a CUDA graph reads and writes the state's buffers where they are, instead of copying them in and out of its
+    memory pool at each replay (which inductor's cudagraph trees refuse for inputs written in place)."""
+    for _, t in _state_tensors(state):
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
+# inductor's options by device kind. On the CPU, a one-row product of at most 2048 x 2048 (mHC's mixing and collapse,
+# the router's gate, the low-rank projections) is written as a product and a sum that inductor fuses with its
+# neighbours (``decompose_mm_pass``), instead of a library call with some 10-20 us of set-up for a few microseconds
+# of work: 14.4 against 15.1 ms a step of the small preset at 131K, in one process. On CUDA, ``mode=
+# "reduce-overhead"``'s: the step recorded as CUDA graphs and replayed
+_INDUCTOR_OPTIONS = {"cpu": {"post_grad_fusion_options": {"decompose_mm_pass": {}}},
+                     "cuda": {"triton.cudagraphs": True}}
 _CAPTURE = threading.local()  # graphs: where ``compile_step``'s backend appends what it compiles (see ``capturing``)
 
 
 @functools.cache
-def _inductor(cpu: bool, cpp: bool):
-    """Inductor as ``torch.compile``'s backend (on the ``cpu``, with the C++ wrapper where ``cpp``), one object per
-    option, so that steps of one shape share their compiled graph, as with ``backend="inductor"``; it also hands
-    each graph it compiles to ``capturing``."""
+def _inductor(kind: str, cpp: bool):
+    """Inductor as ``torch.compile``'s backend for a device ``kind`` (on the CPU with the C++ wrapper where ``cpp``;
+    on CUDA with CUDA graphs), one object per option, so that steps of one shape share their compiled graph, as with
+    ``backend="inductor"``; it also hands each graph it compiles to ``capturing``."""
     from torch._inductor.compile_fx import compile_fx
 
-    # On the CPU, a one-row product of at most 2048 x 2048 (mHC's mixing and collapse, the router's gate, the
-    # low-rank projections) is written as a product and a sum that inductor fuses with its neighbours
-    # (``decompose_mm_pass``), instead of a library call with some 10-20 us of set-up for a few microseconds of
-    # work: 14.4 against 15.1 ms a step of the small preset at 131K, in one process
-    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else None
-    if cpu and cpp:
-        options["cpp_wrapper"] = True
+    options = _INDUCTOR_OPTIONS.get(kind)
+    if kind == "cpu" and cpp:
+        options = {**options, "cpp_wrapper": True}
 
     def inductor(gm, inputs):
         compiled = compile_fx(gm, inputs, config_patches=options)
@@ -473,20 +499,26 @@ def _input_paths(step, inputs: list, tokens: torch.Tensor) -> list | None:
     where: dict[tuple, tuple] = {}
     for name, t in _named_tensors(step.model):
         where.setdefault(_view(t), ("model", name))
-
-    def walk(obj, path: tuple, depth: int) -> None:
-        if isinstance(obj, torch.Tensor):
-            where.setdefault(_view(obj), path)
-        elif depth and isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, path + (i,), depth - 1)
-        elif depth and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
-            for k, v in vars(obj).items():
-                walk(v, path + (k,), depth - 1)
-
-    walk(step.state, ("state",), 4)
+    for path, t in _state_tensors(step.state):
+        where.setdefault(_view(t), path)
     paths = [None if t is tokens else where.get(_view(t)) for t in inputs]
     return None if sum(p is None for p in paths) != 1 else paths
+
+
+def _state_tensors(state, depth: int = 4):
+    """(path, tensor) for every tensor of a decode state: its attributes, their list items and their attributes, to
+    ``depth`` levels; a path is ("state", attribute or index, ...)."""
+    def walk(obj, path: tuple, depth: int):
+        if isinstance(obj, torch.Tensor):
+            yield path, obj
+        elif depth and isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from walk(v, path + (i,), depth - 1)
+        elif depth and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            for k, v in vars(obj).items():
+                yield from walk(v, path + (k,), depth - 1)
+
+    return walk(state, ("state",), depth)
 
 
 def _resolve(step, paths: list, tokens: torch.Tensor) -> list | None:
@@ -589,6 +621,8 @@ def warm_up(state: DecodeState, run, what: str) -> float | None:
         raise ValueError(f"compile a {what} before its state's rows are filled: the warm-up computes on them and "
                          f"clears them")
     t0 = time.perf_counter()
+    if any(t.device.type == "cuda" for _, t in _state_tensors(state)):
+        static_state(state)
     # AOTAutograd's cache off while compiling: its key does not tell apart graphs whose inputs share storage in
     # different ways (pytorch/pytorch#184694's review), and a step of the small preset compiled for 4112 tokens
     # loaded another graph's calling convention from it and failed its first call ("wrong number of dimensions3
