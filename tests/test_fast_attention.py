@@ -265,3 +265,26 @@ def test_decoding_chunk_scores_split_across_threads_equal_the_einsum_scores(thre
             assert_close_scaled(got, want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_topk_of_every_visible_entry_attends_them_in_place_as_the_gathered_form_does(monkeypatch):
+    # prefill.ALL_PICKED_IN_PLACE: a CSA block whose top-k holds every visible entry attends the entries in place
+    # (no top-k, no gather); its outputs, gradients and the indexer's KL loss are the gathered form's, with documents
+    from dsv4.model import prefill
+
+    model = model_for(index_topk=12).set_indexer_phase(sparse=True, train_indexer=True)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 211, (2, 70), generator=g)  # blocks of 16: up to 17 entries, some above the top-k
+    doc_ids = torch.stack([(torch.arange(70) >= 21).long(), torch.zeros(70, dtype=torch.long)])
+    model.set_attention("fast", 16)
+    out = {}
+    for in_place in (True, False):
+        monkeypatch.setattr(prefill, "ALL_PICKED_IN_PLACE", in_place)
+        model.zero_grad(set_to_none=True)
+        res = model.forward_train(ids, doc_ids=doc_ids)
+        (res.logits.square().mean() + res.indexer_kl).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[in_place] = res.logits.detach(), res.indexer_kl.detach(), grads
+    assert_close_scaled(out[True][0], out[False][0])
+    assert_close_scaled(out[True][1], out[False][1])
+    assert_same_grads(out[True][2], out[False][2])
