@@ -148,6 +148,8 @@ def test_the_compiled_speculative_step_equals_eager_through_rollbacks(model):
             assert_close_scaled(outs[1][1], outs[0][1])
             assert eager.lengths.tolist() == compiled.lengths.tolist()
         assert eager.lengths.tolist() == [48, 62, 85]  # 15 calls of 2 and 15 of 1 a row
+        if fused.available():  # both graphs called without dynamo, as the plain step's
+            assert c_step.direct == {"verify": True, "draft": True}
         with pytest.raises(ValueError, match="two tokens per row"):
             c_step.verify(tokens[:, :1])
 

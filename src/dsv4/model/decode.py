@@ -339,7 +339,7 @@ class DecodeStep:
         if self.compiled:  # the compiled step checks nothing (a check reads values back): here, as eager does
             self.model._check_ids(tokens.unsqueeze(1))
             positions_of(self.state, 1, self.model.config.max_position_embeddings)
-        return self._run(tokens.to(self.model.device))
+        return self._run(tokens.to(self.model.device).contiguous())
 
     def compile(self, fullgraph: bool = False) -> bool:
         """Compile and warm up the step (see the class); whether it is compiled. ``fullgraph``: a graph break is an
@@ -350,9 +350,11 @@ class DecodeStep:
 
         def run() -> None:
             nonlocal direct
+            clear_rows(self.state)
             with capturing([]) as graphs:
                 logits = fn(warm)
             if warm.device.type == "cpu":  # on a GPU the CUDA graphs replay the step (``compile_step``)
+                clear_rows(self.state)  # as before that call: ``direct_step``'s call must return the same logits
                 direct = direct_step(self, graphs, warm, logits)
 
         seconds = warm_up(self.state, run, "decoding step")
@@ -444,34 +446,37 @@ _SHARED: list[tuple] = []  # (compiled, each input's path on its step, their met
 _SHARED_KEEP = 16
 
 
-def direct_step(step, graphs: list, tokens: torch.Tensor, expected: torch.Tensor):
+def direct_step(step, graphs: list, args, expected):
     """``step``'s compiled graph as a direct call, without dynamo: or None where that cannot be shown safe.
     Dynamo's part of a call (finding the graph, gathering its some 300 inputs off the model and the state, which
     never change: parameters and preallocated buffers, written in place) took about 0.8 ms of a 12 ms step of the
-    small preset. The graph is the one dynamo compiled during the warm-up (``graphs``, from ``capturing``: one
-    graph, ``tokens`` one of its inputs), or where dynamo gave ``step`` a graph it had compiled for another step of
-    the same shapes (nothing captured), that graph with the inputs found on ``step`` where they were found on the
-    other (``_SHARED``: the model's parameters and buffers by name, the state's tensors by attribute). Either way a
-    direct call on the free rows (which compute at position 0 and do not advance, so that a second call repeats the
-    first's writes) must return one new tensor equal to the warm-up's logits ``expected``, every other output being
-    one of its inputs or a view of one (a buffer written in place, which dynamo would store back where it came
-    from). Returns ``call(tokens) -> logits`` for token tensors of the warm-up's dtype and device."""
+    small preset. ``args``: the step's tensor argument (the tokens) or a tuple of them, ``expected``: what the
+    warm-up's call returned, a tensor or a tuple. The graph is the one dynamo compiled during the warm-up
+    (``graphs``, from ``capturing``: one graph, each argument one of its inputs), or where dynamo gave ``step`` a
+    graph it had compiled for another step of the same shapes (nothing captured), that graph with the inputs found on
+    ``step`` where they were found on the other (``_SHARED``: the model's parameters and buffers by name, the
+    state's tensors by attribute). Either way a direct call on the free rows, cleared again by the caller as they were
+    before the warm-up's call (``clear_rows``), must return new tensors equal to ``expected``,
+    every other output being one of its inputs or a view of one (a buffer written in place, which dynamo would
+    store back where it came from). Returns ``call(*args)`` for arguments of the warm-up's shapes, dtypes and
+    devices (``direct_or`` sends others to the guarded call), returning what the step returns."""
+    args = args if isinstance(args, tuple) else (args,)
     if len(graphs) > 1:
         return None
     if graphs:
         _, inputs, compiled = graphs[0]
-        if sum(t is tokens for t in inputs) != 1:
+        if any(sum(t is a for t in inputs) != 1 for a in args):
             return None
-        call = _verified(inputs, compiled, tokens, expected)
-        paths = _input_paths(step, inputs, tokens) if call is not None else None
+        call = _verified(inputs, compiled, args, expected)
+        paths = _input_paths(step, inputs, args) if call is not None else None
         if paths is not None:
             del _SHARED[:-_SHARED_KEEP + 1]
             _SHARED.append((compiled, paths, [_meta(t) for t in inputs]))
         return call
     for compiled, paths, meta in reversed(_SHARED):
-        inputs = _resolve(step, paths, tokens)
+        inputs = _resolve(step, paths, args)
         if inputs is not None and [_meta(t) for t in inputs] == meta:
-            call = _verified(inputs, compiled, tokens, expected)
+            call = _verified(inputs, compiled, args, expected)
             if call is not None:
                 return call
     return None
@@ -491,18 +496,19 @@ def _named_tensors(model):
     return itertools.chain(model.named_parameters(), model.named_buffers())
 
 
-def _input_paths(step, inputs: list, tokens: torch.Tensor) -> list | None:
-    """Where each input of a step's graph lives on ``step`` (None for the tokens): ("model", name) for a parameter
-    or buffer, ("state", attribute or index, ...) for a tensor of the decode state; None if one is elsewhere. A
-    tensor is found by the memory it views (dynamo may have stored an alias of a buffer written in place back in
-    the attribute, as the warm-up's call does with the lengths)."""
+def _input_paths(step, inputs: list, args: tuple) -> list | None:
+    """Where each input of a step's graph lives on ``step``: ("arg", i) for its i-th argument, ("model", name) for a
+    parameter or buffer, ("state", attribute or index, ...) for a tensor of the decode state; None if one is
+    elsewhere. A tensor is found by the memory it views (dynamo may have stored an alias of a buffer written in
+    place back in the attribute)."""
     where: dict[tuple, tuple] = {}
     for name, t in _named_tensors(step.model):
         where.setdefault(_view(t), ("model", name))
     for path, t in _state_tensors(step.state):
         where.setdefault(_view(t), path)
-    paths = [None if t is tokens else where.get(_view(t)) for t in inputs]
-    return None if sum(p is None for p in paths) != 1 else paths
+    slot = {id(a): ("arg", i) for i, a in enumerate(args)}
+    paths = [slot.get(id(t)) or where.get(_view(t)) for t in inputs]
+    return None if any(p is None for p in paths) else paths
 
 
 def _state_tensors(state, depth: int = 4):
@@ -521,14 +527,14 @@ def _state_tensors(state, depth: int = 4):
     return walk(state, ("state",), depth)
 
 
-def _resolve(step, paths: list, tokens: torch.Tensor) -> list | None:
-    """``_input_paths``' inputs found on another ``step`` (None where one is missing)."""
+def _resolve(step, paths: list, args: tuple) -> list | None:
+    """``_input_paths``' inputs found on another ``step`` called with ``args`` (None where one is missing)."""
     inputs = []
     named = dict(_named_tensors(step.model))
     try:
         for path in paths:
-            if path is None:
-                inputs.append(tokens)
+            if path[0] == "arg":
+                inputs.append(args[path[1]])
             elif path[0] == "model":
                 inputs.append(named[path[1]])
             else:
@@ -545,7 +551,7 @@ def _storage(t: torch.Tensor) -> tuple:
     return t.device, t.untyped_storage().data_ptr()
 
 
-def _verified(inputs: list, compiled, tokens: torch.Tensor, expected: torch.Tensor):
+def _verified(inputs: list, compiled, args: tuple, expected):
     """``direct_step``'s check of one graph and its inputs, and the call it gives (or None)."""
     try:
         with torch.inference_mode():
@@ -555,28 +561,36 @@ def _verified(inputs: list, compiled, tokens: torch.Tensor, expected: torch.Tens
         return None
     if not isinstance(outputs, (list, tuple)):
         return None
+    want = expected if isinstance(expected, tuple) else (expected,)
     known = {_storage(t) for t in inputs}
     fresh = [i for i, o in enumerate(outputs) if not isinstance(o, torch.Tensor) or _storage(o) not in known]
-    if len(fresh) != 1 or not torch.equal(outputs[fresh[0]], expected):
+    if len(fresh) != len(want) or not all(isinstance(outputs[i], torch.Tensor) and isinstance(w, torch.Tensor)
+                                          and torch.equal(outputs[i], w) for i, w in zip(fresh, want)):
         return None
-    slot, out = next(i for i, t in enumerate(inputs) if t is tokens), fresh[0]
+    slots = [next(j for j, t in enumerate(inputs) if t is a) for a in args]
 
-    def call(t: torch.Tensor) -> torch.Tensor:
-        args = list(inputs)
-        args[slot] = t
+    def call(*given: torch.Tensor):
+        inp = list(inputs)
+        for j, t in zip(slots, given):
+            inp[j] = t
         with torch.inference_mode():
-            return compiled(*args)[out]
+            out = compiled(*inp)
+        return tuple(out[i] for i in fresh) if isinstance(expected, tuple) else out[fresh[0]]
 
     return call
 
 
-def direct_or(direct, warm: torch.Tensor, guarded):
-    """``direct`` for tokens like the warm-up's ``warm`` (dtype, device), ``guarded`` (which compiles another graph
-    once if needed) for others."""
-    def call(tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dtype == warm.dtype and tokens.device == warm.device:
-            return direct(tokens)
-        return guarded(tokens)
+def direct_or(direct, warm, guarded):
+    """``direct`` for arguments like the warm-up's ``warm`` (a tensor or a tuple of them: shapes, strides, dtypes,
+    devices, which the graph was compiled for), ``guarded`` (which compiles another graph once if needed) for
+    others."""
+    warm = warm if isinstance(warm, tuple) else (warm,)
+    like = [(w.shape, w.stride(), w.dtype, w.device) for w in warm]
+
+    def call(*args: torch.Tensor):
+        if len(args) == len(like) and all((a.shape, a.stride(), a.dtype, a.device) == m for a, m in zip(args, like)):
+            return direct(*args)
+        return guarded(*args)
 
     return call
 
@@ -613,6 +627,12 @@ def unguarded(fn):
     return call
 
 
+def clear_rows(state) -> None:
+    """Every row of a decode state back to empty (``reset_row``)."""
+    for r in range(state.rows):
+        state.reset_row(r)
+
+
 def warm_up(state: DecodeState, run, what: str) -> float | None:
     """Compile a step on ``state`` by running it once (``run()``) on its rows, which must all be free and are cleared
     after; the seconds it took, or None (one warning) where compiling fails: no C++ compiler, an unsupported
@@ -636,8 +656,7 @@ def warm_up(state: DecodeState, run, what: str) -> float | None:
                         str(e).splitlines()[0] if str(e) else "")
             return None
         finally:
-            for r in range(state.rows):  # the warm-up computed on the free rows: clear them
-                state.reset_row(r)
+            clear_rows(state)  # the warm-up computed on the free rows
     seconds = time.perf_counter() - t0
     log.info("%s compiled for %d rows of %d tokens in %.1f s", what, state.rows, state.capacity, seconds)
     return seconds

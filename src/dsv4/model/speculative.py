@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.model.decode import DecodeState, compile_step, positions_of, unguarded, warm_up
+from dsv4.model.decode import (DecodeState, capturing, clear_rows, compile_step, direct_or, direct_step,
+                               positions_of, unguarded, warm_up)
 from dsv4.model.precision import upcast
 
 
@@ -36,6 +37,7 @@ class SpeculativeStep:
             raise ValueError("a speculative step needs a DecodeState with the MTP block's ring (mtp=True)")
         self.model, self.state = model, state
         self.compile_seconds: float | None = None
+        self.direct: dict[str, bool] = {}  # compiled parts called without dynamo (``direct_step``)
         self._verify, self._draft = self.eager_verify, self.eager_draft
         if compile:
             self.compile(fullgraph=fullgraph)
@@ -70,17 +72,38 @@ class SpeculativeStep:
         return self._draft(streams, next_ids.to(device), positions.to(device))
 
     def compile(self, fullgraph: bool = False) -> bool:
-        """Compile and warm up both parts on the state's free rows (cleared after); whether they are compiled."""
-        verify = compile_step(self.eager_verify, self.model.device, fullgraph)
-        draft = compile_step(self.eager_draft, self.model.device, fullgraph)
+        """Compile and warm up both parts on the state's free rows (cleared after); whether they are compiled. On
+        the CPU each part's graph is then called without dynamo where ``direct_step`` shows that safe (``direct``:
+        which parts are)."""
+        dev = self.model.device
+        verify = compile_step(self.eager_verify, dev, fullgraph)
+        draft = compile_step(self.eager_draft, dev, fullgraph)
+        tokens = torch.zeros(self.state.rows, 2, dtype=torch.long, device=dev)
+        warm = {"verify": (tokens,)}
+        direct = {}
+
+        def part(name: str, fn, args: tuple):
+            with capturing([]) as graphs:
+                out = fn(*args)
+            if dev.type == "cpu":  # on a GPU the CUDA graphs replay each part (``compile_step``)
+                # the rows as before that call (verify: empty; draft: the MTP ring empty, the layers it does not
+                # read cleared too): ``direct_step``'s call must return the same tensors
+                clear_rows(self.state)
+                direct[name] = direct_step(self, graphs, args, out)
+            return out
 
         def run() -> None:
-            tokens = torch.zeros(self.state.rows, 2, dtype=torch.long, device=self.model.device)
-            streams, _ = verify(tokens)
-            draft(streams, tokens, torch.arange(2, device=self.model.device).expand(self.state.rows, 2))
+            clear_rows(self.state)
+            streams, _ = part("verify", verify, warm["verify"])
+            warm["draft"] = (streams, tokens, torch.arange(2, device=dev).expand(self.state.rows, 2).contiguous())
+            part("draft", draft, warm["draft"])
 
         seconds = warm_up(self.state, run, "speculative step")
         if seconds is None:
             return False
-        self.compile_seconds, self._verify, self._draft = seconds, unguarded(verify), unguarded(draft)
+        self.compile_seconds = seconds
+        self._verify, self._draft = (unguarded(fn) if direct.get(name) is None
+                                     else direct_or(direct[name], warm[name], unguarded(fn))
+                                     for name, fn in (("verify", verify), ("draft", draft)))
+        self.direct = {name: call is not None for name, call in direct.items()}
         return True
