@@ -103,8 +103,11 @@ test. Compiled (`--compile`): both decode with their compiled steps (`stream(com
 one untimed run of each. Repeated runs on the 2-core machine spread by about 0.15 in speedup.
 Eager, and compiled before commit 2e38744 (when a compiled step of few rows ran every routed
 expert), speculative decoding was level with plain decoding (0.71-1.08x). Since, compiled and
-greedy it is faster: 1.11x saved here, 1.23x and 1.22x in two more runs of `--runs 5` (0.96x in
-one run while other jobs were paused around it); sampled at temperature 0.8, 0.94-1.12x."""
+greedy it was faster: 1.11x saved at 4779534, 1.23x and 1.22x in two more runs of `--runs 5` (0.96x in
+one run while other jobs were paused around it); sampled at temperature 0.8, 0.94-1.12x. Since commit f06744c the
+plain compiled step is called without dynamo (about 5x faster on this model), and since 490caa3 both speculative
+parts are too: speculative decoding is then 0.6-0.7x of plain, its two-token check costing about twice a
+one-token step on a model whose weights stay in cache."""
 
 
 SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
