@@ -456,10 +456,10 @@ def direct_step(step, graphs: list, args, expected):
     graph it had compiled for another step of the same shapes (nothing captured), that graph with the inputs found on
     ``step`` where they were found on the other (``_SHARED``: the model's parameters and buffers by name, the
     state's tensors by attribute). Either way a direct call on the free rows, cleared again by the caller as they were
-    before the warm-up's call (``clear_rows``), must return new tensors equal to ``expected``,
-    every other output being one of its inputs or a view of one (a buffer written in place, which dynamo would
-    store back where it came from). Returns ``call(*args)`` for arguments of the warm-up's shapes, dtypes and
-    devices (``direct_or`` sends others to the guarded call), returning what the step returns."""
+    before the warm-up's call (``clear_rows``), must return new tensors equal to ``expected``, every other output
+    being one of its inputs or a view of one (a buffer written in place, which dynamo would store back where it came
+    from). Returns ``call(*args)``, which returns what the step returns, for arguments of the warm-up's shapes,
+    strides, dtypes and devices (``direct_or`` sends others to the guarded call)."""
     args = args if isinstance(args, tuple) else (args,)
     if len(graphs) > 1:
         return None
