@@ -752,7 +752,8 @@ def attend_rows(attn, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, q_late
     fast = fused.inference_serves(layer.ring)
     w = layer.ring.shape[1]
     keys, mask = upcast(layer.ring), layer.ring_pos >= 0  # the ring holds exactly each row's window: [R, W]
-    rows, entries = torch.arange(w, device=q.device).expand(r, w) if fast else None, layer.ring[:, :0]
+    rows = torch.arange(w, device=q.device).expand(r, w) if fast else None
+    entries = layer.ring[:, :0]  # none unless compressed
     if attn.compressor is not None:
         entries = upcast(compress_rows(attn.compressor, x, attn.rotary, layer.compressor, pos))  # [R, T, c]
         t = entries.shape[1]

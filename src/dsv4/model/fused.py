@@ -244,7 +244,8 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 def inference_serves(*tensors: torch.Tensor) -> bool:
     """Whether a kernel that is also a dispatcher operator (``hc_sinkhorn``, ``index_scores_rows``,
-    ``attend_picks``) takes these tensors' work: without autograd, eager where ``serves``, inside a compiled graph where ``operators_serve``."""
+    ``attend_picks``) takes these tensors' work: without autograd, eager where ``serves``, inside a compiled graph
+    where ``operators_serve``."""
     if torch.is_grad_enabled():
         return False
     return operators_serve(*tensors) if torch.compiler.is_compiling() else serves(*tensors)
@@ -252,8 +253,8 @@ def inference_serves(*tensors: torch.Tensor) -> bool:
 
 def operators_serve(*tensors: torch.Tensor) -> bool:
     """Whether a compiled graph calls the kernel's dispatcher operators (``expert_matvec``, ``topk_lower``,
-    ``hc_sinkhorn``, ``index_scores_rows``, ``attend_picks``) on these tensors: float32 on the CPU, the kernel built (decided when
-    the graph is traced)."""
+    ``hc_sinkhorn``, ``index_scores_rows``, ``attend_picks``) on these tensors: float32 on the CPU, the kernel
+    built (decided when the graph is traced)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and built()
 
 
