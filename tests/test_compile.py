@@ -242,6 +242,29 @@ def test_the_official_roundings_survive_compilation():
         assert torch.equal(compiled, eager)
 
 
+def test_a_compiled_linear_of_a_few_rows_equals_f_linear():
+    """Inside a compiled graph, 2 to ``FUSE_ROWS`` rows against a weight of at most ``FUSE_MAX`` elements are a
+    product and a sum (``dsv4.model.linear``), a larger weight a library call: both F.linear's product, in float64
+    to rounding."""
+    import torch.nn.functional as F
+
+    from dsv4.model.linear import FUSE_MAX, FUSE_ROWS, linear
+
+    g = torch.Generator().manual_seed(0)
+    small, large = (torch.randn(out, 256, generator=g, dtype=torch.float64) for out in (96, FUSE_MAX // 256 + 8))
+    bias = torch.randn(96, generator=g, dtype=torch.float64)
+
+    def f(x):
+        return linear(x, small, bias), linear(x, large)
+
+    with torch.inference_mode():
+        compiled = torch.compile(f, dynamic=False)
+        for rows in (2, FUSE_ROWS):
+            x = torch.randn(rows, 256, generator=g, dtype=torch.float64)
+            for got, want in zip(compiled(x), (F.linear(x, small, bias), F.linear(x, large))):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_an_unguarded_step_skips_guards_and_compiles_once_more_for_an_unseen_input():
     # decode.unguarded: no new trace for a tensor made outside inference mode (cloned as the warm-up's kind), a
     # second graph (through the guarded call) for a shape the warm-up did not have, then both run unguarded

@@ -9,7 +9,11 @@ Without autograd, on the CPU:
   ``F.linear`` of one row runs on one core, which alone does not draw the machine's full memory bandwidth to read
   the weight; the parts run on every thread.
 - 2 to 64 rows (a decoding step of a few rows, a speculative draft's check, an expert's few tokens): weight x^T,
-  which this CPU's BLAS runs faster than x weight^T.
+  which this CPU's BLAS runs faster than x weight^T. Inside a compiled graph, up to ``FUSE_ROWS`` rows against a
+  weight that fits the cache (``FUSE_MAX``): a product and a sum, which inductor fuses with the ops around it; a
+  library call's set-up costs more than such a product. A two-token speculative check of the demo model: 0.73 ms
+  against 0.90 (``benchmarks/speculative.py``'s parts, one process); the small preset's, whose larger weights keep
+  the library call: unchanged.
 The result is the same product up to rounding; tests hold it to ``F.linear``. With autograd (training) it is
 ``F.linear``. Measurements: docs/performance-notes.md.
 """
@@ -23,6 +27,10 @@ from torch import nn
 from dsv4.model.numerics import round_activations
 
 FEW_ROWS = (1, 64)  # rows for which a faster form is taken (tests set an empty range to pin F.linear)
+# inside a compiled graph, a product of 2 to FUSE_ROWS rows with a weight of at most FUSE_MAX elements (2 MiB in
+# float32: it stays in the cache while each row reads it) is written as a product and a sum that inductor fuses with
+# its neighbours, instead of a library call (a speculative check's two tokens, a decoding step of a few rows)
+FUSE_ROWS, FUSE_MAX = 4, 1 << 19
 PARTS_MIN = 1 << 16  # weight elements from which one row is split across threads (below, waking them costs more)
 
 
@@ -38,7 +46,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or not FEW_ROWS[0] <= rows <= FEW_ROWS[1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training keeps F.linear's numerics (its rows are many anyway)
-    if rows == 1:
+    if 2 <= rows <= FUSE_ROWS and weight.numel() <= FUSE_MAX and torch.compiler.is_compiling():
+        y = (x.reshape(rows, 1, x.shape[-1]) * weight).sum(-1)
+    elif rows == 1:
         parts = threads() if weight.numel() >= PARTS_MIN else 1  # below PARTS_MIN waking the threads costs more
         if parts == 1:  # one thread: F.linear itself, without the reshapes
             return F.linear(x, weight, bias)
