@@ -271,18 +271,22 @@ def _compiled_speculation(model, cache, mtp_cache, tokens: list[int], draft_logi
     step = SpeculativeStep(model, state, compile=True)
     info.update(compile_seconds=step.compile_seconds, capacity=state.capacity)
     state.load_row(0, cache, mtp=(mtp_cache, 0))
-    emitted = 0
+    emitted, mark = 0, None
     while emitted < max_new_tokens:
         c = int(state.lengths[0])  # the last token goes to position c, the draft to c + 1
         if c + 2 > min(limit, state.capacity):
             return
         draft, q = draw_draft(draft_logits, temperature, top_p, generator)
-        mark = state.mark()
+        mark = state.mark(into=mark)
         streams, logits = step.verify(torch.tensor([[tokens[-1], draft]]))
         stats["calls"] += 1
         stats["drafts"] += 1
-        kept, first = check_draft(logits[0, 0], draft, q, temperature, top_p, generator)
-        out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
+        if temperature == 0:  # both argmaxes read back at once (``check_draft``'s and ``sample_next``'s)
+            best = logits[0].argmax(-1).tolist()
+            kept, out = best[0] == draft, best if best[0] == draft else best[:1]
+        else:
+            kept, first = check_draft(logits[0, 0], draft, q, temperature, top_p, generator)
+            out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
         stats["accepted"] += int(kept)
         after = torch.tensor([out + [0] * (2 - len(out))], device=device)  # the MTP block's next ids
         drafts = step.draft(streams, after, torch.tensor([[c, c + 1]], device=device))

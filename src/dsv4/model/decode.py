@@ -239,17 +239,19 @@ class DecodeState:
             layers.append(lc)
         return ModelCache(1, layers, length)
 
-    def mark(self) -> tuple:
+    def mark(self, into: tuple | None = None) -> tuple:
         """What calls from now on change that ``rollback`` undoes: each row's length, and copies of the rings, the
         compressors' incomplete blocks and CSA's overlap series. Entry slots need none: an entry of a rolled-back
-        position is written again before any query can see it."""
+        position is written again before any query can see it. ``into``: an earlier mark of this state, written
+        over in one batched copy instead of some thirty new tensors (that earlier mark is gone) and returned."""
         def parts(layer: LayerRows) -> list[tuple]:
-            return [(p.part_kv.clone(), p.part_gate.clone()) + ((p.prev_kv.clone(), p.prev_gate.clone())
-                                                                if p.prev_kv is not None else (None, None))
-                    for p in layer.parts()]
+            return [(p.part_kv, p.part_gate, p.prev_kv, p.prev_gate) for p in layer.parts()]
 
-        return self.lengths.clone(), [(layer.ring.clone(), layer.ring_pos.clone(), parts(layer))
-                                      for layer in self.all_layers()]
+        marked = self.lengths, [(layer.ring, layer.ring_pos, parts(layer)) for layer in self.all_layers()]
+        if into is None:
+            return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, marked)
+        torch._foreach_copy_(_tensor_leaves(into), _tensor_leaves(marked))
+        return into
 
     def rollback(self, mark: tuple, keep: list[int], rows: list[int]) -> None:
         """Rows ``rows`` back to their length at ``mark`` plus ``keep[i]`` of the tokens they took since: the later
@@ -282,6 +284,10 @@ class DecodeState:
 
     def _pairs(self, layer: LayerRows, lc: LayerCache) -> list[tuple[CompressorRows, CompressorState, int]]:
         return [(rows, getattr(lc, name), rate) for name, rows, rate in self._named(layer)]
+
+
+def _tensor_leaves(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def compressor_rates(model) -> dict[str, int]:

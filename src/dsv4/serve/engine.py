@@ -126,6 +126,7 @@ class Engine:
         # MTP block: dsv4.model.speculative)
         self.step = DecodeStep(model, self.state, compile=compile and not speculative)
         self.spec = SpeculativeStep(model, self.state, compile=compile) if speculative else None
+        self._mark = None  # the speculative step's mark of the state, written over at each step
         self.compile_seconds: float | None = (self.spec or self.step).compile_seconds
         self.prefix: PrefixCache | None = None
         if prefix_cache:
@@ -360,7 +361,7 @@ class Engine:
             tokens[row, 0], tokens[row, 1] = sample.all_ids[-1], sample.draft
         start = torch.where(self.state.active, self.state.lengths, 0)
         positions = start.unsqueeze(1) + torch.arange(2)
-        mark = self.state.mark()
+        mark = self._mark = self.state.mark(into=self._mark)
         streams, logits = self.spec.verify(tokens)  # logits [R, 2, V]
         self.stats["steps"] += 1
         taken: dict[int, list[int]] = {}
