@@ -154,12 +154,12 @@ def test_several_tokens_per_call_and_rollback_equal_one_call(topk):
         full = model(ids)
         state = DecodeState(model, rows=3, capacity=110)
         got = [[logits] for logits in prefill_rows(model, state, ids, [4, 11, 16])]
-        step = 0
+        step, mark = 0, None
         while int(state.lengths.min()) < 66:
             lengths = state.lengths.tolist()
             tokens = torch.stack([ids[r, lengths[r]:lengths[r] + 3] for r in range(3)])
             # the first mark copies the state; the later ones are written over it (one batched copy)
-            mark = state.mark() if step == 0 else state.mark(into=mark)
+            mark = state.mark(into=mark)
             logits = model(tokens, cache=state)
             keep = [(step + r) % 3 + 1 for r in range(3)]  # 1, 2 or 3 of the 3 tokens
             for r in range(3):
