@@ -107,7 +107,21 @@ greedy it was faster: 1.11x saved at 4779534, 1.23x and 1.22x in two more runs o
 one run while other jobs were paused around it); sampled at temperature 0.8, 0.94-1.12x. Since commit f06744c the
 plain compiled step is called without dynamo (about 5x faster on this model), and since 490caa3 both speculative
 parts are too: speculative decoding is then 0.6-0.7x of plain, its two-token check costing about twice a
-one-token step on a model whose weights stay in cache."""
+one-token step on a model whose weights stay in cache. At a1bb71b the check's products of two rows are fused into
+inductor's kernels (0.73 against 0.90 ms in one process) and a mark is one batched copy: 0.69x (greedy) and 0.62x
+(0.8), within the machine's spread; the parts below say why it cannot reach 1x."""
+
+
+SPECULATIVE_PARTS_NOTE = """`benchmarks/speculative.py --parts` (the trained model, at the prompt plus half the
+tokens) and `--preset` (random weights): the compiled parts of one call on one row, timed in one process.
+Break-even: the tokens a speculative call must yield to be as fast as plain decoding, (check + draft) / step, the
+loops' own work aside. One draft a call yields at most 2 tokens: where the break-even is above 2, as on this CPU for
+the demo model and the small preset, no MTP block however accurate makes one-token speculation pay (the loops
+aside). The check costs 1.5-1.8 steps: the demo model's step is bound by its operators' own overheads (a few tens
+of microseconds of arithmetic in a 0.5 ms step), which a second token adds to again, and the small preset's routed
+experts and per-token work double with the tokens while its other weights are read once. Speculation pays only
+where a second token costs little next to a step: a step bound by reading weights and cache, which these models on
+this CPU are not."""
 
 
 SERVE_NOTE = """Live `dsv4 serve` processes on localhost, driven by HTTP clients of the same script (random
@@ -283,6 +297,13 @@ def write_docs(results: dict[str, list[dict]]) -> None:
         ("plain tokens/s", "plain_tokens_per_s"), ("speculative tokens/s", "speculative_tokens_per_s"),
         ("speedup", "speedup"), ("kept", "acceptance"), ("tokens per call", "tokens_per_call"),
         ("greedy identical", "greedy_identical"), ("commit", "commit")])
+    parts = [dict(e["parts"], model=e.get("model") or f"{e['preset']} (random weights)", command=e["command"],
+                  commit=e.get("commit"), threads=e.get("threads"))
+             for e in experiments() if e.get("experiment") in ("speculative", "speculative_parts") and "parts" in e]
+    lines += _table("### The parts of a speculative call\n\n" + SPECULATIVE_PARTS_NOTE, parts, [
+        ("model", "model"), ("threads", "threads"), ("context", "context"), ("plain step ms", "plain_step_ms"),
+        ("check ms", "check_ms"), ("draft ms", "draft_ms"),
+        ("break-even tokens per call", "break_even_tokens_per_call"), ("commit", "commit")])
     fp4 = [_fp4_row(e) for e in experiments() if e.get("experiment") == "fp4_qat"]
     lines += _table("## FP4 quantization-aware training (tiny preset)\n\n"
                     "The tiny preset trained twice per seed, same data and steps, with and without `--fp4-qat`, then\n"
