@@ -12,8 +12,8 @@ Without autograd, on the CPU:
   which this CPU's BLAS runs faster than x weight^T. Inside a compiled graph, up to ``FUSE_ROWS`` rows against a
   weight that fits the cache (``FUSE_MAX``): a product and a sum, which inductor fuses with the ops around it; a
   library call's set-up costs more than such a product. A two-token speculative check of the demo model: 0.73 ms
-  against 0.90 (``benchmarks/speculative.py``'s parts, one process); the small preset's, whose larger weights keep
-  the library call: unchanged.
+  against 0.90 with ``FUSE_ROWS = 0`` (both compiled in one process, timed alternately); the small preset's
+  (whose head keeps the library call; the form for every weight made it slower): unchanged within the noise.
 The result is the same product up to rounding; tests hold it to ``F.linear``. With autograd (training) it is
 ``F.linear``. Measurements: docs/performance-notes.md.
 """
