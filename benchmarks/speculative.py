@@ -76,10 +76,10 @@ def measure(model, ids, tokens: int, temperature: float, runs: int, seed: int = 
     return out
 
 
-def parts(model, context: int, repeats: int = 200, seed: int = 0) -> dict:
-    """The compiled parts of a call on one row holding ``context`` tokens of random ids (prefilled; the MTP block
-    has read them too), each timed ``repeats`` times at that position (its length set back after each call):
-    medians in ms of the plain step, the two-token check and the MTP block's draft, and
+def parts(model, context: int, repeats: int = 200, seed: int = 0, compile: bool = True) -> dict:
+    """The compiled parts of a call (eager ones without ``compile``) on one row holding ``context`` tokens of random
+    ids (prefilled; the MTP block has read them too), each timed ``repeats`` times at that position (its length set
+    back after each call): medians in ms of the plain step, the two-token check and the MTP block's draft, and
     ``break_even_tokens_per_call`` = (check + draft) / step."""
     import torch
 
@@ -90,7 +90,8 @@ def parts(model, context: int, repeats: int = 200, seed: int = 0) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         spec_state, plain_state = DecodeState(model, 1, capacity, mtp=True), DecodeState(model, 1, capacity)
-        spec, step = SpeculativeStep(model, spec_state, compile=True), DecodeStep(model, plain_state, compile=True)
+        spec = SpeculativeStep(model, spec_state, compile=compile)
+        step = DecodeStep(model, plain_state, compile=compile)
         cache, mtp_cache = model.new_cache(1), model.mtp[0].attn.new_cache()
         streams, _ = model.hidden_streams(ids, cache)
         model.mtp[0].predict(streams[:, :-1], model.embed(ids[:, 1:]), torch.arange(context - 1), mtp_cache)

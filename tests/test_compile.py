@@ -183,21 +183,6 @@ def test_compiled_speculative_generation_gives_plain_greedy_tokens(model64, monk
     assert 0 < stats["accepted"] < stats["drafts"] == stats["calls"] < 39
 
 
-def test_the_speculative_benchmark_times_the_compiled_parts(model64):
-    """``benchmarks/speculative.py --parts``: the plain step, the check and the draft compiled and timed on a row
-    of the given length, which the timing leaves as it found it, and the break-even their ratio."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from speculative import parts
-
-    r = parts(model64, 40, repeats=3)  # the graphs of the generation tests above (inductor's cache)
-    assert r["context"] == 40 and min(r["plain_step_ms"], r["check_ms"], r["draft_ms"]) > 0
-    assert r["break_even_tokens_per_call"] == pytest.approx((r["check_ms"] + r["draft_ms"]) / r["plain_step_ms"])
-    assert set(r["direct"]) == {"plain", "verify", "draft"}
-
-
 def test_a_compiled_engine_gives_the_eager_engines_greedy_outputs(model):
     ps = prompts(5, 40, 70, 17, seed=3)
     outs = {}

@@ -81,3 +81,18 @@ def test_the_benchmark_measures_both_ways():
     r = measure(tiny(), torch.randint(0, 257, (1, 12)), 6, 0.0, runs=1)
     assert r["greedy_identical"] and r["tokens"] == 6 and r["speedup"] > 0
     assert 0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_call"] <= 2
+
+
+def test_the_benchmark_times_the_parts_of_a_call():
+    """``--parts``: the plain step, the check and the draft timed on a row of the given length (eager here; the
+    benchmark compiles them), and the break-even their ratio."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from speculative import parts
+
+    r = parts(tiny(), 40, repeats=3, compile=False)
+    assert r["context"] == 40 and min(r["plain_step_ms"], r["check_ms"], r["draft_ms"]) > 0
+    assert r["break_even_tokens_per_call"] == pytest.approx((r["check_ms"] + r["draft_ms"]) / r["plain_step_ms"])
+    assert r["direct"] == {"plain": False}
