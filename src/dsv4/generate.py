@@ -281,12 +281,8 @@ def _compiled_speculation(model, cache, mtp_cache, tokens: list[int], draft_logi
         streams, logits = step.verify(torch.tensor([[tokens[-1], draft]]))
         stats["calls"] += 1
         stats["drafts"] += 1
-        if temperature == 0:  # both argmaxes read back at once (``check_draft``'s and ``sample_next``'s)
-            best = logits[0].argmax(-1).tolist()
-            kept, out = best[0] == draft, best if best[0] == draft else best[:1]
-        else:
-            kept, first = check_draft(logits[0, 0], draft, q, temperature, top_p, generator)
-            out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
+        kept, first = check_draft(logits[0, 0], draft, q, temperature, top_p, generator)
+        out = [first] + ([int(sample_next(logits[0, 1:], temperature, top_p, generator))] if kept else [])
         stats["accepted"] += int(kept)
         after = torch.tensor([out + [0] * (2 - len(out))], device=device)  # the MTP block's next ids
         drafts = step.draft(streams, after, torch.tensor([[c, c + 1]], device=device))
